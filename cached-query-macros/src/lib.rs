@@ -1,0 +1,21 @@
+//! Procedural macros of `cached-query`. Depend on `cached-query`, which re-exports them
+//! with documentation; generated code refers to `::cached_query::__private` only.
+
+mod args;
+mod expand;
+mod sig;
+mod template;
+
+use proc_macro::TokenStream;
+
+/// Caches the `Ok` results of an `async fn`. Documented on `cached_query::cached_query`.
+#[proc_macro_attribute]
+pub fn cached_query(args: TokenStream, input: TokenStream) -> TokenStream {
+    expand::cached_query(args.into(), input.into()).into()
+}
+
+/// Invalidates tags after an `async fn` returns `Ok`. Documented on `cached_query::invalidates`.
+#[proc_macro_attribute]
+pub fn invalidates(args: TokenStream, input: TokenStream) -> TokenStream {
+    expand::invalidates(args.into(), input.into()).into()
+}

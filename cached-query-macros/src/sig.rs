@@ -1,0 +1,181 @@
+//! What the macros need to know about the annotated function's signature.
+
+use proc_macro2::Span;
+use syn::spanned::Spanned;
+use syn::{
+    FnArg, GenericArgument, Generics, Ident, Pat, PathArguments, ReturnType, Signature, Type,
+    TypeParamBound, WherePredicate,
+};
+
+/// Types (last path segment, through references) that never belong in a cache key.
+const EXECUTOR_TYPES: &[&str] = &[
+    "Pool",
+    "PgPool",
+    "SqlitePool",
+    "MySqlPool",
+    "AnyPool",
+    "PoolConnection",
+    "PgConnection",
+    "SqliteConnection",
+    "MySqlConnection",
+    "AnyConnection",
+    "Transaction",
+    "Cache",
+];
+const EXECUTOR_TRAITS: &[&str] = &["Executor", "Acquire"];
+
+/// One typed parameter.
+pub(crate) struct Param<'a> {
+    /// `None` for destructuring patterns.
+    pub(crate) ident: Option<&'a Ident>,
+    pub(crate) pat: &'a Pat,
+    pub(crate) ty: &'a Type,
+    /// Excluded from the key because it is a pool, connection, executor, cache…
+    pub(crate) executor: bool,
+}
+
+pub(crate) struct FnInfo<'a> {
+    pub(crate) params: Vec<Param<'a>>,
+    pub(crate) has_self: bool,
+}
+
+impl<'a> FnInfo<'a> {
+    pub(crate) fn new(sig: &'a Signature) -> Self {
+        let mut params = Vec::new();
+        let mut has_self = false;
+        for input in &sig.inputs {
+            match input {
+                FnArg::Receiver(_) => has_self = true,
+                FnArg::Typed(pt) => {
+                    let ident = match &*pt.pat {
+                        Pat::Ident(pi) if pi.subpat.is_none() => Some(&pi.ident),
+                        _ => None,
+                    };
+                    params.push(Param {
+                        ident,
+                        pat: &pt.pat,
+                        ty: &pt.ty,
+                        executor: is_executor(&pt.ty, &sig.generics),
+                    });
+                }
+            }
+        }
+        FnInfo { params, has_self }
+    }
+
+    pub(crate) fn names(&self) -> Vec<String> {
+        self.params
+            .iter()
+            .filter_map(|p| p.ident.map(Ident::to_string))
+            .collect()
+    }
+
+    /// The first parameter whose type is a sqlx `Transaction`.
+    pub(crate) fn transaction_param(&self) -> Option<&Param<'a>> {
+        self.params
+            .iter()
+            .find(|p| last_segment(strip_refs(p.ty)).is_some_and(|s| s == "Transaction"))
+    }
+}
+
+fn strip_refs(mut ty: &Type) -> &Type {
+    loop {
+        match ty {
+            Type::Reference(r) => ty = &r.elem,
+            Type::Paren(p) => ty = &p.elem,
+            Type::Group(g) => ty = &g.elem,
+            _ => return ty,
+        }
+    }
+}
+
+fn last_segment(ty: &Type) -> Option<String> {
+    match ty {
+        Type::Path(tp) if tp.qself.is_none() => {
+            tp.path.segments.last().map(|s| s.ident.to_string())
+        }
+        _ => None,
+    }
+}
+
+fn bounds_name_executor<'b>(bounds: impl IntoIterator<Item = &'b TypeParamBound>) -> bool {
+    bounds.into_iter().any(|b| match b {
+        TypeParamBound::Trait(t) => t
+            .path
+            .segments
+            .last()
+            .is_some_and(|s| EXECUTOR_TRAITS.contains(&s.ident.to_string().as_str())),
+        _ => false,
+    })
+}
+
+fn is_executor(ty: &Type, generics: &Generics) -> bool {
+    let ty = strip_refs(ty);
+    if let Type::ImplTrait(it) = ty {
+        return bounds_name_executor(&it.bounds);
+    }
+    let Some(name) = last_segment(ty) else {
+        return false;
+    };
+    if EXECUTOR_TYPES.contains(&name.as_str()) {
+        return true;
+    }
+    // A generic parameter bounded by Executor/Acquire, inline or in the where clause.
+    let is_single_ident = matches!(ty, Type::Path(tp) if tp.path.segments.len() == 1);
+    if !is_single_ident {
+        return false;
+    }
+    let inline = generics
+        .type_params()
+        .any(|tp| tp.ident == name && bounds_name_executor(&tp.bounds));
+    let in_where = generics
+        .where_clause
+        .iter()
+        .flat_map(|w| &w.predicates)
+        .any(|p| match p {
+            WherePredicate::Type(pt) => {
+                last_segment(&pt.bounded_ty).is_some_and(|n| n == name)
+                    && bounds_name_executor(&pt.bounds)
+            }
+            _ => false,
+        });
+    inline || in_where
+}
+
+/// The return type, checked to be `…Result<T, …>`; yields `T` (the Ok type).
+pub(crate) fn ok_type<'a>(sig: &'a Signature, macro_name: &str) -> syn::Result<&'a Type> {
+    let not_result = |span: Span| {
+        syn::Error::new(
+            span,
+            format!(
+                "#[{macro_name}] requires the function to return `Result<T, E>` (or an alias such as `sqlx::Result<T>`)"
+            ),
+        )
+    };
+    let ty = match &sig.output {
+        ReturnType::Type(_, ty) => ty,
+        ReturnType::Default => return Err(not_result(sig.paren_token.span.join())),
+    };
+    let Type::Path(tp) = &**ty else {
+        return Err(not_result(ty.span()));
+    };
+    let Some(last) = tp.path.segments.last().filter(|s| s.ident == "Result") else {
+        return Err(not_result(ty.span()));
+    };
+    match &last.arguments {
+        PathArguments::AngleBracketed(ab) => ab
+            .args
+            .iter()
+            .find_map(|a| match a {
+                GenericArgument::Type(t) => Some(t),
+                _ => None,
+            })
+            .ok_or_else(|| not_result(ty.span())),
+        _ => Err(not_result(ty.span())),
+    }
+}
+
+/// Whether `ty` is written as `Option<…>`.
+pub(crate) fn is_option(ty: &Type) -> bool {
+    last_segment(ty).is_some_and(|s| s == "Option")
+}

@@ -1,0 +1,80 @@
+//! Storage behind the cache. Both backends offer the same four primitives, so the cache
+//! logic (stamps, single-flight, stats, fail-open) is written once.
+
+pub(crate) mod memory;
+pub(crate) mod redis;
+
+use std::time::Duration;
+
+/// A stamp key (namespace generation or tag) and the expiry it gets when (re)created.
+#[derive(Debug, Clone)]
+pub(crate) struct StampKey {
+    pub(crate) key: String,
+    pub(crate) ttl: Option<Duration>,
+}
+
+/// What one read returns: the entry's bytes, if any, and the current token of every stamp
+/// key (created on the spot when missing).
+#[derive(Debug)]
+pub(crate) struct Read {
+    pub(crate) entry: Option<Vec<u8>>,
+    pub(crate) stamps: Vec<Vec<u8>>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum StoreError {
+    #[error("{0}")]
+    Redis(#[from] ::redis::RedisError),
+    #[error("timed out after {0:?}")]
+    Timeout(Duration),
+    #[error("circuit open: Redis is skipped after repeated failures")]
+    CircuitOpen,
+    #[error("pending invalidations are being delivered by another call")]
+    PendingBusy,
+}
+
+#[derive(Debug)]
+pub(crate) enum Store {
+    Redis(redis::RedisStore),
+    Memory(memory::MemoryStore),
+}
+
+impl Store {
+    pub(crate) async fn read(&self, entry: &str, stamps: &[StampKey]) -> Result<Read, StoreError> {
+        match self {
+            Store::Redis(r) => r.read(entry, stamps).await,
+            Store::Memory(m) => Ok(m.read(entry, stamps)),
+        }
+    }
+
+    pub(crate) async fn write(
+        &self,
+        entry: &str,
+        bytes: Vec<u8>,
+        ttl: Duration,
+    ) -> Result<(), StoreError> {
+        match self {
+            Store::Redis(r) => r.write(entry, bytes, ttl).await,
+            Store::Memory(m) => {
+                m.write(entry, bytes, ttl);
+                Ok(())
+            }
+        }
+    }
+
+    /// Gives every key a fresh random token (invalidation, `clear`).
+    pub(crate) async fn bump(&self, keys: &[StampKey]) -> Result<(), StoreError> {
+        match self {
+            Store::Redis(r) => r.bump(keys).await,
+            Store::Memory(m) => {
+                m.bump(keys);
+                Ok(())
+            }
+        }
+    }
+
+    /// Whether operations can fail (and so need the breaker and pending invalidations).
+    pub(crate) fn is_remote(&self) -> bool {
+        matches!(self, Store::Redis(_))
+    }
+}

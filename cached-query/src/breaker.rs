@@ -1,0 +1,152 @@
+//! Circuit breaker and rate-limited warnings: a dead or stalled Redis costs a few timeouts,
+//! then nothing, until a single probe call finds it healthy again.
+
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering::*};
+use std::time::{Duration, Instant};
+
+#[derive(Debug)]
+pub(crate) struct Breaker {
+    start: Instant,
+    threshold: u32,
+    cooldown: Duration,
+    failures: AtomicU32,
+    /// Microseconds since `start` until which Redis is skipped.
+    open_until: AtomicU64,
+}
+
+impl Breaker {
+    pub(crate) fn new(threshold: u32, cooldown: Duration) -> Self {
+        Breaker {
+            start: Instant::now(),
+            threshold: threshold.max(1),
+            cooldown,
+            failures: AtomicU32::new(0),
+            open_until: AtomicU64::new(0),
+        }
+    }
+
+    fn now(&self) -> u64 {
+        u64::try_from(self.start.elapsed().as_micros()).unwrap_or(u64::MAX)
+    }
+
+    fn cooldown_micros(&self) -> u64 {
+        u64::try_from(self.cooldown.as_micros()).unwrap_or(u64::MAX)
+    }
+
+    /// Whether to call Redis now. While open, returns `false`; once the cooldown is over,
+    /// exactly one caller gets `true` (the probe) and the others keep skipping until it reports.
+    pub(crate) fn allow(&self) -> bool {
+        if self.failures.load(Relaxed) < self.threshold {
+            return true;
+        }
+        let until = self.open_until.load(Acquire);
+        let now = self.now();
+        now >= until
+            && self
+                .open_until
+                .compare_exchange(
+                    until,
+                    now.saturating_add(self.cooldown_micros()),
+                    AcqRel,
+                    Relaxed,
+                )
+                .is_ok()
+    }
+
+    pub(crate) fn success(&self) {
+        self.failures.store(0, Relaxed);
+    }
+
+    pub(crate) fn failure(&self) {
+        let failures = self.failures.fetch_add(1, Relaxed).saturating_add(1);
+        if failures >= self.threshold {
+            self.open_until
+                .store(self.now().saturating_add(self.cooldown_micros()), Release);
+        }
+    }
+
+    #[cfg(test)]
+    pub(crate) fn is_open(&self) -> bool {
+        self.failures.load(Relaxed) >= self.threshold
+    }
+}
+
+/// Logs at most one warning per interval, counting the ones it swallowed.
+#[derive(Debug)]
+pub(crate) struct WarnLimiter {
+    start: Instant,
+    interval_micros: u64,
+    next: AtomicU64,
+    suppressed: AtomicU64,
+}
+
+impl WarnLimiter {
+    pub(crate) fn new(interval: Duration) -> Self {
+        WarnLimiter {
+            start: Instant::now(),
+            interval_micros: u64::try_from(interval.as_micros()).unwrap_or(u64::MAX),
+            next: AtomicU64::new(0),
+            suppressed: AtomicU64::new(0),
+        }
+    }
+
+    /// `Some(number of warnings suppressed since the last one)` when this one may be logged.
+    pub(crate) fn permit(&self) -> Option<u64> {
+        let now = u64::try_from(self.start.elapsed().as_micros()).unwrap_or(u64::MAX);
+        let next = self.next.load(Relaxed);
+        if now >= next
+            && self
+                .next
+                .compare_exchange(
+                    next,
+                    now.saturating_add(self.interval_micros),
+                    Relaxed,
+                    Relaxed,
+                )
+                .is_ok()
+        {
+            Some(self.suppressed.swap(0, Relaxed))
+        } else {
+            self.suppressed.fetch_add(1, Relaxed);
+            None
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn opens_after_threshold_and_lets_one_probe_through() {
+        let b = Breaker::new(3, Duration::ZERO);
+        assert!(b.allow());
+        b.failure();
+        b.failure();
+        assert!(b.allow());
+        b.failure();
+        assert!(b.is_open());
+        // cooldown zero: exactly one probe wins each round
+        let probes = (0..10).filter(|_| b.allow()).count();
+        assert!(probes >= 1);
+        b.success();
+        assert!(!b.is_open());
+        assert!(b.allow() && b.allow());
+    }
+
+    #[test]
+    fn open_breaker_skips_during_cooldown() {
+        let b = Breaker::new(1, Duration::from_secs(3600));
+        b.failure();
+        assert!(!b.allow());
+        assert!(!b.allow());
+    }
+
+    #[test]
+    fn limiter_counts_suppressed() {
+        let w = WarnLimiter::new(Duration::from_secs(3600));
+        assert_eq!(w.permit(), Some(0));
+        assert_eq!(w.permit(), None);
+        assert_eq!(w.permit(), None);
+    }
+}

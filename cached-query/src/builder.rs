@@ -1,0 +1,224 @@
+//! `CacheBuilder`: choose a backend and tune it.
+
+use crate::Error;
+use crate::backend::{Store, memory::MemoryStore, redis::RedisStore};
+use crate::cache::{Cache, Settings};
+use crate::config::redact_url;
+use std::time::Duration;
+
+#[derive(Debug, Clone)]
+enum Backend {
+    Memory,
+    Redis(String),
+    Disabled,
+}
+
+/// Configures and builds a [`Cache`]. Defaults: in-memory backend with 10 000 entries,
+/// namespace `"cq"`, TTL 300 s; for Redis, 1 s connect timeout and 250 ms response timeout.
+#[derive(Clone)]
+pub struct CacheBuilder {
+    backend: Backend,
+    capacity: u64,
+    namespace: String,
+    default_ttl: Duration,
+    tag_ttl: Duration,
+    max_value_size: usize,
+    pub(crate) connect_timeout: Duration,
+    pub(crate) response_timeout: Duration,
+    breaker_failures: u32,
+    breaker_cooldown: Duration,
+}
+
+impl std::fmt::Debug for CacheBuilder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let backend = match &self.backend {
+            Backend::Redis(url) => format!("redis({})", redact_url(url)),
+            other => format!("{other:?}").to_lowercase(),
+        };
+        f.debug_struct("CacheBuilder")
+            .field("backend", &backend)
+            .field("namespace", &self.namespace)
+            .field("default_ttl", &self.default_ttl)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Default for CacheBuilder {
+    fn default() -> Self {
+        CacheBuilder {
+            backend: Backend::Memory,
+            capacity: 10_000,
+            namespace: "cq".to_owned(),
+            default_ttl: Duration::from_secs(300),
+            tag_ttl: Duration::from_secs(24 * 3600),
+            max_value_size: 1024 * 1024,
+            connect_timeout: Duration::from_secs(1),
+            response_timeout: Duration::from_millis(250),
+            breaker_failures: 3,
+            breaker_cooldown: Duration::from_secs(1),
+        }
+    }
+}
+
+impl CacheBuilder {
+    /// Store entries in Redis (`redis://`, `rediss://` or `unix://` URL). The connection
+    /// is made lazily: an unreachable Redis does not fail [`build`](Self::build).
+    #[must_use]
+    pub fn redis(mut self, url: &str) -> Self {
+        self.backend = Backend::Redis(url.to_owned());
+        self
+    }
+
+    /// Store entries in this process (moka), bounded by [`capacity`](Self::capacity).
+    #[must_use]
+    pub fn memory(mut self) -> Self {
+        self.backend = Backend::Memory;
+        self
+    }
+
+    /// A pass-through cache: every call runs its query and nothing is stored
+    /// (`CACHE_ENABLED=false`).
+    #[must_use]
+    pub fn disabled(mut self) -> Self {
+        self.backend = Backend::Disabled;
+        self
+    }
+
+    /// Maximum number of entries of the in-memory backend (default 10 000).
+    #[must_use]
+    pub fn capacity(mut self, entries: u64) -> Self {
+        self.capacity = entries;
+        self
+    }
+
+    /// Prefix of every key this cache writes (default `"cq"`); caches with different
+    /// namespaces never see each other's entries or tags.
+    #[must_use]
+    pub fn namespace(mut self, namespace: &str) -> Self {
+        namespace.clone_into(&mut self.namespace);
+        self
+    }
+
+    /// TTL of entries whose attribute sets no `ttl` (default 300 s).
+    #[must_use]
+    pub fn default_ttl(mut self, ttl: Duration) -> Self {
+        self.default_ttl = ttl;
+        self
+    }
+
+    /// How long an untouched tag version lives (default 24 h, and never less than the TTL
+    /// of the entry that created it). An expired tag only causes misses.
+    #[must_use]
+    pub fn tag_ttl(mut self, ttl: Duration) -> Self {
+        self.tag_ttl = ttl;
+        self
+    }
+
+    /// Results whose JSON is larger than this are returned but not stored (default 1 MiB).
+    #[must_use]
+    pub fn max_value_size(mut self, bytes: usize) -> Self {
+        self.max_value_size = bytes;
+        self
+    }
+
+    /// Deadline for establishing a Redis connection (default 1 s).
+    #[must_use]
+    pub fn connect_timeout(mut self, timeout: Duration) -> Self {
+        self.connect_timeout = timeout;
+        self
+    }
+
+    /// Deadline for every Redis operation (default 250 ms); past it the query runs
+    /// against the database and the call counts as an error.
+    #[must_use]
+    pub fn response_timeout(mut self, timeout: Duration) -> Self {
+        self.response_timeout = timeout;
+        self
+    }
+
+    /// After `failures` consecutive Redis failures, skip Redis for `cooldown`, then let one
+    /// probe call through (defaults: 3 failures, 1 s).
+    #[must_use]
+    pub fn circuit_breaker(mut self, failures: u32, cooldown: Duration) -> Self {
+        self.breaker_failures = failures;
+        self.breaker_cooldown = cooldown;
+        self
+    }
+
+    pub(crate) fn enabled(&self) -> bool {
+        !matches!(self.backend, Backend::Disabled)
+    }
+
+    fn validate(&self) -> Result<(), Error> {
+        let ns_ok = !self.namespace.is_empty()
+            && self.namespace.len() <= 64
+            && self
+                .namespace
+                .bytes()
+                .all(|b| b.is_ascii_graphic() && b != b'*' && b != b'?');
+        if !ns_ok {
+            return Err(Error::config(
+                "namespace",
+                &self.namespace,
+                "1 to 64 printable ASCII characters without spaces, `*` or `?`",
+            ));
+        }
+        let checks = [
+            ("default_ttl", self.default_ttl),
+            ("tag_ttl", self.tag_ttl),
+            ("connect_timeout", self.connect_timeout),
+            ("response_timeout", self.response_timeout),
+        ];
+        for (name, d) in checks {
+            if d.is_zero() {
+                return Err(Error::config(name, "0s", "a duration greater than zero"));
+            }
+        }
+        if self.capacity == 0 {
+            return Err(Error::config("capacity", "0", "at least 1 entry"));
+        }
+        Ok(())
+    }
+
+    /// Builds the cache. Fails only on invalid settings or a malformed Redis URL; an
+    /// unreachable Redis is not an error (calls fall back to the database until it is back).
+    pub async fn build(self) -> Result<Cache, Error> {
+        self.validate()?;
+        let store = match &self.backend {
+            Backend::Disabled => None,
+            Backend::Memory => Some(Store::Memory(MemoryStore::new(self.capacity))),
+            Backend::Redis(url) => Some(Store::Redis(self.connect_redis(url)?)),
+        };
+        Ok(Cache::new(
+            store,
+            Settings {
+                namespace: self.namespace,
+                default_ttl: self.default_ttl,
+                tag_ttl: self.tag_ttl,
+                max_value_size: self.max_value_size,
+                breaker_failures: self.breaker_failures,
+                breaker_cooldown: self.breaker_cooldown,
+            },
+        ))
+    }
+
+    fn connect_redis(&self, url: &str) -> Result<RedisStore, Error> {
+        let invalid = |reason: String| Error::InvalidUrl {
+            url: redact_url(url),
+            reason,
+        };
+        let client = redis::Client::open(url).map_err(|e| invalid(e.to_string()))?;
+        let config = redis::aio::ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(self.connect_timeout))
+            .set_response_timeout(Some(self.response_timeout))
+            .set_number_of_retries(1)
+            .set_max_delay(self.response_timeout);
+        let conn = redis::aio::ConnectionManager::new_lazy_with_config(client, config)
+            .map_err(|e| invalid(e.to_string()))?;
+        // The first call may also have to connect; later calls only wait for a response.
+        Ok(RedisStore::new(
+            conn,
+            self.response_timeout.max(self.connect_timeout),
+        ))
+    }
+}

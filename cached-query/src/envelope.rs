@@ -1,0 +1,106 @@
+//! The bytes stored under an entry key: a small header (magic, format version, the tag
+//! stamps seen before the query ran) followed by the serde_json payload.
+//!
+//! ```text
+//! [0xC9][format=1][n][len0][stamp0]..[len(n-1)][stamp(n-1)][json payload…]
+//! ```
+//! Stamp 0 is the namespace generation, the others are the entry's tags in template order.
+//! Anything that does not parse, or has another format version, is treated as a miss.
+
+const MAGIC: u8 = 0xC9;
+/// Bumped whenever the layout changes; older entries then read as misses and are overwritten.
+pub(crate) const FORMAT_VERSION: u8 = 1;
+
+/// Encodes `payload` with the stamps the value was computed under.
+pub(crate) fn encode(stamps: &[Vec<u8>], payload: &[u8]) -> Vec<u8> {
+    let header: usize = 3 + stamps.iter().map(|s| 1 + s.len()).sum::<usize>();
+    let mut out = Vec::with_capacity(header + payload.len());
+    out.push(MAGIC);
+    out.push(FORMAT_VERSION);
+    out.push(u8::try_from(stamps.len()).expect("at most 255 stamps per entry"));
+    for s in stamps {
+        out.push(u8::try_from(s.len()).expect("stamps are at most 255 bytes"));
+        out.extend_from_slice(s);
+    }
+    out.extend_from_slice(payload);
+    out
+}
+
+/// Why stored bytes were not usable.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum Decoded<'a> {
+    /// Well-formed and computed under exactly the current stamps.
+    Fresh(&'a [u8]),
+    /// Well-formed but computed under other stamps (an invalidation or `clear` happened since).
+    Stale,
+    /// Not an entry of this format: corrupt, truncated or written by another format version.
+    Corrupt,
+}
+
+/// Checks `bytes` against the current stamps and returns the payload if it is still valid.
+pub(crate) fn decode<'a>(bytes: &'a [u8], current: &[Vec<u8>]) -> Decoded<'a> {
+    let [magic, version, n, rest @ ..] = bytes else {
+        return Decoded::Corrupt;
+    };
+    if *magic != MAGIC || *version != FORMAT_VERSION {
+        return Decoded::Corrupt;
+    }
+    let mut rest = rest;
+    let mut stale = usize::from(*n) != current.len();
+    for i in 0..usize::from(*n) {
+        let Some((&len, tail)) = rest.split_first() else {
+            return Decoded::Corrupt;
+        };
+        let len = usize::from(len);
+        if tail.len() < len {
+            return Decoded::Corrupt;
+        }
+        let (stamp, tail) = tail.split_at(len);
+        if current.get(i).is_none_or(|c| c.as_slice() != stamp) {
+            stale = true;
+        }
+        rest = tail;
+    }
+    if stale {
+        Decoded::Stale
+    } else {
+        Decoded::Fresh(rest)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn stamps() -> Vec<Vec<u8>> {
+        vec![vec![1; 16], vec![2; 16]]
+    }
+
+    #[test]
+    fn round_trip() {
+        let bytes = encode(&stamps(), b"{\"a\":1}");
+        assert_eq!(decode(&bytes, &stamps()), Decoded::Fresh(b"{\"a\":1}"));
+    }
+
+    #[test]
+    fn other_stamps_are_stale() {
+        let bytes = encode(&stamps(), b"1");
+        let mut now = stamps();
+        now[1][0] = 9;
+        assert_eq!(decode(&bytes, &now), Decoded::Stale);
+        assert_eq!(decode(&bytes, &now[..1]), Decoded::Stale);
+    }
+
+    #[test]
+    fn garbage_and_truncation_are_corrupt_never_panics() {
+        let bytes = encode(&stamps(), b"1");
+        for cut in 0..bytes.len() - 1 {
+            let d = decode(&bytes[..cut], &stamps());
+            assert!(matches!(d, Decoded::Corrupt | Decoded::Fresh(_)), "{cut}");
+        }
+        assert_eq!(decode(b"hello world", &stamps()), Decoded::Corrupt);
+        let mut old = bytes.clone();
+        old[1] = 0;
+        assert_eq!(decode(&old, &stamps()), Decoded::Corrupt);
+    }
+}

@@ -1,0 +1,54 @@
+//! The crate's one public error type.
+
+/// Everything that can go wrong in `cached-query`.
+///
+/// Cache *reads* never return this type to a query's caller: a Redis failure while
+/// reading or filling the cache is counted in [`CacheStats::errors`](crate::CacheStats)
+/// and the query runs against the database (fail-open). `Error` comes back from
+/// set-up (bad configuration, malformed URLs) and from explicit invalidation, where
+/// the caller has to know that the invalidation is still pending.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// A configuration value (environment variable or builder argument) is invalid.
+    #[error("{name}={value:?}: expected {expected}")]
+    Config {
+        /// The variable or builder setting, e.g. `CACHE_DEFAULT_TTL`.
+        name: String,
+        /// The offending value (URLs are shown with their password redacted).
+        value: String,
+        /// What would have been accepted.
+        expected: String,
+    },
+    /// A Redis URL could not be parsed.
+    #[error("invalid Redis URL {url}: {reason}")]
+    InvalidUrl {
+        /// The URL with any password replaced by `***`.
+        url: String,
+        /// Why it was rejected.
+        reason: String,
+    },
+    /// Redis did not accept an invalidation (or `clear`). The invalidation stays pending:
+    /// this process serves no entry it covers and delivers it before reading Redis again.
+    #[error("invalidation not delivered to Redis ({reason}); it is pending and will be retried")]
+    InvalidationPending {
+        /// The underlying Redis error, or `circuit open` while Redis is being skipped.
+        reason: String,
+    },
+    /// `cached_query::invalidate` was called but no default cache was installed.
+    #[error("no default cache installed: call `cached_query::install(cache)` at start-up")]
+    NoDefaultCache,
+    /// `commit_and_invalidate` could not commit; nothing was invalidated.
+    #[error("transaction commit failed, nothing was invalidated: {0}")]
+    Commit(#[source] sqlx::Error),
+}
+
+impl Error {
+    pub(crate) fn config(name: &str, value: &str, expected: &str) -> Self {
+        Error::Config {
+            name: name.to_owned(),
+            value: value.to_owned(),
+            expected: expected.to_owned(),
+        }
+    }
+}

@@ -1,0 +1,189 @@
+//! Entry keys: the sha256 of a canonical JSON document built from the query's identity
+//! and its arguments, so no argument value ever appears in a Redis key name.
+
+use serde::Serialize;
+use serde_json::Value;
+use sha2::{Digest, Sha256};
+use std::fmt::Write as _;
+
+/// Collects the parts of one call's cache key. Generated code feeds it arguments in order.
+#[derive(Debug)]
+pub struct KeyBuilder {
+    name: &'static str,
+    version: u32,
+    types: Vec<&'static str>,
+    args: Vec<Value>,
+    custom: Option<Value>,
+    error: Option<serde_json::Error>,
+}
+
+impl KeyBuilder {
+    pub(crate) fn new(name: &'static str, version: u32) -> Self {
+        KeyBuilder {
+            name,
+            version,
+            types: Vec::new(),
+            args: Vec::new(),
+            custom: None,
+            error: None,
+        }
+    }
+
+    /// Adds one argument, converted to a `serde_json::Value` (maps and structs become
+    /// objects whose keys are sorted when hashed).
+    pub fn arg<T: Serialize + ?Sized>(&mut self, value: &T) {
+        match serde_json::to_value(value) {
+            Ok(v) => self.args.push(v),
+            Err(e) => self.error = Some(e),
+        }
+    }
+
+    /// Replaces the argument-derived key with this value (`key = …`).
+    pub fn custom<T: Serialize + ?Sized>(&mut self, value: &T) {
+        match serde_json::to_value(value) {
+            Ok(v) => self.custom = Some(v),
+            Err(e) => self.error = Some(e),
+        }
+    }
+
+    /// Adds a type name (generic parameters, the return type, `Self`) to the key.
+    pub fn type_name<T: ?Sized>(&mut self) {
+        self.types.push(std::any::type_name::<T>());
+    }
+
+    /// The hex sha256 of the canonical key document, or why an argument could not be serialised.
+    pub(crate) fn digest(self) -> Result<String, serde_json::Error> {
+        if let Some(e) = self.error {
+            return Err(e);
+        }
+        let mut doc = String::with_capacity(128);
+        doc.push_str("{\"q\":");
+        write_canonical(&mut doc, &Value::from(self.name));
+        let _ = write!(doc, ",\"v\":{},\"t\":", self.version);
+        write_canonical(
+            &mut doc,
+            &Value::Array(self.types.into_iter().map(Value::from).collect()),
+        );
+        doc.push_str(",\"a\":");
+        let args = self.custom.unwrap_or(Value::Array(self.args));
+        write_canonical(&mut doc, &args);
+        doc.push('}');
+        Ok(sha256_hex(doc.as_bytes()))
+    }
+}
+
+/// Writes `value` as JSON with object keys sorted, whatever serde_json's `preserve_order`
+/// feature (which another crate in the build may enable) does to `Value` maps.
+pub(crate) fn write_canonical(out: &mut String, value: &Value) {
+    match value {
+        Value::Object(map) => {
+            let mut entries: Vec<_> = map.iter().collect();
+            entries.sort_unstable_by(|a, b| a.0.cmp(b.0));
+            out.push('{');
+            for (i, (k, v)) in entries.into_iter().enumerate() {
+                if i > 0 {
+                    out.push(',');
+                }
+                write_canonical(out, &Value::String(k.clone()));
+                out.push(':');
+                write_canonical(out, v);
+            }
+            out.push('}');
+        }
+        Value::Array(items) => {
+            out.push('[');
+            for (i, v) in items.iter().enumerate() {
+                if i > 0 {
+                    out.push(',');
+                }
+                write_canonical(out, v);
+            }
+            out.push(']');
+        }
+        scalar => out.push_str(&scalar.to_string()),
+    }
+}
+
+pub(crate) fn sha256_hex(bytes: &[u8]) -> String {
+    let digest = Sha256::digest(bytes);
+    let mut hex = String::with_capacity(64);
+    for b in digest {
+        let _ = write!(hex, "{b:02x}");
+    }
+    hex
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde::Serialize;
+    use std::collections::{BTreeMap, HashMap};
+
+    #[test]
+    fn maps_hash_the_same_whatever_their_insertion_order() {
+        let mut a = HashMap::new();
+        let mut b = HashMap::new();
+        for i in 0..50 {
+            a.insert(format!("k{i}"), i);
+        }
+        for i in (0..50).rev() {
+            b.insert(format!("k{i}"), i);
+        }
+        let digest = |m: &HashMap<String, i32>| {
+            let mut k = KeyBuilder::new("q", 1);
+            k.arg(m);
+            k.digest().unwrap()
+        };
+        assert_eq!(digest(&a), digest(&b));
+    }
+
+    #[test]
+    fn name_version_types_and_args_all_change_the_key() {
+        let base = || {
+            let mut k = KeyBuilder::new("q", 1);
+            k.arg(&1_i64);
+            k
+        };
+        let d0 = base().digest().unwrap();
+        let mut k = KeyBuilder::new("r", 1);
+        k.arg(&1_i64);
+        assert_ne!(d0, k.digest().unwrap());
+        let mut k = KeyBuilder::new("q", 2);
+        k.arg(&1_i64);
+        assert_ne!(d0, k.digest().unwrap());
+        let mut k = base();
+        k.type_name::<u8>();
+        assert_ne!(d0, k.digest().unwrap());
+        let mut k = KeyBuilder::new("q", 1);
+        k.arg(&2_i64);
+        assert_ne!(d0, k.digest().unwrap());
+        assert_eq!(d0, base().digest().unwrap());
+        assert_eq!(d0.len(), 64);
+    }
+
+    #[test]
+    fn canonical_json_sorts_nested_keys() {
+        #[derive(Serialize)]
+        struct S {
+            z: u8,
+            a: BTreeMap<String, u8>,
+        }
+        let v = serde_json::to_value(S {
+            z: 1,
+            a: [("y".into(), 2), ("b".into(), 3)].into_iter().collect(),
+        })
+        .unwrap();
+        let mut out = String::new();
+        write_canonical(&mut out, &v);
+        assert_eq!(out, r#"{"a":{"b":3,"y":2},"z":1}"#);
+    }
+
+    #[test]
+    fn unserialisable_argument_is_an_error_not_a_panic() {
+        let mut m = HashMap::new();
+        m.insert(vec![1u8], 1u8); // non-string map keys cannot become JSON
+        let mut k = KeyBuilder::new("q", 1);
+        k.arg(&m);
+        assert!(k.digest().is_err());
+    }
+}

@@ -1,0 +1,70 @@
+//! A Redis-backed result cache for sqlx query functions, with versioned-tag invalidation,
+//! single-flight and fail-open behaviour, put in front of a query with one attribute.
+//!
+//! ```
+//! use cached_query::{Cache, cached_query, invalidates};
+//! use std::sync::atomic::{AtomicU32, Ordering};
+//!
+//! static QUERIES: AtomicU32 = AtomicU32::new(0);
+//!
+//! // Stands in for an sqlx query: counts how often it really runs.
+//! #[cached_query(ttl = 60, invalidate = "user:<id>")]
+//! async fn user_name(id: i64) -> Result<Option<String>, std::io::Error> {
+//!     QUERIES.fetch_add(1, Ordering::SeqCst);
+//!     Ok(Some(format!("user {id}")))
+//! }
+//!
+//! #[invalidates("user:<id>")]
+//! async fn rename(id: i64) -> Result<(), std::io::Error> {
+//!     Ok(())
+//! }
+//!
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! cached_query::install(Cache::builder().memory().build().await?);
+//!
+//! assert_eq!(user_name(7).await?, Some("user 7".to_owned())); // miss: runs the query
+//! assert_eq!(user_name(7).await?, Some("user 7".to_owned())); // hit
+//! assert_eq!(QUERIES.load(Ordering::SeqCst), 1);
+//!
+//! rename(7).await?; // invalidates tag "user:7"
+//! user_name(7).await?; // miss again
+//! assert_eq!(QUERIES.load(Ordering::SeqCst), 2);
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! The README covers the attribute reference, how invalidation works and what it
+//! guarantees, and the failure modes.
+
+mod backend;
+mod breaker;
+mod builder;
+mod cache;
+mod config;
+mod envelope;
+mod error;
+mod global;
+mod key;
+mod singleflight;
+mod stats;
+mod tags;
+
+#[doc(hidden)]
+#[path = "private.rs"]
+pub mod __private;
+
+pub use builder::CacheBuilder;
+pub use cache::Cache;
+pub use config::redact_url;
+pub use error::Error;
+pub use global::{install, invalidate};
+pub use stats::{CacheStats, QueryStats};
+
+/// Caches an `async fn` returning `Result<T, E>`; see the crate documentation.
+#[doc(inline)]
+pub use cached_query_macros::cached_query;
+
+/// Invalidates tags after an `async fn` returns `Ok`; see the crate documentation.
+#[doc(inline)]
+pub use cached_query_macros::invalidates;

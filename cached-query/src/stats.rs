@@ -1,0 +1,128 @@
+//! Hit/miss/error counters, in total and per query name.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, RwLock};
+
+/// A snapshot of a cache's counters since it was built.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct CacheStats {
+    /// Calls answered without running their query: cache hits, and callers that shared
+    /// another caller's in-flight query (single-flight).
+    pub hits: u64,
+    /// Calls that ran their query.
+    pub misses: u64,
+    /// Calls whose cache step failed or was skipped because Redis was unavailable
+    /// (the query still ran; see the README's failure modes).
+    pub errors: u64,
+    /// Stored entries that could not be decoded (corrupt, older format, changed Rust type);
+    /// each was treated as a miss and overwritten.
+    pub decode_errors: u64,
+    /// Results that were returned but not stored because they exceeded the size limit.
+    pub oversized: u64,
+    /// The same figures per query name (`name = …`, by default `module_path::fn_name`).
+    pub queries: BTreeMap<String, QueryStats>,
+}
+
+/// The counters of one query name; see [`CacheStats`] for their meaning.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct QueryStats {
+    /// See [`CacheStats::hits`].
+    pub hits: u64,
+    /// See [`CacheStats::misses`].
+    pub misses: u64,
+    /// See [`CacheStats::errors`].
+    pub errors: u64,
+    /// See [`CacheStats::decode_errors`].
+    pub decode_errors: u64,
+    /// See [`CacheStats::oversized`].
+    pub oversized: u64,
+}
+
+#[derive(Debug, Default)]
+pub(crate) struct Counters {
+    hits: AtomicU64,
+    misses: AtomicU64,
+    errors: AtomicU64,
+    decode_errors: AtomicU64,
+    oversized: AtomicU64,
+}
+
+impl Counters {
+    fn snapshot(&self) -> QueryStats {
+        QueryStats {
+            hits: self.hits.load(Relaxed),
+            misses: self.misses.load(Relaxed),
+            errors: self.errors.load(Relaxed),
+            decode_errors: self.decode_errors.load(Relaxed),
+            oversized: self.oversized.load(Relaxed),
+        }
+    }
+}
+
+/// Counters of one cache: a total and one set per query name.
+#[derive(Debug, Default)]
+pub(crate) struct Stats {
+    total: Counters,
+    per_query: RwLock<HashMap<&'static str, Arc<Counters>>>,
+}
+
+/// The counters one call updates: the cache's total and its query's.
+#[derive(Debug)]
+pub(crate) struct Recorder<'a> {
+    total: &'a Counters,
+    query: Arc<Counters>,
+}
+
+macro_rules! record {
+    ($($name:ident => $field:ident),* $(,)?) => {$(
+        pub(crate) fn $name(&self) {
+            self.total.$field.fetch_add(1, Relaxed);
+            self.query.$field.fetch_add(1, Relaxed);
+        }
+    )*};
+}
+
+impl Recorder<'_> {
+    record!(hit => hits, miss => misses, error => errors, decode_error => decode_errors, oversized => oversized);
+}
+
+impl Stats {
+    pub(crate) fn recorder(&self, name: &'static str) -> Recorder<'_> {
+        let existing = self
+            .per_query
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(name)
+            .cloned();
+        let query = existing.unwrap_or_else(|| {
+            let mut map = self.per_query.write().unwrap_or_else(|e| e.into_inner());
+            map.entry(name).or_default().clone()
+        });
+        Recorder {
+            total: &self.total,
+            query,
+        }
+    }
+
+    pub(crate) fn snapshot(&self) -> CacheStats {
+        let total = self.total.snapshot();
+        let queries = self
+            .per_query
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .map(|(name, c)| ((*name).to_owned(), c.snapshot()))
+            .collect();
+        CacheStats {
+            hits: total.hits,
+            misses: total.misses,
+            errors: total.errors,
+            decode_errors: total.decode_errors,
+            oversized: total.oversized,
+            queries,
+        }
+    }
+}

@@ -1,0 +1,58 @@
+//! Key names for tags and the namespace generation, and the random version tokens they hold.
+//!
+//! A tag is a *version stamp*, not a set of entry keys: invalidating it writes a fresh random
+//! token (O(1) whatever the number of entries), and every entry stores the tokens it was
+//! computed under. A missing tag key is re-created with a new random token, so eviction or
+//! expiry can only cause misses — it never makes an old entry valid again.
+
+use crate::key::sha256_hex;
+
+/// Length in bytes of a version token.
+pub(crate) const TOKEN_LEN: usize = 16;
+
+/// A fresh random version token.
+pub(crate) fn new_token() -> Vec<u8> {
+    let mut token = vec![0u8; TOKEN_LEN];
+    getrandom::fill(&mut token).expect("the operating system's random source failed");
+    token
+}
+
+/// The key holding this namespace's generation token; `clear()` replaces it.
+pub(crate) fn generation_key(namespace: &str) -> String {
+    format!("{namespace}:g")
+}
+
+/// The key holding `tag`'s version token. The tag is hashed, so its text (which usually
+/// carries argument values, and may contain `:`, `*`, newlines…) never appears in a key
+/// name and cannot address any other key.
+pub(crate) fn tag_key(namespace: &str, tag: &str) -> String {
+    let hex = sha256_hex(tag.as_bytes());
+    format!("{namespace}:t:{}", &hex[..32])
+}
+
+/// The key of one cached entry.
+pub(crate) fn entry_key(namespace: &str, digest: &str) -> String {
+    format!("{namespace}:e:{digest}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hostile_tags_stay_inside_the_namespace() {
+        for tag in ["a:*", "*", "x\ny", "[a-z]?", &"z".repeat(10_000), "ns2:e:1"] {
+            let k = tag_key("ns", tag);
+            assert!(k.starts_with("ns:t:"));
+            assert_eq!(k.len(), "ns:t:".len() + 32);
+            assert!(k[5..].bytes().all(|b| b.is_ascii_hexdigit()));
+        }
+        assert_ne!(tag_key("ns", "a"), tag_key("ns", "b"));
+    }
+
+    #[test]
+    fn tokens_are_random() {
+        assert_ne!(new_token(), new_token());
+        assert_eq!(new_token().len(), TOKEN_LEN);
+    }
+}
