@@ -5,7 +5,7 @@ use crate::backend::{Read, StampKey, Store, StoreError};
 use crate::breaker::{Breaker, WarnLimiter};
 use crate::envelope::{self, Decoded};
 use crate::key::KeyBuilder;
-use crate::singleflight::{self, Flights, Role};
+use crate::singleflight::{Flights, Role};
 use crate::stats::{CacheStats, Recorder, Stats};
 use crate::tags::{entry_key, generation_key, tag_key};
 use crate::{CacheBuilder, Error};
@@ -133,6 +133,12 @@ impl Cache {
     /// Counters since the cache was built, in total and per query name.
     pub fn stats(&self) -> CacheStats {
         self.inner.stats.snapshot()
+    }
+
+    /// Callers currently waiting for another caller's identical query (single-flight);
+    /// useful on a health page, and to observe a stampede being absorbed.
+    pub fn shared_waiters(&self) -> usize {
+        self.inner.flights.waiting()
     }
 
     /// Number of entries held by the in-memory backend (`None` for Redis or pass-through).
@@ -436,7 +442,7 @@ impl Cache {
         let leader = match inner.flights.join(flight) {
             Role::Leader(leader) => Some(leader),
             Role::Follower(rx) => {
-                if let Some(payload) = singleflight::follow(rx).await
+                if let Some(payload) = inner.flights.follow(rx).await
                     && let Ok(value) = serde_json::from_slice::<T>(&payload)
                 {
                     rec.hit();

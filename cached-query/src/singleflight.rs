@@ -3,7 +3,7 @@
 //! `Clone`); if the leader fails or is cancelled they run their own query.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 use tokio::sync::watch;
 
@@ -12,6 +12,7 @@ type Payload = Option<Arc<[u8]>>;
 #[derive(Debug, Default)]
 pub(crate) struct Flights {
     next_id: AtomicU64,
+    waiting: AtomicUsize,
     map: Mutex<HashMap<Vec<u8>, (u64, watch::Receiver<Payload>)>>,
 }
 
@@ -46,6 +47,24 @@ impl Flights {
         })
     }
 
+    /// Callers currently waiting for another caller's query.
+    pub(crate) fn waiting(&self) -> usize {
+        self.waiting.load(Relaxed)
+    }
+
+    /// Waits for the leader; `None` if it went away without a result.
+    pub(crate) async fn follow(&self, mut rx: watch::Receiver<Payload>) -> Option<Arc<[u8]>> {
+        struct Waiting<'a>(&'a AtomicUsize);
+        impl Drop for Waiting<'_> {
+            fn drop(&mut self) {
+                self.0.fetch_sub(1, Relaxed);
+            }
+        }
+        self.waiting.fetch_add(1, Relaxed);
+        let _waiting = Waiting(&self.waiting);
+        rx.wait_for(Option::is_some).await.ok()?.clone()
+    }
+
     #[cfg(test)]
     fn len(&self) -> usize {
         self.map.lock().unwrap().len()
@@ -67,11 +86,6 @@ impl Drop for Leader<'_> {
     }
 }
 
-/// Waits for the leader; `None` if it went away without a result.
-pub(crate) async fn follow(mut rx: watch::Receiver<Payload>) -> Option<Arc<[u8]>> {
-    rx.wait_for(Option::is_some).await.ok()?.clone()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -85,9 +99,14 @@ mod tests {
         let Role::Follower(rx) = f.join(b"k".to_vec()) else {
             panic!("second caller must follow")
         };
-        let waiter = tokio::spawn(follow(rx));
-        leader.publish(Arc::from(&b"42"[..]));
-        assert_eq!(waiter.await.unwrap().as_deref(), Some(&b"42"[..]));
+        let (got, ()) = tokio::join!(f.follow(rx), async {
+            while f.waiting() == 0 {
+                tokio::task::yield_now().await;
+            }
+            leader.publish(Arc::from(&b"42"[..]));
+        });
+        assert_eq!(got.as_deref(), Some(&b"42"[..]));
+        assert_eq!(f.waiting(), 0);
         assert_eq!(f.len(), 0);
     }
 
@@ -99,7 +118,7 @@ mod tests {
             panic!("second caller must follow")
         };
         drop(leader);
-        assert_eq!(follow(rx).await, None);
+        assert_eq!(f.follow(rx).await, None);
         assert!(matches!(f.join(b"k".to_vec()), Role::Leader(_)));
     }
 }
