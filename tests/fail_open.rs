@@ -1,0 +1,177 @@
+//! Redis trouble never reaches callers: killed, frozen or unreachable servers, and
+//! invalidations that could not be delivered.
+
+mod common;
+
+use cached_query::{Cache, Error, cached_query};
+use common::{RedisServer, keys_under};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicI64, AtomicU32, Ordering::SeqCst};
+use std::time::Duration;
+
+async fn fast_failing_cache(url: &str, ns: &str) -> Cache {
+    Cache::builder()
+        .redis(url)
+        .namespace(ns)
+        .connect_timeout(Duration::from_millis(200))
+        .response_timeout(Duration::from_millis(100))
+        .circuit_breaker(3, Duration::from_millis(50))
+        .build()
+        .await
+        .expect("building never needs a reachable Redis")
+}
+
+/// The "database": a value per id, and a count of executed queries.
+#[derive(Default)]
+struct Db {
+    version: AtomicI64,
+    queries: AtomicU32,
+}
+
+#[cached_query(cache = cache, invalidate = "row:<id>", skip(db))]
+async fn row(cache: &Cache, db: &Db, id: i64) -> Result<i64, String> {
+    db.queries.fetch_add(1, SeqCst);
+    Ok(id * 1000 + db.version.load(SeqCst))
+}
+
+/// Calls until one is a cache hit again (Redis back, breaker closed); bounded.
+async fn until_hits_return(cache: &Cache, db: &Db, id: i64) {
+    let before = cache.stats().hits;
+    for _ in 0..400 {
+        assert_eq!(row(cache, db, id).await.unwrap(), id * 1000 + db.version.load(SeqCst));
+        if cache.stats().hits > before {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("hits did not come back: {:?}", cache.stats());
+}
+
+#[tokio::test]
+async fn an_unreachable_redis_at_start_is_not_an_error() {
+    let mut server = RedisServer::start();
+    let url = server.url();
+    server.kill();
+    let cache = fast_failing_cache(&url, "down").await;
+    let db = Db::default();
+    for _ in 0..10 {
+        assert_eq!(row(&cache, &db, 3).await.unwrap(), 3000);
+    }
+    let stats = cache.stats();
+    assert_eq!((stats.misses, stats.errors, stats.hits), (10, 10, 0));
+    assert!(cache.invalidate("row:3").await.is_err());
+
+    server.restart();
+    until_hits_return(&cache, &db, 3).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_killed_under_load_then_restarted() {
+    let mut server = RedisServer::start();
+    let cache = fast_failing_cache(&server.url(), "kill").await;
+    let db = Arc::new(Db::default());
+    let calls = Arc::new(AtomicU32::new(0));
+    let load = |n: u32| {
+        let tasks: Vec<_> = (0..16)
+            .map(|t| {
+                let (cache, db, calls) = (cache.clone(), db.clone(), calls.clone());
+                tokio::spawn(async move {
+                    for i in 0..n {
+                        let id = i64::from((t + i) % 8);
+                        assert_eq!(row(&cache, &db, id).await.unwrap(), id * 1000);
+                        calls.fetch_add(1, SeqCst);
+                    }
+                })
+            })
+            .collect();
+        async move {
+            for t in tasks {
+                t.await.unwrap();
+            }
+        }
+    };
+    let running = tokio::spawn(load(300));
+    while calls.load(SeqCst) < 1000 {
+        tokio::task::yield_now().await;
+    }
+    server.kill();
+    running.await.unwrap(); // every call of every task got the right value
+    assert!(cache.stats().hits > 0);
+    load(50).await; // fully after the kill
+    assert!(cache.stats().errors > 0, "{:?}", cache.stats());
+
+    server.restart();
+    until_hits_return(&cache, &db, 1).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_frozen_redis_costs_a_bounded_wait_then_is_skipped() {
+    let server = RedisServer::start();
+    let cache = fast_failing_cache(&server.url(), "frozen").await;
+    let db = Db::default();
+    row(&cache, &db, 1).await.unwrap();
+    server.freeze();
+    for _ in 0..20 {
+        assert_eq!(row(&cache, &db, 1).await.unwrap(), 1000);
+    }
+    server.thaw();
+    let stats = cache.stats();
+    assert_eq!(stats.errors, 20, "{stats:?}");
+    assert_eq!(db.queries.load(SeqCst), 21);
+    until_hits_return(&cache, &db, 1).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_undelivered_invalidation_is_honoured_and_delivered_later() {
+    let server = RedisServer::start();
+    let cache = fast_failing_cache(&server.url(), "lost").await;
+    // Another process on the same Redis and namespace.
+    let other = fast_failing_cache(&server.url(), "lost").await;
+    let db = Db::default();
+    assert_eq!(row(&cache, &db, 5).await.unwrap(), 5000);
+    assert_eq!(row(&other, &db, 5).await.unwrap(), 5000);
+    assert_eq!(db.queries.load(SeqCst), 1, "shared entry");
+
+    server.freeze();
+    db.version.store(1, SeqCst);
+    let err = cache.invalidate("row:5").await.unwrap_err();
+    assert!(matches!(err, Error::InvalidationPending { .. }), "{err}");
+    // While pending, this process never serves the old value.
+    for _ in 0..5 {
+        assert_eq!(row(&cache, &db, 5).await.unwrap(), 5001);
+    }
+    server.thaw();
+    // Delivered before the first read from Redis: a miss, then a hit, both fresh.
+    until_hits_return(&cache, &db, 5).await;
+    assert_eq!(row(&cache, &db, 5).await.unwrap(), 5001);
+    // And the other process sees the delivered invalidation too.
+    assert_eq!(row(&other, &db, 5).await.unwrap(), 5001);
+}
+
+#[tokio::test]
+async fn a_pending_clear_is_delivered_too() {
+    let server = RedisServer::start();
+    let cache = fast_failing_cache(&server.url(), "lostclear").await;
+    let db = Db::default();
+    row(&cache, &db, 1).await.unwrap();
+    let generation_before = server.cli(&["GET", "lostclear:g"]);
+    server.freeze();
+    assert!(cache.clear().await.is_err());
+    server.thaw();
+    db.version.store(7, SeqCst);
+    until_hits_return(&cache, &db, 1).await;
+    assert_eq!(row(&cache, &db, 1).await.unwrap(), 1007);
+    assert_ne!(server.cli(&["GET", "lostclear:g"]), generation_before);
+    assert!(keys_under(&server.url(), "lostclear").await.len() >= 2);
+}
+
+#[tokio::test]
+async fn malformed_urls_fail_build_without_showing_the_password() {
+    for url in ["redis://:pa55word@127.0.0.1:notaport", "http://:pa55word@127.0.0.1:6379"] {
+        let err = Cache::builder().redis(url).build().await.unwrap_err();
+        assert!(matches!(err, Error::InvalidUrl { .. }), "{err}");
+        let shown = format!("{err} {err:?}");
+        assert!(!shown.contains("pa55word"), "{shown}");
+        assert!(shown.contains("***"), "{shown}");
+    }
+}
