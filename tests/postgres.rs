@@ -1,0 +1,187 @@
+//! The cache in front of real sqlx queries on PostgreSQL: read-your-writes after
+//! `commit_and_invalidate`, `#[invalidates]`, and the stale-set race under concurrency.
+
+mod common;
+
+use cached_query::{Cache, Error, cached_query, invalidates};
+use common::{redis_cache, redis_url, unique_ns};
+use serde::{Deserialize, Serialize};
+use sqlx::PgPool;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering::SeqCst};
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, sqlx::FromRow)]
+struct User {
+    id: i64,
+    email: String,
+    name: String,
+}
+
+async fn schema(pool: &PgPool) {
+    sqlx::raw_sql(
+        "CREATE TABLE users (id BIGINT PRIMARY KEY, email TEXT NOT NULL UNIQUE, name TEXT NOT NULL);
+         CREATE TABLE counters (id INT PRIMARY KEY, value BIGINT NOT NULL);
+         INSERT INTO users VALUES (1, 'ada@example.com', 'Ada'), (2, 'alan@example.com', 'Alan');
+         INSERT INTO counters VALUES (1, 0);",
+    )
+    .execute(pool)
+    .await
+    .unwrap();
+}
+
+#[cached_query(cache = cache, ttl = 300, invalidate = "user:<id>")]
+async fn get_user(pool: &PgPool, cache: &Cache, id: i64) -> Result<Option<User>, sqlx::Error> {
+    sqlx::query_as("SELECT id, email, name FROM users WHERE id = $1")
+        .bind(id)
+        .fetch_optional(pool)
+        .await
+}
+
+#[invalidates("user:<id>", cache = cache)]
+async fn rename_user(pool: &PgPool, cache: &Cache, id: i64, name: &str) -> Result<u64, sqlx::Error> {
+    let done = sqlx::query("UPDATE users SET name = $2 WHERE id = $1")
+        .bind(id)
+        .bind(name)
+        .execute(pool)
+        .await?;
+    Ok(done.rows_affected())
+}
+
+#[sqlx::test]
+async fn reads_reflect_writes_immediately(pool: PgPool) {
+    schema(&pool).await;
+    let cache = redis_cache(&redis_url(), &unique_ns("pg-users")).await;
+    let ada = get_user(&pool, &cache, 1).await.unwrap().unwrap();
+    assert_eq!(ada.name, "Ada");
+    assert_eq!(get_user(&pool, &cache, 1).await.unwrap().unwrap(), ada);
+    assert_eq!(get_user(&pool, &cache, 99).await.unwrap(), None);
+    assert_eq!(get_user(&pool, &cache, 99).await.unwrap(), None);
+    assert_eq!((cache.stats().hits, cache.stats().misses), (2, 2));
+
+    assert_eq!(rename_user(&pool, &cache, 1, "Ada Lovelace").await.unwrap(), 1);
+    assert_eq!(get_user(&pool, &cache, 1).await.unwrap().unwrap().name, "Ada Lovelace");
+
+    // A transaction: commit, then invalidate.
+    let mut tx = pool.begin().await.unwrap();
+    sqlx::query("UPDATE users SET name = 'Alan Turing' WHERE id = 2")
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+    get_user(&pool, &cache, 2).await.unwrap(); // cached before the commit: old name
+    cache.commit_and_invalidate(tx, ["user:2"]).await.unwrap();
+    assert_eq!(get_user(&pool, &cache, 2).await.unwrap().unwrap().name, "Alan Turing");
+}
+
+#[invalidates("user:<id>", cache = cache)]
+async fn rename_checked(pool: &PgPool, cache: &Cache, id: i64, name: &str) -> Result<(), sqlx::Error> {
+    sqlx::query("UPDATE users SET email = $2 WHERE id = $1")
+        .bind(id)
+        .bind(name)
+        .execute(pool)
+        .await?;
+    Ok(())
+}
+
+#[sqlx::test]
+async fn failed_writes_invalidate_nothing(pool: PgPool) {
+    schema(&pool).await;
+    let cache = redis_cache(&redis_url(), &unique_ns("pg-fail")).await;
+    get_user(&pool, &cache, 1).await.unwrap();
+
+    // #[invalidates] on Err: the unique violation leaves the entry valid.
+    assert!(rename_checked(&pool, &cache, 1, "alan@example.com").await.is_err());
+    get_user(&pool, &cache, 1).await.unwrap();
+    assert_eq!(cache.stats().hits, 1);
+
+    // commit_and_invalidate whose commit fails (deferred constraint): Err, nothing invalidated.
+    sqlx::raw_sql(
+        "CREATE TABLE parent (id INT PRIMARY KEY);
+         CREATE TABLE child (parent INT REFERENCES parent(id) DEFERRABLE INITIALLY DEFERRED);",
+    )
+    .execute(&pool)
+    .await
+    .unwrap();
+    let mut tx = pool.begin().await.unwrap();
+    sqlx::query("INSERT INTO child VALUES (42)").execute(&mut *tx).await.unwrap();
+    let err = cache.commit_and_invalidate(tx, ["user:1"]).await.unwrap_err();
+    assert!(matches!(err, Error::Commit(_)), "{err}");
+    get_user(&pool, &cache, 1).await.unwrap();
+    assert_eq!(cache.stats().hits, 2, "the entry was not invalidated");
+}
+
+#[cached_query(cache = cache, invalidate = "counter:<id>")]
+async fn counter(pool: &PgPool, cache: &Cache, id: i32) -> sqlx::Result<i64> {
+    sqlx::query_scalar("SELECT value FROM counters WHERE id = $1")
+        .bind(id)
+        .fetch_one(pool)
+        .await
+}
+
+/// Writers commit then invalidate while readers read through the cache: no reader may see
+/// a value older than the last invalidation that completed before its read began.
+async fn no_stale_reads(pool: PgPool, cache: Cache) {
+    let completed = Arc::new(AtomicI64::new(0));
+    let writing = Arc::new(AtomicBool::new(true));
+    let writers: Vec<_> = (0..2)
+        .map(|_| {
+            let (pool, cache, completed) = (pool.clone(), cache.clone(), completed.clone());
+            tokio::spawn(async move {
+                for _ in 0..60 {
+                    let mut tx = pool.begin().await.unwrap();
+                    let v: i64 = sqlx::query_scalar("UPDATE counters SET value = value + 1 WHERE id = 1 RETURNING value")
+                        .fetch_one(&mut *tx)
+                        .await
+                        .unwrap();
+                    cache.commit_and_invalidate(tx, ["counter:1"]).await.unwrap();
+                    completed.fetch_max(v, SeqCst);
+                }
+            })
+        })
+        .collect();
+    let readers: Vec<_> = (0..4)
+        .map(|_| {
+            let (pool, cache, completed, writing) = (pool.clone(), cache.clone(), completed.clone(), writing.clone());
+            tokio::spawn(async move {
+                let (mut reads, mut stale) = (0u32, Vec::new());
+                while writing.load(SeqCst) {
+                    let floor = completed.load(SeqCst);
+                    let seen = counter(&pool, &cache, 1).await.unwrap();
+                    if seen < floor {
+                        stale.push((seen, floor));
+                    }
+                    reads += 1;
+                    // A memory hit is a ready future: give the writers their turn.
+                    tokio::task::yield_now().await;
+                }
+                (reads, stale)
+            })
+        })
+        .collect();
+    for w in writers {
+        w.await.unwrap();
+    }
+    writing.store(false, SeqCst);
+    let mut total = 0;
+    for r in readers {
+        let (reads, stale) = r.await.unwrap();
+        assert!(stale.is_empty(), "stale reads (seen, floor): {stale:?}");
+        total += reads;
+    }
+    assert_eq!(counter(&pool, &cache, 1).await.unwrap(), 120);
+    let stats = cache.stats();
+    assert!(stats.hits > 0, "the cache served some reads: {stats:?} of {total}");
+    assert_eq!(stats.errors, 0);
+}
+
+#[sqlx::test]
+async fn no_stale_reads_under_concurrent_writes_redis(pool: PgPool) {
+    schema(&pool).await;
+    let cache = redis_cache(&redis_url(), &unique_ns("pg-race")).await;
+    no_stale_reads(pool, cache).await;
+}
+
+#[sqlx::test]
+async fn no_stale_reads_under_concurrent_writes_memory(pool: PgPool) {
+    schema(&pool).await;
+    no_stale_reads(pool, Cache::builder().memory().build().await.unwrap()).await;
+}
