@@ -38,7 +38,10 @@ async fn row(cache: &Cache, db: &Db, id: i64) -> Result<i64, String> {
 async fn until_hits_return(cache: &Cache, db: &Db, id: i64) {
     let before = cache.stats().hits;
     for _ in 0..400 {
-        assert_eq!(row(cache, db, id).await.unwrap(), id * 1000 + db.version.load(SeqCst));
+        assert_eq!(
+            row(cache, db, id).await.unwrap(),
+            id * 1000 + db.version.load(SeqCst)
+        );
         if cache.stats().hits > before {
             return;
         }
@@ -167,7 +170,10 @@ async fn a_pending_clear_is_delivered_too() {
 
 #[tokio::test]
 async fn malformed_urls_fail_build_without_showing_the_password() {
-    for url in ["redis://:pa55word@127.0.0.1:notaport", "http://:pa55word@127.0.0.1:6379"] {
+    for url in [
+        "redis://:pa55word@127.0.0.1:notaport",
+        "http://:pa55word@127.0.0.1:6379",
+    ] {
         let err = Cache::builder().redis(url).build().await.unwrap_err();
         assert!(matches!(err, Error::InvalidUrl { .. }), "{err}");
         let shown = format!("{err} {err:?}");

@@ -38,7 +38,12 @@ async fn get_user(pool: &PgPool, cache: &Cache, id: i64) -> Result<Option<User>,
 }
 
 #[invalidates("user:<id>", cache = cache)]
-async fn rename_user(pool: &PgPool, cache: &Cache, id: i64, name: &str) -> Result<u64, sqlx::Error> {
+async fn rename_user(
+    pool: &PgPool,
+    cache: &Cache,
+    id: i64,
+    name: &str,
+) -> Result<u64, sqlx::Error> {
     let done = sqlx::query("UPDATE users SET name = $2 WHERE id = $1")
         .bind(id)
         .bind(name)
@@ -58,8 +63,14 @@ async fn reads_reflect_writes_immediately(pool: PgPool) {
     assert_eq!(get_user(&pool, &cache, 99).await.unwrap(), None);
     assert_eq!((cache.stats().hits, cache.stats().misses), (2, 2));
 
-    assert_eq!(rename_user(&pool, &cache, 1, "Ada Lovelace").await.unwrap(), 1);
-    assert_eq!(get_user(&pool, &cache, 1).await.unwrap().unwrap().name, "Ada Lovelace");
+    assert_eq!(
+        rename_user(&pool, &cache, 1, "Ada Lovelace").await.unwrap(),
+        1
+    );
+    assert_eq!(
+        get_user(&pool, &cache, 1).await.unwrap().unwrap().name,
+        "Ada Lovelace"
+    );
 
     // A transaction: commit, then invalidate.
     let mut tx = pool.begin().await.unwrap();
@@ -69,11 +80,19 @@ async fn reads_reflect_writes_immediately(pool: PgPool) {
         .unwrap();
     get_user(&pool, &cache, 2).await.unwrap(); // cached before the commit: old name
     cache.commit_and_invalidate(tx, ["user:2"]).await.unwrap();
-    assert_eq!(get_user(&pool, &cache, 2).await.unwrap().unwrap().name, "Alan Turing");
+    assert_eq!(
+        get_user(&pool, &cache, 2).await.unwrap().unwrap().name,
+        "Alan Turing"
+    );
 }
 
 #[invalidates("user:<id>", cache = cache)]
-async fn rename_checked(pool: &PgPool, cache: &Cache, id: i64, name: &str) -> Result<(), sqlx::Error> {
+async fn rename_checked(
+    pool: &PgPool,
+    cache: &Cache,
+    id: i64,
+    name: &str,
+) -> Result<(), sqlx::Error> {
     sqlx::query("UPDATE users SET email = $2 WHERE id = $1")
         .bind(id)
         .bind(name)
@@ -89,7 +108,11 @@ async fn failed_writes_invalidate_nothing(pool: PgPool) {
     get_user(&pool, &cache, 1).await.unwrap();
 
     // #[invalidates] on Err: the unique violation leaves the entry valid.
-    assert!(rename_checked(&pool, &cache, 1, "alan@example.com").await.is_err());
+    assert!(
+        rename_checked(&pool, &cache, 1, "alan@example.com")
+            .await
+            .is_err()
+    );
     get_user(&pool, &cache, 1).await.unwrap();
     assert_eq!(cache.stats().hits, 1);
 
@@ -102,8 +125,14 @@ async fn failed_writes_invalidate_nothing(pool: PgPool) {
     .await
     .unwrap();
     let mut tx = pool.begin().await.unwrap();
-    sqlx::query("INSERT INTO child VALUES (42)").execute(&mut *tx).await.unwrap();
-    let err = cache.commit_and_invalidate(tx, ["user:1"]).await.unwrap_err();
+    sqlx::query("INSERT INTO child VALUES (42)")
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+    let err = cache
+        .commit_and_invalidate(tx, ["user:1"])
+        .await
+        .unwrap_err();
     assert!(matches!(err, Error::Commit(_)), "{err}");
     get_user(&pool, &cache, 1).await.unwrap();
     assert_eq!(cache.stats().hits, 2, "the entry was not invalidated");
@@ -128,11 +157,16 @@ async fn no_stale_reads(pool: PgPool, cache: Cache) {
             tokio::spawn(async move {
                 for _ in 0..60 {
                     let mut tx = pool.begin().await.unwrap();
-                    let v: i64 = sqlx::query_scalar("UPDATE counters SET value = value + 1 WHERE id = 1 RETURNING value")
-                        .fetch_one(&mut *tx)
+                    let v: i64 = sqlx::query_scalar(
+                        "UPDATE counters SET value = value + 1 WHERE id = 1 RETURNING value",
+                    )
+                    .fetch_one(&mut *tx)
+                    .await
+                    .unwrap();
+                    cache
+                        .commit_and_invalidate(tx, ["counter:1"])
                         .await
                         .unwrap();
-                    cache.commit_and_invalidate(tx, ["counter:1"]).await.unwrap();
                     completed.fetch_max(v, SeqCst);
                 }
             })
@@ -140,7 +174,12 @@ async fn no_stale_reads(pool: PgPool, cache: Cache) {
         .collect();
     let readers: Vec<_> = (0..4)
         .map(|_| {
-            let (pool, cache, completed, writing) = (pool.clone(), cache.clone(), completed.clone(), writing.clone());
+            let (pool, cache, completed, writing) = (
+                pool.clone(),
+                cache.clone(),
+                completed.clone(),
+                writing.clone(),
+            );
             tokio::spawn(async move {
                 let (mut reads, mut stale) = (0u32, Vec::new());
                 while writing.load(SeqCst) {
@@ -169,7 +208,10 @@ async fn no_stale_reads(pool: PgPool, cache: Cache) {
     }
     assert_eq!(counter(&pool, &cache, 1).await.unwrap(), 120);
     let stats = cache.stats();
-    assert!(stats.hits > 0, "the cache served some reads: {stats:?} of {total}");
+    assert!(
+        stats.hits > 0,
+        "the cache served some reads: {stats:?} of {total}"
+    );
     assert_eq!(stats.errors, 0);
 }
 

@@ -15,7 +15,12 @@ struct User {
 }
 
 #[cached_query(cache = cache, ttl = 120, invalidate = ["user:<id>", "users"], skip(calls))]
-async fn load_user(cache: &Cache, calls: &AtomicU32, id: i64, token: &str) -> Result<User, Infallible> {
+async fn load_user(
+    cache: &Cache,
+    calls: &AtomicU32,
+    id: i64,
+    token: &str,
+) -> Result<User, Infallible> {
     calls.fetch_add(1, SeqCst);
     Ok(User {
         id,
@@ -46,11 +51,18 @@ async fn miss_then_hit_with_namespaced_opaque_keys() {
     for k in &keys {
         assert!(k.starts_with(&format!("{ns}:")), "{k}");
         let rest = &k[ns.len()..];
-        assert!(!rest.contains("4242") && !rest.contains("hunter2") && !rest.contains("user"), "{k}");
+        assert!(
+            !rest.contains("4242") && !rest.contains("hunter2") && !rest.contains("user"),
+            "{k}"
+        );
     }
     let entry = keys.iter().find(|k| k.contains(":e:")).unwrap();
     let mut conn = raw(&redis_url()).await;
-    let pttl: i64 = redis::cmd("PTTL").arg(entry).query_async(&mut conn).await.unwrap();
+    let pttl: i64 = redis::cmd("PTTL")
+        .arg(entry)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
     assert!(pttl > 0 && pttl <= 120_000, "entry TTL {pttl} ms");
 }
 
@@ -125,7 +137,11 @@ async fn evicted_tag_or_generation_keys_cause_misses_never_stale_hits() {
     assert_eq!(calls.load(SeqCst), 1);
 
     // Delete every tag key, as allkeys-lru eviction could.
-    for k in keys_under(&server.url(), "ev").await.iter().filter(|k| k.starts_with("ev:t:")) {
+    for k in keys_under(&server.url(), "ev")
+        .await
+        .iter()
+        .filter(|k| k.starts_with("ev:t:"))
+    {
         server.cli(&["DEL", k]);
     }
     load_user(&cache, &calls, 1, "t").await.unwrap();
@@ -150,9 +166,18 @@ async fn undecodable_entries_are_counted_misses_that_heal() {
         .find(|k| k.contains(":e:"))
         .unwrap();
     let mut conn = raw(&server.url()).await;
-    let garbage: [&[u8]; 3] = [b"\x00\xffnot an envelope", b"\xc9\x00\x00{}", b"\xc9\x01\x07\x10"];
+    let garbage: [&[u8]; 3] = [
+        b"\x00\xffnot an envelope",
+        b"\xc9\x00\x00{}",
+        b"\xc9\x01\x07\x10",
+    ];
     for (i, bytes) in garbage.into_iter().enumerate() {
-        let _: () = redis::cmd("SET").arg(&entry).arg(bytes).query_async(&mut conn).await.unwrap();
+        let _: () = redis::cmd("SET")
+            .arg(&entry)
+            .arg(bytes)
+            .query_async(&mut conn)
+            .await
+            .unwrap();
         assert_eq!(load_user(&cache, &calls, 9, "t").await.unwrap(), good);
         assert_eq!(cache.stats().decode_errors, i as u64 + 1);
         // overwritten: the next call is a hit
@@ -169,7 +194,11 @@ async fn find(cache: &Cache, calls: &AtomicU32, id: i64) -> Result<Option<String
 }
 
 #[cached_query(cache = cache, skip(calls), cache_none = false)]
-async fn find_positive(cache: &Cache, calls: &AtomicU32, id: i64) -> Result<Option<String>, Infallible> {
+async fn find_positive(
+    cache: &Cache,
+    calls: &AtomicU32,
+    id: i64,
+) -> Result<Option<String>, Infallible> {
     calls.fetch_add(1, SeqCst);
     Ok((id > 0).then(|| format!("row {id}")))
 }
@@ -186,15 +215,25 @@ async fn none_is_cached_unless_cache_none_is_false() {
     assert_eq!(find_positive(&cache, &calls, -1).await.unwrap(), None);
     assert_eq!(find_positive(&cache, &calls, -1).await.unwrap(), None);
     assert_eq!(calls.load(SeqCst), 2);
-    assert_eq!(find_positive(&cache, &calls, 5).await.unwrap().as_deref(), Some("row 5"));
-    assert_eq!(find_positive(&cache, &calls, 5).await.unwrap().as_deref(), Some("row 5"));
+    assert_eq!(
+        find_positive(&cache, &calls, 5).await.unwrap().as_deref(),
+        Some("row 5")
+    );
+    assert_eq!(
+        find_positive(&cache, &calls, 5).await.unwrap().as_deref(),
+        Some("row 5")
+    );
     assert_eq!(calls.load(SeqCst), 3, "Some is still cached");
 }
 
 #[cached_query(cache = cache, skip(calls))]
 async fn flaky(cache: &Cache, calls: &AtomicU32, fail: bool) -> Result<u32, String> {
     let n = calls.fetch_add(1, SeqCst);
-    if fail { Err(format!("failure {n}")) } else { Ok(n) }
+    if fail {
+        Err(format!("failure {n}"))
+    } else {
+        Ok(n)
+    }
 }
 
 #[tokio::test]
@@ -243,8 +282,16 @@ impl Repo {
 #[tokio::test]
 async fn methods_use_their_own_cache_and_key() {
     let cache = redis_cache(&redis_url(), &unique_ns("repo")).await;
-    let a = Repo { cache: cache.clone(), tenant: "a".into(), calls: AtomicU32::new(0) };
-    let b = Repo { cache: cache.clone(), tenant: "b".into(), calls: AtomicU32::new(0) };
+    let a = Repo {
+        cache: cache.clone(),
+        tenant: "a".into(),
+        calls: AtomicU32::new(0),
+    };
+    let b = Repo {
+        cache: cache.clone(),
+        tenant: "b".into(),
+        calls: AtomicU32::new(0),
+    };
     assert_eq!(a.item(1).await.unwrap(), "a/1");
     assert_eq!(b.item(1).await.unwrap(), "b/1", "tenant is part of the key");
     assert_eq!(a.item(1).await.unwrap(), "a/1");
@@ -267,7 +314,11 @@ async fn namespaces_are_isolated() {
     two.clear().await.unwrap();
     two.invalidate("user:1").await.unwrap();
     load_user(&one, &calls, 1, "t").await.unwrap();
-    assert_eq!(calls.load(SeqCst), 2, "clearing one namespace leaves the other");
+    assert_eq!(
+        calls.load(SeqCst),
+        2,
+        "clearing one namespace leaves the other"
+    );
 }
 
 #[cached_query(cache = cache, skip(calls))]

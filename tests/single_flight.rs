@@ -5,8 +5,8 @@ mod common;
 
 use cached_query::{Cache, cached_query};
 use common::{redis_cache, redis_url, unique_ns};
-use std::sync::atomic::{AtomicI64, AtomicU32, Ordering::SeqCst};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicI64, AtomicU32, Ordering::SeqCst};
 use std::time::Duration;
 use tokio::sync::Notify;
 
@@ -26,11 +26,21 @@ async fn until_waiting(cache: &Cache, n: usize) {
         }
     })
     .await
-    .unwrap_or_else(|_| panic!("expected {n} waiting callers, saw {}", cache.shared_waiters()));
+    .unwrap_or_else(|_| {
+        panic!(
+            "expected {n} waiting callers, saw {}",
+            cache.shared_waiters()
+        )
+    });
 }
 
 #[cached_query(cache = cache, invalidate = "hot", skip(calls, followers))]
-async fn hot(cache: &Cache, calls: &AtomicU32, followers: usize, id: u32) -> Result<String, String> {
+async fn hot(
+    cache: &Cache,
+    calls: &AtomicU32,
+    followers: usize,
+    id: u32,
+) -> Result<String, String> {
     calls.fetch_add(1, SeqCst);
     until_waiting(cache, followers).await;
     Ok(format!("value {id}"))
@@ -79,8 +89,16 @@ async fn followers_of_a_failed_leader_run_their_own_query() {
         for t in tasks {
             results.push(t.await.unwrap());
         }
-        assert_eq!(results.iter().filter(|r| r.is_err()).count(), 1, "{results:?}");
-        assert_eq!(results.iter().filter(|r| r.is_ok()).count(), 3, "{results:?}");
+        assert_eq!(
+            results.iter().filter(|r| r.is_err()).count(),
+            1,
+            "{results:?}"
+        );
+        assert_eq!(
+            results.iter().filter(|r| r.is_ok()).count(),
+            3,
+            "{results:?}"
+        );
         assert_eq!(calls.load(SeqCst), 4);
     }
 }
@@ -128,7 +146,11 @@ async fn a_read_after_an_invalidation_never_joins_or_sees_an_older_query() {
         assert_eq!(fresh.unwrap(), 2, "{cache:?}");
 
         source.release.notify_one();
-        assert_eq!(old.await.unwrap().unwrap(), 1, "the old caller gets what it read");
+        assert_eq!(
+            old.await.unwrap().unwrap(),
+            1,
+            "the old caller gets what it read"
+        );
         // The old result was written under the old tag version: never served again.
         assert_eq!(read_row(&cache, &source).await.unwrap(), 2, "{cache:?}");
         assert_eq!(read_row(&cache, &source).await.unwrap(), 2, "{cache:?}");

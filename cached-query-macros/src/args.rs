@@ -154,8 +154,10 @@ impl Parse for InvalidatesArgs {
             }
         }
         if templates.is_empty() {
-            return Err(input
-                .error("expected at least one tag template, e.g. #[invalidates(\"user:<id>\")]"));
+            return Err(syn::Error::new(
+                proc_macro2::Span::call_site(),
+                r#"expected at least one tag template, e.g. #[invalidates("user:<id>")]"#,
+            ));
         }
         Ok(InvalidatesArgs { templates, cache })
     }

@@ -87,9 +87,11 @@ fn resolve_cache(cache: Option<&Expr>) -> TokenStream {
     match cache {
         Some(expr) => {
             let span = expr.span();
+            // `let x = &(expr);` extends the lifetime of temporaries such as `&self.cache`.
             quote_spanned! {span=>
+                let __cq_cache_ref = &(#expr);
                 let __cq_cache = ::core::option::Option::Some(
-                    ::cached_query::__private::as_cache(&(#expr)),
+                    ::cached_query::__private::as_cache(__cq_cache_ref),
                 );
             }
         }

@@ -159,7 +159,13 @@ pub(crate) fn ok_type<'a>(sig: &'a Signature, macro_name: &str) -> syn::Result<&
     let Type::Path(tp) = &**ty else {
         return Err(not_result(ty.span()));
     };
-    let Some(last) = tp.path.segments.last().filter(|s| s.ident == "Result") else {
+    // `Result`, `sqlx::Result`, `anyhow::Result`, and project aliases like `DbResult<T>`.
+    let Some(last) = tp
+        .path
+        .segments
+        .last()
+        .filter(|s| s.ident.to_string().ends_with("Result"))
+    else {
         return Err(not_result(ty.span()));
     };
     match &last.arguments {

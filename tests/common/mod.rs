@@ -14,7 +14,8 @@ pub fn redis_url() -> String {
 }
 
 pub fn database_url() -> String {
-    std::env::var("DATABASE_URL").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".to_owned())
+    std::env::var("DATABASE_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".to_owned())
 }
 
 /// A namespace no other test (or run) uses.
@@ -24,7 +25,12 @@ pub fn unique_ns(test: &str) -> String {
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
         .subsec_nanos();
-    format!("t{}{}{}:{test}", std::process::id(), N.fetch_add(1, Ordering::SeqCst), nanos)
+    format!(
+        "t{}{}{}:{test}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::SeqCst),
+        nanos
+    )
 }
 
 pub async fn redis_cache(url: &str, ns: &str) -> Cache {
@@ -166,7 +172,10 @@ impl RedisServer {
 
     fn signal(&self, sig: &str) {
         let pid = self.child.as_ref().expect("running").id();
-        let status = Command::new("kill").args([sig, &pid.to_string()]).status().unwrap();
+        let status = Command::new("kill")
+            .args([sig, &pid.to_string()])
+            .status()
+            .unwrap();
         assert!(status.success());
     }
 
@@ -194,6 +203,9 @@ impl Drop for RedisServer {
 impl RedisServer {
     fn signal_cont_quietly(&self) -> std::io::Result<()> {
         let pid = self.child.as_ref().map(Child::id).unwrap_or_default();
-        Command::new("kill").args(["-CONT", &pid.to_string()]).status().map(|_| ())
+        Command::new("kill")
+            .args(["-CONT", &pid.to_string()])
+            .status()
+            .map(|_| ())
     }
 }

@@ -1,0 +1,9 @@
+//! Compile-time behaviour of the attributes: misuse gives an error on the right span,
+//! and every supported signature shape compiles.
+
+#[test]
+fn ui() {
+    let t = trybuild::TestCases::new();
+    t.pass("tests/ui/pass/*.rs");
+    t.compile_fail("tests/ui/fail/*.rs");
+}

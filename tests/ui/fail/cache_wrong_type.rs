@@ -1,0 +1,8 @@
+use cached_query::cached_query;
+
+#[cached_query(cache = 42)]
+async fn get(id: i64) -> Result<i64, String> {
+    Ok(id)
+}
+
+fn main() {}

@@ -1,0 +1,117 @@
+//! Every signature shape the attributes support, compiled.
+use cached_query::{Cache, cached_query, invalidates};
+use serde::{Deserialize, Serialize};
+use sqlx::{Acquire, Executor, PgPool, Pool, Postgres, Transaction};
+use std::sync::Arc;
+
+#[derive(Serialize, Deserialize)]
+pub struct User {
+    id: i64,
+}
+
+#[derive(Serialize)]
+pub struct Filter {
+    name: String,
+    org: Org,
+}
+
+#[derive(Serialize)]
+pub struct Org {
+    id: i64,
+}
+
+#[derive(Debug)]
+pub struct MyError;
+pub type MyResult<T> = std::result::Result<T, MyError>;
+
+/// Doc comments and attributes are kept.
+#[cached_query(ttl = 300, invalidate = "user:<id>")]
+#[allow(clippy::needless_question_mark)]
+pub async fn get_user(pool: &PgPool, id: i64) -> Result<Option<User>, sqlx::Error> {
+    Ok(sqlx::query_scalar("SELECT $1").bind(id).fetch_optional(pool).await?.map(|id| User { id }))
+}
+
+#[cached_query(invalidate = ["org:<filter.org.id>", "name:<filter.name>"], name = "users.search", version = 2)]
+pub(crate) async fn search(pool: &Pool<Postgres>, filter: &Filter) -> sqlx::Result<Vec<i64>> {
+    sqlx::query_scalar("SELECT 1::BIGINT WHERE $1 <> ''").bind(&filter.name).fetch_all(pool).await
+}
+
+#[cached_query]
+async fn with_executor<'c>(exec: impl Executor<'c, Database = Postgres>, id: i64) -> MyResult<i64> {
+    let _ = (exec, id);
+    Ok(id)
+}
+
+#[cached_query(skip(label))]
+async fn generic_executor<'c, E>(exec: E, id: i64, label: &str) -> Result<i64, MyError>
+where
+    E: Executor<'c, Database = Postgres>,
+{
+    let _ = (exec, label);
+    Ok(id)
+}
+
+#[cached_query(cache_none = false)]
+async fn in_tx<'a, A: Acquire<'a, Database = Postgres>>(conn: A, tx: &mut Transaction<'_, Postgres>, id: i64) -> Result<Option<i64>, sqlx::Error> {
+    let _ = (conn, tx);
+    Ok(Some(id))
+}
+
+#[cached_query]
+async fn with_impl_trait(value: impl Serialize + Send, n: u8) -> Result<u8, String> {
+    let _ = value;
+    if n > 10 {
+        return Err("too big".into());
+    }
+    let parsed: u8 = "1".parse().map_err(|_| "parse".to_string())?;
+    Ok(n + parsed)
+}
+
+pub struct Service {
+    cache: Cache,
+    shared: Arc<Cache>,
+    tenant: String,
+}
+
+impl Service {
+    #[cached_query(cache = self.cache, key = (&self.tenant, id))]
+    pub async fn get(&self, id: i64) -> Result<String, String> {
+        Ok(format!("{}:{id}", self.tenant))
+    }
+
+    #[cached_query(cache = self.shared, invalidate = "t:<self.tenant>")]
+    async fn get_mut(&mut self, id: i64) -> Result<i64, String> {
+        self.tenant.push('!');
+        Ok(id)
+    }
+
+    #[invalidates("user:<id>", "tenant:<self.tenant>", cache = &self.cache)]
+    pub async fn rename(&self, id: i64) -> Result<(), String> {
+        let _ = id;
+        Ok(())
+    }
+
+    fn uses(&self) -> (&Arc<Cache>, &Cache) {
+        (&self.shared, &self.cache)
+    }
+}
+
+fn assert_send<T: Send>(_: T) {}
+
+#[allow(dead_code)]
+fn impl_executor_accepts_a_pool(pool: &PgPool) {
+    assert_send(with_executor(pool, 1));
+}
+
+#[allow(dead_code)]
+fn futures_stay_send(pool: PgPool, s: Service, filter: Filter) {
+    assert_send(get_user(&pool, 1));
+    assert_send(search(&pool, &filter));
+    assert_send(async move { s.get(1).await });
+    assert_send(with_impl_trait(1u8, 2));
+}
+
+fn main() {
+    let _ = (generic_executor::<&PgPool>, in_tx::<&PgPool>);
+    let _ = Service::uses;
+}
