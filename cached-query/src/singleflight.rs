@@ -8,12 +8,14 @@ use std::sync::{Arc, Mutex};
 use tokio::sync::watch;
 
 type Payload = Option<Arc<[u8]>>;
+/// A flight in progress: the leader's id (so only it removes the entry) and its result channel.
+type InFlight = (u64, watch::Receiver<Payload>);
 
 #[derive(Debug, Default)]
 pub(crate) struct Flights {
     next_id: AtomicU64,
     waiting: AtomicUsize,
-    map: Mutex<HashMap<Vec<u8>, (u64, watch::Receiver<Payload>)>>,
+    map: Mutex<HashMap<Vec<u8>, InFlight>>,
 }
 
 pub(crate) enum Role<'a> {
