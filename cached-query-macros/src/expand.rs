@@ -183,12 +183,9 @@ fn expand_cached(args: CachedArgs, item: &ItemFn) -> syn::Result<TokenStream> {
     let cache = resolve_cache(args.cache.as_ref());
     let tags = compile_tags(&args.invalidate, &info)?;
     let body = body_future(item);
-    let attrs = &item.attrs;
-    let vis = &item.vis;
-    let sig = &item.sig;
-    Ok(quote! {
-        #(#attrs)*
-        #vis #sig {
+    Ok(replace_body(
+        item,
+        quote! {
             static __CQ_SITE: ::cached_query::__private::Site = ::cached_query::__private::Site {
                 name: #name,
                 version: #version,
@@ -200,8 +197,8 @@ fn expand_cached(args: CachedArgs, item: &ItemFn) -> syn::Result<TokenStream> {
             #(#key_parts)*
             #tags
             ::cached_query::__private::cached(__cq_cache, &__CQ_SITE, __cq_key, __cq_tags, #body).await
-        }
-    })
+        },
+    ))
 }
 
 fn expand_invalidates(args: InvalidatesArgs, item: &ItemFn) -> syn::Result<TokenStream> {
@@ -218,15 +215,18 @@ fn expand_invalidates(args: InvalidatesArgs, item: &ItemFn) -> syn::Result<Token
     let cache = resolve_cache(args.cache.as_ref());
     let tags = compile_tags(&args.templates, &info)?;
     let body = body_future(item);
-    let attrs = &item.attrs;
-    let vis = &item.vis;
-    let sig = &item.sig;
-    Ok(quote! {
-        #(#attrs)*
-        #vis #sig {
+    Ok(replace_body(
+        item,
+        quote! {
             #cache
             #tags
             ::cached_query::__private::invalidating(__cq_cache, __cq_tags, #body).await
-        }
-    })
+        },
+    ))
+}
+
+/// Re-emits the function with its attributes and signature verbatim and `body` as its block.
+fn replace_body(item: &ItemFn, body: TokenStream) -> TokenStream {
+    let (attrs, vis, sig) = (&item.attrs, &item.vis, &item.sig);
+    quote!(#(#attrs)* #vis #sig { #body })
 }

@@ -187,3 +187,25 @@ mod tests {
         assert!(k.digest().is_err());
     }
 }
+
+#[cfg(test)]
+mod golden {
+    use super::*;
+
+    /// Keys must be identical in every process and build: changing this value means every
+    /// deployed cache entry is abandoned, so it must be a deliberate decision.
+    #[test]
+    fn key_format_is_stable() {
+        let mut k = KeyBuilder::new("app::users::get_user", 3);
+        k.arg(&42_i64);
+        k.arg(&serde_json::json!({"b": [1, 2], "a": null}));
+        k.arg("text");
+        let digest = k.digest().unwrap();
+        let doc =
+            r#"{"q":"app::users::get_user","v":3,"t":[],"a":[42,{"a":null,"b":[1,2]},"text"]}"#;
+        assert_eq!(digest, sha256_hex(doc.as_bytes()));
+        assert_eq!(digest, GOLDEN);
+    }
+
+    const GOLDEN: &str = "df55202954174c28e9ba00faa17087c497ae53c421088489f7705fbd47fd94e8";
+}

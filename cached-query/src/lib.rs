@@ -61,10 +61,10 @@ pub use error::Error;
 pub use global::{install, invalidate};
 pub use stats::{CacheStats, QueryStats};
 
-/// Caches an `async fn` returning `Result<T, E>`; see the crate documentation.
+#[doc = include_str!("docs/cached_query.md")]
 #[doc(inline)]
 pub use cached_query_macros::cached_query;
 
-/// Invalidates tags after an `async fn` returns `Ok`; see the crate documentation.
+#[doc = include_str!("docs/invalidates.md")]
 #[doc(inline)]
 pub use cached_query_macros::invalidates;

@@ -111,7 +111,12 @@ fn futures_stay_send(pool: PgPool, s: Service, filter: Filter) {
     assert_send(with_impl_trait(1u8, 2));
 }
 
+fn assert_handle<T: Clone + Send + Sync + 'static>() {}
+fn assert_error<T: std::error::Error + Send + Sync + 'static>() {}
+
 fn main() {
+    assert_handle::<Cache>();
+    assert_error::<cached_query::Error>();
     let _ = (generic_executor::<&PgPool>, in_tx::<&PgPool>);
     let _ = Service::uses;
 }
