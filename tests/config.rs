@@ -152,3 +152,54 @@ async fn redis_password_is_injected_and_never_shown() {
     let builder = Cache::builder().redis("redis://:s3cr3t-pw@127.0.0.1:1");
     assert!(!format!("{builder:?}").contains("s3cr3t"), "{builder:?}");
 }
+
+/// Collects everything the `tracing` subscriber writes.
+#[derive(Clone, Default)]
+struct Captured(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl std::io::Write for Captured {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+#[tokio::test]
+async fn passwords_never_reach_the_logs() {
+    let captured = Captured::default();
+    let writer = captured.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_max_level(tracing::Level::TRACE)
+        .with_writer(move || writer.clone())
+        .finish();
+    let _guard = tracing::subscriber::set_default(subscriber);
+
+    let mut server = RedisServer::start_with(&["--requirepass", "right-pw"]);
+    for password in ["hunter2-wrong", "right-pw"] {
+        let cache = Cache::from_lookup(lookup(&[
+            ("REDIS_URL", &server.url()),
+            ("REDIS_PASSWORD", password),
+        ]))
+        .await
+        .unwrap();
+        let calls = AtomicU32::new(0);
+        square(&cache, &calls, 2).await.unwrap();
+        let _ = cache.invalidate("t").await;
+        if password == "right-pw" {
+            server.kill(); // now every operation fails and is logged
+            for n in 0..5 {
+                square(&cache, &calls, n).await.unwrap();
+            }
+            assert!(cache.invalidate("t").await.is_err());
+        }
+    }
+    let logs = String::from_utf8(captured.0.lock().unwrap().clone()).unwrap();
+    assert!(logs.contains("WARN"), "the failures were logged: {logs}");
+    assert!(
+        !logs.contains("hunter2") && !logs.contains("right-pw"),
+        "{logs}"
+    );
+}

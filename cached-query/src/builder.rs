@@ -3,7 +3,7 @@
 use crate::Error;
 use crate::backend::{Store, memory::MemoryStore, redis::RedisStore};
 use crate::cache::{Cache, Settings};
-use crate::config::redact_url;
+use crate::config::{RedisConfig, redact_url};
 use std::time::Duration;
 
 #[derive(Debug, Clone)]
@@ -23,8 +23,8 @@ pub struct CacheBuilder {
     default_ttl: Duration,
     tag_ttl: Duration,
     max_value_size: usize,
-    pub(crate) connect_timeout: Duration,
-    pub(crate) response_timeout: Duration,
+    connect_timeout: Duration,
+    response_timeout: Duration,
     breaker_failures: u32,
     breaker_cooldown: Duration,
 }
@@ -66,6 +66,19 @@ impl CacheBuilder {
     #[must_use]
     pub fn redis(mut self, url: &str) -> Self {
         self.backend = Backend::Redis(url.to_owned());
+        self
+    }
+
+    /// Applies Redis settings (typically [`RedisConfig::from_env`]): Redis when it has a
+    /// URL, the in-memory backend otherwise, and its timeouts.
+    #[must_use]
+    pub fn redis_config(mut self, config: RedisConfig) -> Self {
+        self.backend = match config.url {
+            Some(url) => Backend::Redis(url),
+            None => Backend::Memory,
+        };
+        self.connect_timeout = config.connect_timeout;
+        self.response_timeout = config.response_timeout;
         self
     }
 
@@ -143,10 +156,6 @@ impl CacheBuilder {
         self.breaker_failures = failures;
         self.breaker_cooldown = cooldown;
         self
-    }
-
-    pub(crate) fn enabled(&self) -> bool {
-        !matches!(self.backend, Backend::Disabled)
     }
 
     fn validate(&self) -> Result<(), Error> {

@@ -27,52 +27,99 @@ pub(crate) fn parse_u64(name: &str, value: &str, min: u64) -> Result<u64, Error>
         .ok_or_else(|| Error::config(name, value, &format!("a whole number ≥ {min}")))
 }
 
-/// Applies `REDIS_URL`, `REDIS_PASSWORD`, `REDIS_CONNECT_TIMEOUT_MS`,
-/// `REDIS_RESPONSE_TIMEOUT_MS`, `CACHE_NAMESPACE`, `CACHE_DEFAULT_TTL` and `CACHE_ENABLED`.
+/// Redis connection settings, usually read with [`RedisConfig::from_env`] and passed to
+/// [`CacheBuilder::redis_config`]. `url: None` means "no Redis": the in-memory backend.
+#[derive(Clone, PartialEq, Eq)]
+pub struct RedisConfig {
+    /// `REDIS_URL`, with `REDIS_PASSWORD` put in when the URL has no password.
+    pub url: Option<String>,
+    /// `REDIS_CONNECT_TIMEOUT_MS` (1000).
+    pub connect_timeout: Duration,
+    /// `REDIS_RESPONSE_TIMEOUT_MS` (250): the deadline of every Redis operation.
+    pub response_timeout: Duration,
+}
+
+impl Default for RedisConfig {
+    fn default() -> Self {
+        RedisConfig {
+            url: None,
+            connect_timeout: Duration::from_secs(1),
+            response_timeout: Duration::from_millis(250),
+        }
+    }
+}
+
+impl std::fmt::Debug for RedisConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisConfig")
+            .field("url", &self.url.as_deref().map(redact_url))
+            .field("connect_timeout", &self.connect_timeout)
+            .field("response_timeout", &self.response_timeout)
+            .finish()
+    }
+}
+
+impl RedisConfig {
+    /// Reads `REDIS_URL`, `REDIS_PASSWORD`, `REDIS_CONNECT_TIMEOUT_MS` and
+    /// `REDIS_RESPONSE_TIMEOUT_MS` from the process environment.
+    pub fn from_env() -> Result<RedisConfig, Error> {
+        Self::from_lookup(|name| std::env::var(name).ok())
+    }
+
+    /// The same rules as [`from_env`](Self::from_env), reading variables from `lookup`.
+    pub fn from_lookup<F: Fn(&str) -> Option<String>>(lookup: F) -> Result<RedisConfig, Error> {
+        let get = |name: &str| lookup(name).filter(|v| !v.trim().is_empty());
+        let mut config = RedisConfig::default();
+        if let Some(v) = get("REDIS_CONNECT_TIMEOUT_MS") {
+            config.connect_timeout =
+                Duration::from_millis(parse_u64("REDIS_CONNECT_TIMEOUT_MS", &v, 1)?);
+        }
+        if let Some(v) = get("REDIS_RESPONSE_TIMEOUT_MS") {
+            config.response_timeout =
+                Duration::from_millis(parse_u64("REDIS_RESPONSE_TIMEOUT_MS", &v, 1)?);
+        }
+        config.url = get("REDIS_URL").map(|url| match get("REDIS_PASSWORD") {
+            Some(password) => inject_password(url.trim(), &password),
+            None => url.trim().to_owned(),
+        });
+        Ok(config)
+    }
+}
+
+/// Applies [`RedisConfig`] plus `CACHE_NAMESPACE`, `CACHE_DEFAULT_TTL` and `CACHE_ENABLED`.
 pub(crate) fn builder_from_lookup<F>(lookup: F) -> Result<CacheBuilder, Error>
 where
     F: Fn(&str) -> Option<String>,
 {
+    let redis = RedisConfig::from_lookup(&lookup)?;
     let get = |name: &str| lookup(name).filter(|v| !v.trim().is_empty());
     let mut builder = CacheBuilder::default();
-    if let Some(v) = get("CACHE_ENABLED")
-        && !parse_bool("CACHE_ENABLED", &v)?
-    {
-        builder = builder.disabled();
-    }
     if let Some(ns) = get("CACHE_NAMESPACE") {
         builder = builder.namespace(ns.trim());
     }
     if let Some(v) = get("CACHE_DEFAULT_TTL") {
         builder = builder.default_ttl(Duration::from_secs(parse_u64("CACHE_DEFAULT_TTL", &v, 1)?));
     }
-    if let Some(v) = get("REDIS_CONNECT_TIMEOUT_MS") {
-        builder.connect_timeout =
-            Duration::from_millis(parse_u64("REDIS_CONNECT_TIMEOUT_MS", &v, 1)?);
+    let enabled = match get("CACHE_ENABLED") {
+        Some(v) => parse_bool("CACHE_ENABLED", &v)?,
+        None => true,
+    };
+    if !enabled {
+        return Ok(builder.disabled());
     }
-    if let Some(v) = get("REDIS_RESPONSE_TIMEOUT_MS") {
-        builder.response_timeout =
-            Duration::from_millis(parse_u64("REDIS_RESPONSE_TIMEOUT_MS", &v, 1)?);
+    if redis.url.is_none() {
+        tracing::info!("REDIS_URL is not set: cached-query uses its in-process memory backend");
     }
-    match get("REDIS_URL") {
-        Some(url) => {
-            let url = match get("REDIS_PASSWORD") {
-                Some(password) => inject_password(url.trim(), &password),
-                None => url.trim().to_owned(),
-            };
-            if builder.enabled() {
-                builder = builder.redis(&url);
-            }
-        }
-        None => {
-            if builder.enabled() {
-                tracing::info!(
-                    "REDIS_URL is not set: cached-query uses its in-process memory backend"
-                );
-            }
-        }
+    Ok(builder.redis_config(redis))
+}
+
+/// Replaces the password of `url` (if any) wherever it appears in `message`.
+#[cfg(any(feature = "postgres", feature = "sqlite"))]
+pub(crate) fn scrub_password(message: &str, url: &str) -> String {
+    match split_authority(url).and_then(|(_, userinfo, _)| userinfo?.split_once(':')) {
+        Some((_, password)) if !password.is_empty() => message.replace(password, "***"),
+        _ => message.to_owned(),
     }
-    Ok(builder)
 }
 
 /// Splits `scheme://userinfo@rest` into its three parts (userinfo may be absent).

@@ -35,6 +35,14 @@ pub enum Error {
         /// The underlying Redis error, or `circuit open` while Redis is being skipped.
         reason: String,
     },
+    /// A database could not be reached (or not within `DB_CONNECT_TIMEOUT`).
+    #[error("could not connect to the database at {target}: {reason}")]
+    Connect {
+        /// `host:port` (PostgreSQL) or the database file URL (SQLite).
+        target: String,
+        /// What went wrong, with any password removed.
+        reason: String,
+    },
     /// `cached_query::invalidate` was called but no default cache was installed.
     #[error("no default cache installed: call `cached_query::install(cache)` at start-up")]
     NoDefaultCache,

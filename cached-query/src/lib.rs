@@ -42,6 +42,7 @@ mod breaker;
 mod builder;
 mod cache;
 mod config;
+mod db;
 mod envelope;
 mod error;
 mod global;
@@ -56,7 +57,8 @@ pub mod __private;
 
 pub use builder::CacheBuilder;
 pub use cache::Cache;
-pub use config::redact_url;
+pub use config::{RedisConfig, redact_url};
+pub use db::{DbConfig, PoolStatus, pool_status};
 pub use error::Error;
 pub use global::{install, invalidate};
 pub use stats::{CacheStats, QueryStats};
