@@ -367,3 +367,73 @@ async fn the_builder_takes_a_redis_config() {
     assert_eq!(triple(&cache, 2).await.unwrap(), 6);
     assert_eq!((cache.stats().hits, cache.stats().errors), (1, 0));
 }
+
+#[derive(Clone, Default)]
+struct Captured(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl std::io::Write for Captured {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Captured {
+    fn text(&self) -> String {
+        String::from_utf8(self.0.lock().unwrap().clone()).unwrap()
+    }
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn echo_and_slow_statement_logging_reach_tracing() {
+    let captured = Captured::default();
+    let writer = captured.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_max_level(tracing::Level::INFO)
+        .with_ansi(false)
+        .with_writer(move || writer.clone())
+        .finish();
+    let _guard = tracing::subscriber::set_default(subscriber);
+
+    let quiet = pg_config(&[("DB_POOL_SIZE", "1")])
+        .connect_postgres()
+        .await
+        .unwrap();
+    sqlx::query("SELECT 4242 AS quiet_marker")
+        .execute(&quiet)
+        .await
+        .unwrap();
+    assert!(
+        !captured.text().contains("quiet_marker"),
+        "no echo by default"
+    );
+
+    let echo = pg_config(&[
+        ("DB_POOL_SIZE", "1"),
+        ("DB_ECHO", "true"),
+        ("SLOW_QUERY_THRESHOLD_MS", "50"),
+    ])
+    .connect_postgres()
+    .await
+    .unwrap();
+    sqlx::query("SELECT 4242 AS echo_marker")
+        .execute(&echo)
+        .await
+        .unwrap();
+    sqlx::query("SELECT pg_sleep(0.2), 1 AS slow_marker")
+        .execute(&echo)
+        .await
+        .unwrap();
+    let logs = captured.text();
+    let line = |marker: &str| {
+        logs.lines()
+            .find(|l| l.contains(marker))
+            .unwrap_or_default()
+            .to_owned()
+    };
+    assert!(line("echo_marker").contains("INFO"), "{logs}");
+    assert!(line("slow_marker").contains("WARN"), "{logs}");
+}
