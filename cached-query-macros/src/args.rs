@@ -162,3 +162,81 @@ impl Parse for InvalidatesArgs {
         Ok(InvalidatesArgs { templates, cache })
     }
 }
+
+mod timed_kw {
+    syn::custom_keyword!(threshold_ms);
+    syn::custom_keyword!(name);
+    syn::custom_keyword!(level);
+}
+
+/// `#[timed(threshold_ms = 50, name = "…", level = "warn")]`.
+#[derive(Default)]
+pub(crate) struct TimedArgs {
+    pub(crate) threshold_ms: Option<u64>,
+    pub(crate) name: Option<LitStr>,
+    /// One of `error`, `warn`, `info`, `debug`, `trace`.
+    pub(crate) level: Option<Ident>,
+}
+
+impl Parse for TimedArgs {
+    fn parse(input: ParseStream<'_>) -> syn::Result<Self> {
+        let mut args = TimedArgs::default();
+        while !input.is_empty() {
+            let look = input.lookahead1();
+            if look.peek(timed_kw::threshold_ms) {
+                let k: timed_kw::threshold_ms = input.parse()?;
+                input.parse::<Token![=]>()?;
+                if input.peek(Token![-]) {
+                    return Err(
+                        input.error("`threshold_ms` must be a whole number of milliseconds ≥ 0")
+                    );
+                }
+                let lit: LitInt = input.parse()?;
+                let ms: u64 = lit.base10_parse().map_err(|_| {
+                    syn::Error::new(
+                        lit.span(),
+                        "`threshold_ms` must be a whole number of milliseconds ≥ 0",
+                    )
+                })?;
+                once(&mut args.threshold_ms, k.span, "threshold_ms", ms)?;
+            } else if look.peek(timed_kw::name) {
+                let k: timed_kw::name = input.parse()?;
+                input.parse::<Token![=]>()?;
+                let lit: LitStr = input.parse()?;
+                if lit.value().is_empty() {
+                    return Err(syn::Error::new(lit.span(), "`name` must not be empty"));
+                }
+                once(&mut args.name, k.span, "name", lit)?;
+            } else if look.peek(timed_kw::level) {
+                let k: timed_kw::level = input.parse()?;
+                input.parse::<Token![=]>()?;
+                let lit: LitStr = input.parse()?;
+                let variant = match lit.value().to_ascii_lowercase().as_str() {
+                    "error" => "Error",
+                    "warn" => "Warn",
+                    "info" => "Info",
+                    "debug" => "Debug",
+                    "trace" => "Trace",
+                    _ => {
+                        return Err(syn::Error::new(
+                            lit.span(),
+                            "`level` must be one of \"error\", \"warn\", \"info\", \"debug\", \"trace\"",
+                        ));
+                    }
+                };
+                once(
+                    &mut args.level,
+                    k.span,
+                    "level",
+                    Ident::new(variant, lit.span()),
+                )?;
+            } else {
+                return Err(look.error());
+            }
+            if !input.is_empty() {
+                input.parse::<Token![,]>()?;
+            }
+        }
+        Ok(args)
+    }
+}

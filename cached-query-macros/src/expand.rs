@@ -1,7 +1,7 @@
 //! Code generation. The signature is re-emitted verbatim; only the body is replaced by a
 //! call into `::cached_query::__private` that receives the original body as a future.
 
-use crate::args::{CachedArgs, InvalidatesArgs};
+use crate::args::{CachedArgs, InvalidatesArgs, TimedArgs};
 use crate::sig::{self, FnInfo};
 use crate::template;
 use proc_macro2::TokenStream;
@@ -12,6 +12,12 @@ use syn::{Expr, ItemFn, LitStr};
 pub(crate) fn cached_query(args: TokenStream, input: TokenStream) -> TokenStream {
     expand_with(args, input, |args: CachedArgs, item| {
         expand_cached(args, item)
+    })
+}
+
+pub(crate) fn timed(args: TokenStream, input: TokenStream) -> TokenStream {
+    expand_with(args, input, |args: TimedArgs, item| {
+        crate::timed::expand(args, item)
     })
 }
 
@@ -57,7 +63,7 @@ fn require_async(item: &ItemFn, macro_name: &str) -> syn::Result<()> {
 
 /// The original body as a future whose output type is pinned to the declared return type
 /// (the "fake return" edge keeps `?` and inference working inside it).
-fn body_future(item: &ItemFn) -> TokenStream {
+pub(crate) fn body_future(item: &ItemFn) -> TokenStream {
     let ret = match &item.sig.output {
         syn::ReturnType::Type(_, ty) => ty.to_token_stream(),
         syn::ReturnType::Default => quote!(()),
@@ -112,6 +118,26 @@ fn compile_tags(templates: &[LitStr], info: &FnInfo<'_>) -> syn::Result<TokenStr
 }
 
 fn expand_cached(args: CachedArgs, item: &ItemFn) -> syn::Result<TokenStream> {
+    require_async(item, "cached_query")?;
+    // `#[timed]` written below `#[cached_query]` times only executed queries: absorb it here,
+    // as its own expansion would wrap the cached call instead.
+    let mut item = item.clone();
+    let timed_attr = take_attr(&mut item, "timed");
+    let inner_timed = timed_attr
+        .as_ref()
+        .map(parse_attr_args::<TimedArgs>)
+        .transpose()?;
+    let block = cached_block(args, &item, inner_timed)?;
+    let used = timed_attr.as_ref().map(mark_used);
+    Ok(replace_body(&item, quote!(#used #block)))
+}
+
+/// The body of a `#[cached_query]` function (optionally with an inner `#[timed]` layer).
+pub(crate) fn cached_block(
+    args: CachedArgs,
+    item: &ItemFn,
+    inner_timed: Option<TimedArgs>,
+) -> syn::Result<TokenStream> {
     require_async(item, "cached_query")?;
     let ok_ty = sig::ok_type(&item.sig, "cached_query")?;
     let info = FnInfo::new(&item.sig);
@@ -182,10 +208,11 @@ fn expand_cached(args: CachedArgs, item: &ItemFn) -> syn::Result<TokenStream> {
     let cache_none = args.cache_none.as_ref().is_none_or(|l| l.value);
     let cache = resolve_cache(args.cache.as_ref());
     let tags = compile_tags(&args.invalidate, &info)?;
-    let body = body_future(item);
-    Ok(replace_body(
-        item,
-        quote! {
+    let mut body = body_future(item);
+    if let Some(timed) = inner_timed {
+        body = crate::timed::wrap_future(&timed, item, body);
+    }
+    Ok(quote! {
             static __CQ_SITE: ::cached_query::__private::Site = ::cached_query::__private::Site {
                 name: #name,
                 version: #version,
@@ -197,8 +224,46 @@ fn expand_cached(args: CachedArgs, item: &ItemFn) -> syn::Result<TokenStream> {
             #(#key_parts)*
             #tags
             ::cached_query::__private::cached(__cq_cache, &__CQ_SITE, __cq_key, __cq_tags, #body).await
-        },
-    ))
+    })
+}
+
+/// Whether `attr` is this crate's attribute `name` (`#[name]` or `#[cached_query::name]`).
+fn is_ours(attr: &syn::Attribute, name: &str) -> bool {
+    let segments: Vec<String> = attr
+        .path()
+        .segments
+        .iter()
+        .map(|s| s.ident.to_string())
+        .collect();
+    match segments.as_slice() {
+        [only] => only == name,
+        [.., krate, last] => krate == "cached_query" && last == name,
+        [] => false,
+    }
+}
+
+/// Removes and returns the first of this crate's `name` attributes on `item`.
+pub(crate) fn take_attr(item: &mut ItemFn, name: &str) -> Option<syn::Attribute> {
+    let pos = item.attrs.iter().position(|a| is_ours(a, name))?;
+    Some(item.attrs.remove(pos))
+}
+
+/// Keeps the user's import of an absorbed attribute from being reported unused.
+pub(crate) fn mark_used(attr: &syn::Attribute) -> TokenStream {
+    let path = attr.path();
+    quote!(#[allow(unused_imports)] use #path as _;)
+}
+
+/// Parses an attribute's arguments (`#[x]` alone gives the defaults).
+pub(crate) fn parse_attr_args<A: syn::parse::Parse>(attr: &syn::Attribute) -> syn::Result<A> {
+    match &attr.meta {
+        syn::Meta::Path(_) => syn::parse2(TokenStream::new()),
+        syn::Meta::List(list) => syn::parse2(list.tokens.clone()),
+        syn::Meta::NameValue(nv) => Err(syn::Error::new_spanned(
+            nv,
+            "expected `#[attr]` or `#[attr(...)]`",
+        )),
+    }
 }
 
 fn expand_invalidates(args: InvalidatesArgs, item: &ItemFn) -> syn::Result<TokenStream> {
@@ -226,7 +291,7 @@ fn expand_invalidates(args: InvalidatesArgs, item: &ItemFn) -> syn::Result<Token
 }
 
 /// Re-emits the function with its attributes and signature verbatim and `body` as its block.
-fn replace_body(item: &ItemFn, body: TokenStream) -> TokenStream {
+pub(crate) fn replace_body(item: &ItemFn, body: TokenStream) -> TokenStream {
     let (attrs, vis, sig) = (&item.attrs, &item.vis, &item.sig);
     quote!(#(#attrs)* #vis #sig { #body })
 }

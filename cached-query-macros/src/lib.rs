@@ -5,6 +5,7 @@ mod args;
 mod expand;
 mod sig;
 mod template;
+mod timed;
 
 use proc_macro::TokenStream;
 
@@ -18,4 +19,10 @@ pub fn cached_query(args: TokenStream, input: TokenStream) -> TokenStream {
 #[proc_macro_attribute]
 pub fn invalidates(args: TokenStream, input: TokenStream) -> TokenStream {
     expand::invalidates(args.into(), input.into()).into()
+}
+
+/// Times a function and logs it when slow. Documented on `cached_query::timed`.
+#[proc_macro_attribute]
+pub fn timed(args: TokenStream, input: TokenStream) -> TokenStream {
+    expand::timed(args.into(), input.into()).into()
 }

@@ -3,6 +3,7 @@
 use crate::__private::Site;
 use crate::backend::{Read, StampKey, Store, StoreError};
 use crate::breaker::{Breaker, WarnLimiter};
+use crate::calls;
 use crate::envelope::{self, Decoded};
 use crate::key::KeyBuilder;
 use crate::singleflight::{Flights, Role};
@@ -387,7 +388,7 @@ impl Cache {
         let rec = inner.stats.recorder(site.name);
         let Some(store) = &inner.store else {
             rec.miss();
-            return fut.await;
+            return calls::execute(fut).await;
         };
         let digest = match key.digest() {
             Ok(d) => d,
@@ -395,7 +396,7 @@ impl Cache {
                 rec.error();
                 self.warn("an argument could not be serialised into the cache key", &e);
                 rec.miss();
-                return fut.await;
+                return calls::execute(fut).await;
             }
         };
         let entry = entry_key(&inner.settings.namespace, &digest);
@@ -412,6 +413,7 @@ impl Cache {
                         Decoded::Fresh(payload) => match serde_json::from_slice::<T>(payload) {
                             Ok(value) => {
                                 rec.hit();
+                                calls::cache_hit();
                                 return Ok(value);
                             }
                             Err(_) => rec.decode_error(),
@@ -446,12 +448,13 @@ impl Cache {
                     && let Ok(value) = serde_json::from_slice::<T>(&payload)
                 {
                     rec.hit();
+                    calls::cache_hit();
                     return Ok(value);
                 }
                 None
             }
         };
-        let result = fut.await;
+        let result = calls::execute(fut).await;
         rec.miss();
         let Ok(value) = &result else {
             return result;

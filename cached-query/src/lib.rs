@@ -41,15 +41,18 @@ mod backend;
 mod breaker;
 mod builder;
 mod cache;
+mod calls;
 mod config;
 mod db;
 mod envelope;
 mod error;
 mod global;
+mod histogram;
 mod key;
 mod singleflight;
 mod stats;
 mod tags;
+mod timing;
 
 #[doc(hidden)]
 #[path = "private.rs"]
@@ -57,11 +60,13 @@ pub mod __private;
 
 pub use builder::CacheBuilder;
 pub use cache::Cache;
+pub use calls::{Calls, count_calls};
 pub use config::{RedisConfig, redact_url};
 pub use db::{DbConfig, PoolStatus, pool_status};
 pub use error::Error;
 pub use global::{install, invalidate};
 pub use stats::{CacheStats, QueryStats};
+pub use timing::{Timing, reset_timings, set_slow_query_threshold, timings};
 
 #[doc = include_str!("docs/cached_query.md")]
 #[doc(inline)]
@@ -70,3 +75,7 @@ pub use cached_query_macros::cached_query;
 #[doc = include_str!("docs/invalidates.md")]
 #[doc(inline)]
 pub use cached_query_macros::invalidates;
+
+#[doc = include_str!("docs/timed.md")]
+#[doc(inline)]
+pub use cached_query_macros::timed;

@@ -67,7 +67,7 @@ where
         Some(cache) => cache.get_or_run(site, key, tags, fut).await,
         None => {
             warn_no_cache(site.name);
-            fut.await
+            crate::calls::execute(fut).await
         }
     }
 }
@@ -77,7 +77,7 @@ pub async fn invalidating<T, E, F>(cache: Option<&Cache>, tags: Vec<String>, fut
 where
     F: Future<Output = Result<T, E>>,
 {
-    let result = fut.await;
+    let result = crate::calls::execute(fut).await;
     if result.is_ok() {
         match cache {
             Some(cache) => {
@@ -89,4 +89,17 @@ where
         }
     }
     result
+}
+
+pub use crate::timing::{SlowLevel, Timer};
+pub use std::time::Instant;
+
+/// Runs the body of an async `#[timed]` function (counted by `count_calls`).
+pub async fn timed_body<F: Future>(fut: F) -> F::Output {
+    crate::calls::execute(fut).await
+}
+
+/// Runs the body of a sync `#[timed]` function (counted by `count_calls`).
+pub fn timed_body_sync<T>(f: impl FnOnce() -> T) -> T {
+    crate::calls::execute_sync(f)
 }

@@ -72,21 +72,33 @@ pub(crate) struct Stats {
 /// The counters one call updates: the cache's total and its query's.
 #[derive(Debug)]
 pub(crate) struct Recorder<'a> {
+    #[cfg_attr(not(feature = "metrics"), allow(dead_code))]
+    name: &'static str,
     total: &'a Counters,
     query: Arc<Counters>,
 }
 
 macro_rules! record {
-    ($($name:ident => $field:ident),* $(,)?) => {$(
+    ($($name:ident => $field:ident $(, $metric:literal)?);* $(;)?) => {$(
         pub(crate) fn $name(&self) {
             self.total.$field.fetch_add(1, Relaxed);
             self.query.$field.fetch_add(1, Relaxed);
+            $(
+                #[cfg(feature = "metrics")]
+                metrics::counter!($metric, "query" => self.name).increment(1);
+            )?
         }
     )*};
 }
 
 impl Recorder<'_> {
-    record!(hit => hits, miss => misses, error => errors, decode_error => decode_errors, oversized => oversized);
+    record! {
+        hit => hits, "cached_query_cache_hits_total";
+        miss => misses, "cached_query_cache_misses_total";
+        error => errors, "cached_query_cache_errors_total";
+        decode_error => decode_errors;
+        oversized => oversized;
+    }
 }
 
 impl Stats {
@@ -102,6 +114,7 @@ impl Stats {
             map.entry(name).or_default().clone()
         });
         Recorder {
+            name,
             total: &self.total,
             query,
         }

@@ -115,8 +115,62 @@ fn assert_handle<T: Clone + Send + Sync + 'static>() {}
 fn assert_error<T: std::error::Error + Send + Sync + 'static>() {}
 
 fn main() {
+    timed_shapes::run();
     assert_handle::<Cache>();
     assert_error::<cached_query::Error>();
     let _ = (generic_executor::<&PgPool>, in_tx::<&PgPool>);
     let _ = Service::uses;
+}
+
+mod timed_shapes {
+    use cached_query::{Cache, cached_query, timed};
+
+    #[timed]
+    pub async fn plain(pool: &sqlx::PgPool) -> sqlx::Result<i64> {
+        sqlx::query_scalar("SELECT 1::BIGINT").fetch_one(pool).await
+    }
+
+    #[timed(threshold_ms = 50, name = "shapes.sync", level = "info")]
+    pub fn sync_unit() {}
+
+    #[timed]
+    pub fn returns_impl() -> impl Iterator<Item = u8> {
+        [1u8, 2].into_iter()
+    }
+
+    #[timed]
+    pub fn borrows<'a>(items: &'a [String], fallback: &'a String) -> &'a String {
+        items.first().unwrap_or(fallback)
+    }
+
+    #[timed(level = "debug")]
+    #[cached_query(cache = cache, ttl = 5)]
+    pub async fn outside(cache: &Cache, id: i64) -> Result<i64, String> {
+        Ok(id)
+    }
+
+    #[cached_query(cache = cache)]
+    #[cached_query::timed]
+    pub async fn inside(cache: &Cache, id: i64) -> Result<i64, String> {
+        Ok(id)
+    }
+
+    fn assert_send<T: Send>(_: T) {}
+
+    #[allow(dead_code)]
+    fn timed_futures_stay_send(pool: sqlx::PgPool, cache: Cache) {
+        assert_send(async move { plain(&pool).await });
+        assert_send(async move {
+            outside(&cache, 1).await.ok();
+            inside(&cache, 1).await.ok();
+        });
+    }
+
+    pub fn run() {
+        sync_unit();
+        assert_eq!(returns_impl().count(), 2);
+        let items = vec![String::from("a")];
+        let fallback = String::from("b");
+        assert_eq!(borrows(&items, &fallback), "a");
+    }
 }
