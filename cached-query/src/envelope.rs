@@ -104,3 +104,87 @@ mod tests {
         assert_eq!(decode(&old, &stamps()), Decoded::Corrupt);
     }
 }
+
+/// Cached bytes are untrusted input (anyone with Redis access can write them): a bounded,
+/// deterministic fuzz run over the decoder, in the regular test suite.
+#[cfg(test)]
+mod fuzz {
+    use super::*;
+
+    /// xorshift64*: reproducible without a dependency.
+    struct Rng(u64);
+
+    impl Rng {
+        fn next(&mut self) -> u64 {
+            self.0 ^= self.0 >> 12;
+            self.0 ^= self.0 << 25;
+            self.0 ^= self.0 >> 27;
+            self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
+        }
+        fn below(&mut self, n: usize) -> usize {
+            (self.next() % n as u64) as usize
+        }
+    }
+
+    #[derive(Debug, serde::Deserialize)]
+    #[allow(dead_code)]
+    struct Typed {
+        id: i64,
+        name: String,
+        tags: Vec<Option<u8>>,
+    }
+
+    #[test]
+    fn decoding_garbage_never_panics() {
+        let mut rng = Rng(0x9E37_79B9_7F4A_7C15);
+        let stamps = vec![vec![7u8; 16], vec![9u8; 16], vec![1u8; 3]];
+        let valid = encode(&stamps, br#"{"id":1,"name":"x","tags":[1,null]}"#);
+        let (mut fresh, mut stale, mut corrupt) = (0, 0, 0);
+        for round in 0..200_000 {
+            let mut bytes = if round % 2 == 0 {
+                valid.clone()
+            } else {
+                Vec::new()
+            };
+            match round % 4 {
+                // flip, insert and delete bytes of a valid envelope
+                0 => {
+                    for _ in 0..=rng.below(4) {
+                        let i = rng.below(bytes.len());
+                        bytes[i] = rng.next() as u8;
+                    }
+                }
+                2 => {
+                    let i = rng.below(bytes.len());
+                    if rng.below(2) == 0 {
+                        bytes.insert(i, rng.next() as u8);
+                    } else {
+                        bytes.truncate(i);
+                    }
+                }
+                // pure noise, often starting like an envelope
+                _ => {
+                    let len = rng.below(64);
+                    bytes.extend((0..len).map(|_| rng.next() as u8));
+                    if rng.below(2) == 0 && bytes.len() >= 2 {
+                        bytes[0] = 0xC9;
+                        bytes[1] = FORMAT_VERSION;
+                    }
+                }
+            }
+            match decode(&bytes, &stamps) {
+                Decoded::Fresh(payload) => {
+                    fresh += 1;
+                    let _ = serde_json::from_slice::<Typed>(payload);
+                }
+                Decoded::Stale => stale += 1,
+                Decoded::Corrupt => corrupt += 1,
+            }
+        }
+        // The run explored all three outcomes.
+        assert!(
+            fresh > 100 && stale > 100 && corrupt > 100,
+            "{fresh} {stale} {corrupt}"
+        );
+    }
+}
