@@ -27,6 +27,8 @@ pub struct CacheBuilder {
     response_timeout: Duration,
     breaker_failures: u32,
     breaker_cooldown: Duration,
+    #[cfg(feature = "tls")]
+    root_certificate: Option<Vec<u8>>,
 }
 
 impl std::fmt::Debug for CacheBuilder {
@@ -56,6 +58,8 @@ impl Default for CacheBuilder {
             response_timeout: Duration::from_millis(250),
             breaker_failures: 3,
             breaker_cooldown: Duration::from_secs(1),
+            #[cfg(feature = "tls")]
+            root_certificate: None,
         }
     }
 }
@@ -158,6 +162,15 @@ impl CacheBuilder {
         self
     }
 
+    /// Trusts this CA certificate (PEM) for `rediss://` instead of the system's roots, e.g. a
+    /// private CA or a self-signed server certificate. Needs the `tls` feature.
+    #[cfg(feature = "tls")]
+    #[must_use]
+    pub fn redis_root_certificate(mut self, pem: impl Into<Vec<u8>>) -> Self {
+        self.root_certificate = Some(pem.into());
+        self
+    }
+
     fn validate(&self) -> Result<(), Error> {
         let ns_ok = !self.namespace.is_empty()
             && self.namespace.len() <= 64
@@ -211,12 +224,39 @@ impl CacheBuilder {
         ))
     }
 
+    #[cfg(feature = "tls")]
+    fn redis_client(&self, url: &str) -> redis::RedisResult<redis::Client> {
+        // rustls needs a process-wide crypto provider; keep one the application installed.
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        match &self.root_certificate {
+            Some(pem) => redis::Client::build_with_tls(
+                url,
+                redis::TlsCertificates {
+                    client_tls: None,
+                    root_cert: Some(pem.clone()),
+                },
+            ),
+            None => redis::Client::open(url),
+        }
+    }
+
+    #[cfg(not(feature = "tls"))]
+    fn redis_client(&self, url: &str) -> redis::RedisResult<redis::Client> {
+        if url.starts_with("rediss://") {
+            return Err(redis::RedisError::from((
+                redis::ErrorKind::InvalidClientConfig,
+                "rediss:// URLs need the `tls` feature of cached-query",
+            )));
+        }
+        redis::Client::open(url)
+    }
+
     fn connect_redis(&self, url: &str) -> Result<RedisStore, Error> {
         let invalid = |reason: String| Error::InvalidUrl {
             url: redact_url(url),
             reason,
         };
-        let client = redis::Client::open(url).map_err(|e| invalid(e.to_string()))?;
+        let client = self.redis_client(url).map_err(|e| invalid(e.to_string()))?;
         let config = redis::aio::ConnectionManagerConfig::new()
             .set_connection_timeout(Some(self.connect_timeout))
             .set_response_timeout(Some(self.response_timeout))

@@ -81,6 +81,8 @@ pub struct RedisServer {
     dir: PathBuf,
     args: Vec<String>,
     child: Option<Child>,
+    /// CA file for `redis-cli` when the server speaks TLS only.
+    tls_ca: Option<PathBuf>,
 }
 
 impl RedisServer {
@@ -101,6 +103,42 @@ impl RedisServer {
             dir,
             args: extra.iter().map(|s| (*s).to_owned()).collect(),
             child: None,
+            tls_ca: None,
+        };
+        server.spawn();
+        server
+    }
+
+    /// A server that accepts only TLS connections on its port.
+    pub fn start_tls(cert: &std::path::Path, key: &std::path::Path, ca: &std::path::Path) -> Self {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let dir = std::env::temp_dir().join(format!("cq-redis-{port}-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = |p: &std::path::Path| p.to_str().unwrap().to_owned();
+        let args = vec![
+            "--port".to_owned(),
+            "0".to_owned(),
+            "--tls-port".to_owned(),
+            port.to_string(),
+            "--tls-cert-file".to_owned(),
+            path(cert),
+            "--tls-key-file".to_owned(),
+            path(key),
+            "--tls-ca-cert-file".to_owned(),
+            path(ca),
+            "--tls-auth-clients".to_owned(),
+            "no".to_owned(),
+        ];
+        let mut server = RedisServer {
+            port,
+            dir,
+            args,
+            child: None,
+            tls_ca: Some(ca.to_owned()),
         };
         server.spawn();
         server
@@ -139,6 +177,9 @@ impl RedisServer {
     pub fn cli(&self, args: &[&str]) -> String {
         let mut cmd = Command::new("redis-cli");
         cmd.args(["-p", &self.port.to_string()]);
+        if let Some(ca) = &self.tls_ca {
+            cmd.arg("--tls").arg("--cacert").arg(ca);
+        }
         if let Some(pos) = self.args.iter().position(|a| a == "--requirepass") {
             cmd.args(["--no-auth-warning", "-a", &self.args[pos + 1]]);
         }
