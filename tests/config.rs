@@ -3,7 +3,7 @@
 mod common;
 
 use cached_query::{Cache, cached_query};
-use common::{RedisServer, keys_under, redis_url, unique_ns};
+use common::{Logs, RedisServer, keys_under, redis_url, unique_ns};
 use std::collections::HashMap;
 use std::convert::Infallible;
 use std::sync::atomic::{AtomicU32, Ordering::SeqCst};
@@ -153,29 +153,9 @@ async fn redis_password_is_injected_and_never_shown() {
     assert!(!format!("{builder:?}").contains("s3cr3t"), "{builder:?}");
 }
 
-/// Collects everything the `tracing` subscriber writes.
-#[derive(Clone, Default)]
-struct Captured(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
-
-impl std::io::Write for Captured {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(buf);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
 #[tokio::test]
 async fn passwords_never_reach_the_logs() {
-    let captured = Captured::default();
-    let writer = captured.clone();
-    let subscriber = tracing_subscriber::fmt()
-        .with_max_level(tracing::Level::TRACE)
-        .with_writer(move || writer.clone())
-        .finish();
-    let _guard = tracing::subscriber::set_default(subscriber);
+    let logs = Logs::capture();
 
     let mut server = RedisServer::start_with(&["--requirepass", "right-pw"]);
     for password in ["hunter2-wrong", "right-pw"] {
@@ -196,10 +176,14 @@ async fn passwords_never_reach_the_logs() {
             assert!(cache.invalidate("t").await.is_err());
         }
     }
-    let logs = String::from_utf8(captured.0.lock().unwrap().clone()).unwrap();
-    assert!(logs.contains("WARN"), "the failures were logged: {logs}");
     assert!(
-        !logs.contains("hunter2") && !logs.contains("right-pw"),
-        "{logs}"
+        !logs.mine("WARN").is_empty(),
+        "the failures were logged: {}",
+        logs.all()
+    );
+    let everything = logs.all();
+    assert!(
+        !everything.contains("hunter2") && !everything.contains("right-pw"),
+        "{everything}"
     );
 }

@@ -3,7 +3,7 @@
 mod common;
 
 use cached_query::{Cache, DbConfig, Error, RedisConfig, cached_query, pool_status};
-use common::{database_url, redis_url, unique_ns};
+use common::{Logs, database_url, redis_url, unique_ns};
 use std::collections::HashMap;
 use std::convert::Infallible;
 use std::time::Duration;
@@ -368,35 +368,9 @@ async fn the_builder_takes_a_redis_config() {
     assert_eq!((cache.stats().hits, cache.stats().errors), (1, 0));
 }
 
-#[derive(Clone, Default)]
-struct Captured(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
-
-impl std::io::Write for Captured {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(buf);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
-impl Captured {
-    fn text(&self) -> String {
-        String::from_utf8(self.0.lock().unwrap().clone()).unwrap()
-    }
-}
-
 #[tokio::test(flavor = "current_thread")]
 async fn echo_and_slow_statement_logging_reach_tracing() {
-    let captured = Captured::default();
-    let writer = captured.clone();
-    let subscriber = tracing_subscriber::fmt()
-        .with_max_level(tracing::Level::INFO)
-        .with_ansi(false)
-        .with_writer(move || writer.clone())
-        .finish();
-    let _guard = tracing::subscriber::set_default(subscriber);
+    let logs = Logs::capture();
 
     let quiet = pg_config(&[("DB_POOL_SIZE", "1")])
         .connect_postgres()
@@ -406,10 +380,7 @@ async fn echo_and_slow_statement_logging_reach_tracing() {
         .execute(&quiet)
         .await
         .unwrap();
-    assert!(
-        !captured.text().contains("quiet_marker"),
-        "no echo by default"
-    );
+    assert!(logs.mine("quiet_marker").is_empty(), "no echo by default");
 
     let echo = pg_config(&[
         ("DB_POOL_SIZE", "1"),
@@ -427,13 +398,7 @@ async fn echo_and_slow_statement_logging_reach_tracing() {
         .execute(&echo)
         .await
         .unwrap();
-    let logs = captured.text();
-    let line = |marker: &str| {
-        logs.lines()
-            .find(|l| l.contains(marker))
-            .unwrap_or_default()
-            .to_owned()
-    };
-    assert!(line("echo_marker").contains("INFO"), "{logs}");
-    assert!(line("slow_marker").contains("WARN"), "{logs}");
+    let line = |marker: &str| logs.mine(marker).first().cloned().unwrap_or_default();
+    assert!(line("echo_marker").contains("INFO"), "{}", logs.all());
+    assert!(line("slow_marker").contains("WARN"), "{}", logs.all());
 }

@@ -7,47 +7,10 @@ use async_trait::async_trait;
 use cached_query::{
     Cache, Timing, cached_query, count_calls, set_slow_query_threshold, timed, timings,
 };
-use common::database_url;
+use common::{Logs, database_url};
 use serde::{Deserialize, Serialize};
 use sqlx::PgPool;
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
-
-#[derive(Clone, Default)]
-struct Captured(Arc<Mutex<Vec<u8>>>);
-
-impl std::io::Write for Captured {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(buf);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
-impl Captured {
-    /// Captures this thread's events (tests run on a current-thread runtime).
-    fn install() -> (Self, tracing::subscriber::DefaultGuard) {
-        let captured = Captured::default();
-        let writer = captured.clone();
-        let subscriber = tracing_subscriber::fmt()
-            .with_max_level(tracing::Level::TRACE)
-            .with_ansi(false)
-            .with_writer(move || writer.clone())
-            .finish();
-        (captured, tracing::subscriber::set_default(subscriber))
-    }
-
-    fn lines(&self, marker: &str) -> Vec<String> {
-        String::from_utf8(self.0.lock().unwrap().clone())
-            .unwrap()
-            .lines()
-            .filter(|l| l.contains(marker))
-            .map(str::to_owned)
-            .collect()
-    }
-}
 
 fn timing(name: &str) -> Timing {
     timings()
@@ -76,15 +39,12 @@ async fn failing_query(pool: &PgPool) -> Result<i32, sqlx::Error> {
 
 #[tokio::test]
 async fn slow_calls_log_one_event_with_their_fields_and_fast_calls_none() {
-    let (captured, _guard) = Captured::install();
+    let logs = Logs::capture();
     let pool = pool().await;
     sleep_query(&pool, 0.0).await.unwrap();
-    assert!(
-        captured.lines("t.sleep").is_empty(),
-        "fast calls log nothing"
-    );
+    assert!(logs.mine("t.sleep").is_empty(), "fast calls log nothing");
     sleep_query(&pool, 0.15).await.unwrap();
-    let events = captured.lines("t.sleep");
+    let events = logs.mine("t.sleep");
     assert_eq!(events.len(), 1, "{events:?}");
     let e = &events[0];
     assert!(e.contains("WARN") && e.contains("slow query"), "{e}");
@@ -106,7 +66,7 @@ async fn slow_calls_log_one_event_with_their_fields_and_fast_calls_none() {
     assert!(elapsed >= 150.0, "pg_sleep(0.15) took {elapsed} ms");
 
     assert!(failing_query(&pool).await.is_err());
-    let failed = captured.lines("t.failing");
+    let failed = logs.mine("t.failing");
     assert!(
         failed.len() == 1 && failed[0].contains("error=true"),
         "{failed:?}"
@@ -126,9 +86,9 @@ async fn info_level(pool: &PgPool) -> Result<i32, sqlx::Error> {
 
 #[tokio::test]
 async fn the_level_of_the_slow_event_is_configurable() {
-    let (captured, _guard) = Captured::install();
+    let logs = Logs::capture();
     info_level(&pool().await).await.unwrap();
-    let events = captured.lines("t.info");
+    let events = logs.mine("t.info");
     assert!(
         events.len() == 1 && events[0].contains(" INFO "),
         "{events:?}"

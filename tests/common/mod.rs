@@ -250,3 +250,56 @@ impl RedisServer {
             .map(|_| ())
     }
 }
+
+/// Everything logged through `tracing` in this test binary, one line per event, prefixed
+/// with the thread name. A single global subscriber (instead of per-thread defaults) keeps
+/// callsite interest correct when tests run in parallel.
+#[derive(Clone, Default)]
+pub struct Logs(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl std::io::Write for Logs {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Logs {
+    /// Installs the capturing subscriber once per binary and returns it.
+    pub fn capture() -> Logs {
+        static LOGS: std::sync::OnceLock<Logs> = std::sync::OnceLock::new();
+        LOGS.get_or_init(|| {
+            let logs = Logs::default();
+            let writer = logs.clone();
+            let subscriber = tracing_subscriber::fmt()
+                .with_max_level(tracing::Level::TRACE)
+                .with_ansi(false)
+                .with_thread_names(true)
+                .with_writer(move || writer.clone())
+                .finish();
+            tracing::subscriber::set_global_default(subscriber)
+                .expect("one subscriber per test binary");
+            logs
+        })
+        .clone()
+    }
+
+    /// Lines logged on the current thread (a current-thread test runtime runs there) that
+    /// contain `marker`.
+    pub fn mine(&self, marker: &str) -> Vec<String> {
+        let thread = std::thread::current().name().unwrap_or_default().to_owned();
+        String::from_utf8_lossy(&self.0.lock().unwrap())
+            .lines()
+            .filter(|l| l.contains(&thread) && l.contains(marker))
+            .map(str::to_owned)
+            .collect()
+    }
+
+    /// Every line, from every thread.
+    pub fn all(&self) -> String {
+        String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned()
+    }
+}
