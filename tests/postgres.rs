@@ -227,3 +227,16 @@ async fn no_stale_reads_under_concurrent_writes_memory(pool: PgPool) {
     schema(&pool).await;
     no_stale_reads(pool, Cache::builder().memory().build().await.unwrap()).await;
 }
+
+#[sqlx::test]
+async fn no_stale_reads_under_concurrent_writes_redis_cluster(pool: PgPool) {
+    schema(&pool).await;
+    let cluster = common::Cluster::start();
+    let cache = Cache::builder()
+        .redis_cluster(cluster.urls())
+        .namespace("pg-race-cluster")
+        .build()
+        .await
+        .unwrap();
+    no_stale_reads(pool, cache).await;
+}

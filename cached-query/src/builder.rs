@@ -10,6 +10,7 @@ use std::time::Duration;
 enum Backend {
     Memory,
     Redis(String),
+    RedisCluster(Vec<String>),
     Disabled,
 }
 
@@ -35,6 +36,13 @@ impl std::fmt::Debug for CacheBuilder {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let backend = match &self.backend {
             Backend::Redis(url) => format!("redis({})", redact_url(url)),
+            Backend::RedisCluster(urls) => format!(
+                "redis_cluster({})",
+                urls.iter()
+                    .map(|u| redact_url(u))
+                    .collect::<Vec<_>>()
+                    .join(",")
+            ),
             other => format!("{other:?}").to_lowercase(),
         };
         f.debug_struct("CacheBuilder")
@@ -73,13 +81,27 @@ impl CacheBuilder {
         self
     }
 
+    /// Store entries in a Redis Cluster, given one or more of its nodes' URLs (the others are
+    /// discovered). Connects lazily, like [`redis`](Self::redis).
+    #[must_use]
+    pub fn redis_cluster<I, S>(mut self, urls: I) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<str>,
+    {
+        self.backend =
+            Backend::RedisCluster(urls.into_iter().map(|u| u.as_ref().to_owned()).collect());
+        self
+    }
+
     /// Applies Redis settings (typically [`RedisConfig::from_env`]): Redis when it has a
     /// URL, the in-memory backend otherwise, and its timeouts.
     #[must_use]
     pub fn redis_config(mut self, config: RedisConfig) -> Self {
-        self.backend = match config.url {
-            Some(url) => Backend::Redis(url),
-            None => Backend::Memory,
+        self.backend = match (config.cluster_urls.is_empty(), config.url) {
+            (false, _) => Backend::RedisCluster(config.cluster_urls),
+            (true, Some(url)) => Backend::Redis(url),
+            (true, None) => Backend::Memory,
         };
         self.connect_timeout = config.connect_timeout;
         self.response_timeout = config.response_timeout;
@@ -210,6 +232,7 @@ impl CacheBuilder {
             Backend::Disabled => None,
             Backend::Memory => Some(Store::Memory(MemoryStore::new(self.capacity))),
             Backend::Redis(url) => Some(Store::Redis(self.connect_redis(url)?)),
+            Backend::RedisCluster(urls) => Some(Store::Redis(self.connect_cluster(urls)?)),
         };
         Ok(Cache::new(
             store,
@@ -249,6 +272,33 @@ impl CacheBuilder {
             )));
         }
         redis::Client::open(url)
+    }
+
+    fn connect_cluster(&self, urls: &[String]) -> Result<RedisStore, Error> {
+        let shown = urls
+            .iter()
+            .map(|u| redact_url(u))
+            .collect::<Vec<_>>()
+            .join(",");
+        let invalid = |reason: String| Error::InvalidUrl {
+            url: shown.clone(),
+            reason,
+        };
+        if urls.is_empty() {
+            return Err(invalid("a cluster needs at least one node URL".to_owned()));
+        }
+        #[cfg(feature = "tls")]
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let client = redis::cluster::ClusterClient::builder(urls.iter().map(String::as_str))
+            .connection_timeout(self.connect_timeout)
+            .response_timeout(self.response_timeout)
+            .retries(1)
+            .build()
+            .map_err(|e| invalid(e.to_string()))?;
+        Ok(RedisStore::cluster(
+            client,
+            self.response_timeout.max(self.connect_timeout),
+        ))
     }
 
     fn connect_redis(&self, url: &str) -> Result<RedisStore, Error> {

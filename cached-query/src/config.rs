@@ -33,6 +33,9 @@ pub(crate) fn parse_u64(name: &str, value: &str, min: u64) -> Result<u64, Error>
 pub struct RedisConfig {
     /// `REDIS_URL`, with `REDIS_PASSWORD` put in when the URL has no password.
     pub url: Option<String>,
+    /// `REDIS_CLUSTER_URLS` (comma-separated node URLs, same password rule); when set, a
+    /// Redis Cluster is used and `url` is ignored.
+    pub cluster_urls: Vec<String>,
     /// `REDIS_CONNECT_TIMEOUT_MS` (1000).
     pub connect_timeout: Duration,
     /// `REDIS_RESPONSE_TIMEOUT_MS` (250): the deadline of every Redis operation.
@@ -43,6 +46,7 @@ impl Default for RedisConfig {
     fn default() -> Self {
         RedisConfig {
             url: None,
+            cluster_urls: Vec::new(),
             connect_timeout: Duration::from_secs(1),
             response_timeout: Duration::from_millis(250),
         }
@@ -53,6 +57,14 @@ impl std::fmt::Debug for RedisConfig {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("RedisConfig")
             .field("url", &self.url.as_deref().map(redact_url))
+            .field(
+                "cluster_urls",
+                &self
+                    .cluster_urls
+                    .iter()
+                    .map(|u| redact_url(u))
+                    .collect::<Vec<_>>(),
+            )
             .field("connect_timeout", &self.connect_timeout)
             .field("response_timeout", &self.response_timeout)
             .finish()
@@ -60,7 +72,7 @@ impl std::fmt::Debug for RedisConfig {
 }
 
 impl RedisConfig {
-    /// Reads `REDIS_URL`, `REDIS_PASSWORD`, `REDIS_CONNECT_TIMEOUT_MS` and
+    /// Reads `REDIS_URL`, `REDIS_CLUSTER_URLS`, `REDIS_PASSWORD`, `REDIS_CONNECT_TIMEOUT_MS` and
     /// `REDIS_RESPONSE_TIMEOUT_MS` from the process environment.
     pub fn from_env() -> Result<RedisConfig, Error> {
         Self::from_lookup(|name| std::env::var(name).ok())
@@ -78,10 +90,20 @@ impl RedisConfig {
             config.response_timeout =
                 Duration::from_millis(parse_u64("REDIS_RESPONSE_TIMEOUT_MS", &v, 1)?);
         }
-        config.url = get("REDIS_URL").map(|url| match get("REDIS_PASSWORD") {
-            Some(password) => inject_password(url.trim(), &password),
+        let password = get("REDIS_PASSWORD");
+        let with_password = |url: &str| match &password {
+            Some(password) => inject_password(url.trim(), password),
             None => url.trim().to_owned(),
-        });
+        };
+        config.url = get("REDIS_URL").map(|url| with_password(&url));
+        config.cluster_urls = get("REDIS_CLUSTER_URLS")
+            .map(|urls| {
+                urls.split(',')
+                    .filter(|u| !u.trim().is_empty())
+                    .map(with_password)
+                    .collect()
+            })
+            .unwrap_or_default();
         Ok(config)
     }
 }
@@ -107,7 +129,7 @@ where
     if !enabled {
         return Ok(builder.disabled());
     }
-    if redis.url.is_none() {
+    if redis.url.is_none() && redis.cluster_urls.is_empty() {
         tracing::info!("REDIS_URL is not set: cached-query uses its in-process memory backend");
     }
     Ok(builder.redis_config(redis))

@@ -1,20 +1,72 @@
-//! The Redis backend: one `MGET` per read in the steady state, on a lazily connected
-//! `ConnectionManager` with connect/response timeouts, every call under a deadline.
+//! The Redis backend, single node or cluster: one `MGET` per read in the steady state, on a
+//! lazily connected connection with connect/response timeouts, every call under a deadline.
+//!
+//! On a cluster, entry and tag keys live in different slots. `MGET` is split per slot by
+//! redis-rs (one request per node involved, sent concurrently); creating missing stamps and
+//! invalidating several tags use one small single-key pipeline per key, sent concurrently,
+//! because a cross-slot pipeline would be rejected.
 
 use super::{Read, StampKey, StoreError};
 use crate::tags::new_token;
-use redis::aio::ConnectionManager;
+use futures_util::future::try_join_all;
+use redis::aio::{ConnectionLike, ConnectionManager};
+use redis::cluster::ClusterClient;
+use redis::cluster_async::ClusterConnection;
+use redis::{Cmd, Pipeline, RedisFuture, Value};
 use std::future::Future;
 use std::time::Duration;
 
+/// A connection to one node or to a cluster.
+#[derive(Clone)]
+pub(crate) enum Conn {
+    Single(ConnectionManager),
+    Cluster(ClusterConnection),
+}
+
+impl ConnectionLike for Conn {
+    fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
+        match self {
+            Conn::Single(c) => c.req_packed_command(cmd),
+            Conn::Cluster(c) => c.req_packed_command(cmd),
+        }
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        cmd: &'a Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> RedisFuture<'a, Vec<Value>> {
+        match self {
+            Conn::Single(c) => c.req_packed_commands(cmd, offset, count),
+            Conn::Cluster(c) => c.req_packed_commands(cmd, offset, count),
+        }
+    }
+
+    fn get_db(&self) -> i64 {
+        match self {
+            Conn::Single(c) => c.get_db(),
+            Conn::Cluster(c) => c.get_db(),
+        }
+    }
+}
+
+enum Target {
+    Single(ConnectionManager),
+    /// Connected on first use; a failed attempt is retried by the next call.
+    /// (Boxed: the client is large and lives once per cache.)
+    Cluster(Box<(ClusterClient, tokio::sync::OnceCell<ClusterConnection>)>),
+}
+
 pub(crate) struct RedisStore {
-    conn: ConnectionManager,
+    target: Target,
     deadline: Duration,
 }
 
 impl std::fmt::Debug for RedisStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("RedisStore")
+            .field("cluster", &self.is_cluster())
             .field("deadline", &self.deadline)
             .finish_non_exhaustive()
     }
@@ -22,27 +74,58 @@ impl std::fmt::Debug for RedisStore {
 
 impl RedisStore {
     pub(crate) fn new(conn: ConnectionManager, deadline: Duration) -> Self {
-        RedisStore { conn, deadline }
+        RedisStore {
+            target: Target::Single(conn),
+            deadline,
+        }
     }
 
-    async fn run<T>(
-        &self,
-        op: impl Future<Output = redis::RedisResult<T>>,
-    ) -> Result<T, StoreError> {
-        match tokio::time::timeout(self.deadline, op).await {
+    pub(crate) fn cluster(client: ClusterClient, deadline: Duration) -> Self {
+        RedisStore {
+            target: Target::Cluster(Box::new((client, tokio::sync::OnceCell::new()))),
+            deadline,
+        }
+    }
+
+    fn is_cluster(&self) -> bool {
+        matches!(self.target, Target::Cluster(..))
+    }
+
+    async fn conn(&self) -> redis::RedisResult<Conn> {
+        match &self.target {
+            Target::Single(c) => Ok(Conn::Single(c.clone())),
+            Target::Cluster(cluster) => {
+                let (client, cell) = &**cluster;
+                let c = cell
+                    .get_or_try_init(|| client.get_async_connection())
+                    .await?;
+                Ok(Conn::Cluster(c.clone()))
+            }
+        }
+    }
+
+    /// Runs `op` (which gets a connection) under the deadline.
+    async fn run<T, F, Fut>(&self, op: F) -> Result<T, StoreError>
+    where
+        F: FnOnce(Conn) -> Fut,
+        Fut: Future<Output = redis::RedisResult<T>>,
+    {
+        let work = async { op(self.conn().await?).await };
+        match tokio::time::timeout(self.deadline, work).await {
             Ok(result) => Ok(result?),
             Err(_) => Err(StoreError::Timeout(self.deadline)),
         }
     }
 
     pub(crate) async fn read(&self, entry: &str, stamps: &[StampKey]) -> Result<Read, StoreError> {
-        let mut conn = self.conn.clone();
         let mut mget = redis::cmd("MGET");
         mget.arg(entry);
         for s in stamps {
             mget.arg(&s.key);
         }
-        let mut values: Vec<Option<Vec<u8>>> = self.run(mget.query_async(&mut conn)).await?;
+        let mut values: Vec<Option<Vec<u8>>> = self
+            .run(|mut c| async move { mget.query_async(&mut c).await })
+            .await?;
         if values.len() != stamps.len() + 1 {
             return Err(StoreError::Redis(redis::RedisError::from((
                 redis::ErrorKind::Parse,
@@ -50,30 +133,61 @@ impl RedisStore {
             ))));
         }
         let entry_bytes = values.remove(0);
-        let missing: Vec<usize> = (0..stamps.len()).filter(|&i| values[i].is_none()).collect();
+        let missing: Vec<&StampKey> = stamps
+            .iter()
+            .zip(&values)
+            .filter(|(_, v)| v.is_none())
+            .map(|(s, _)| s)
+            .collect();
         if !missing.is_empty() {
             // First use of a tag, or its key expired or was evicted: create it with a random
             // token unless a concurrent caller won the race, and use whichever token is there.
-            let mut pipe = redis::pipe();
-            for &i in &missing {
-                let mut set = redis::cmd("SET");
-                set.arg(&stamps[i].key).arg(new_token()).arg("NX");
-                if let Some(ttl) = stamps[i].ttl {
-                    set.arg("EX").arg(ttl.as_secs().max(1));
-                }
-                pipe.add_command(set).ignore();
-                pipe.cmd("GET").arg(&stamps[i].key);
-            }
-            let created: Vec<Option<Vec<u8>>> = self.run(pipe.query_async(&mut conn)).await?;
-            for (&i, token) in missing.iter().zip(created) {
-                values[i] = token;
+            let created = self.create_stamps(&missing).await?;
+            let mut created = created.into_iter();
+            for v in values.iter_mut().filter(|v| v.is_none()) {
+                *v = created.next().flatten();
             }
         }
-        let stamps = values.into_iter().map(|v| v.unwrap_or_default()).collect();
         Ok(Read {
             entry: entry_bytes,
-            stamps,
+            stamps: values.into_iter().map(Option::unwrap_or_default).collect(),
         })
+    }
+
+    fn create_pipe(pipe: &mut Pipeline, stamp: &StampKey) {
+        let mut set = redis::cmd("SET");
+        set.arg(&stamp.key).arg(new_token()).arg("NX");
+        if let Some(ttl) = stamp.ttl {
+            set.arg("EX").arg(ttl.as_secs().max(1));
+        }
+        pipe.add_command(set).ignore();
+        pipe.cmd("GET").arg(&stamp.key);
+    }
+
+    async fn create_stamps(
+        &self,
+        missing: &[&StampKey],
+    ) -> Result<Vec<Option<Vec<u8>>>, StoreError> {
+        if !self.is_cluster() {
+            let mut pipe = redis::pipe();
+            missing.iter().for_each(|s| Self::create_pipe(&mut pipe, s));
+            return self
+                .run(|mut c| async move { pipe.query_async(&mut c).await })
+                .await;
+        }
+        self.run(|c| async move {
+            try_join_all(missing.iter().map(|s| {
+                let mut c = c.clone();
+                let mut pipe = redis::pipe();
+                Self::create_pipe(&mut pipe, s);
+                async move {
+                    let (token,): (Option<Vec<u8>>,) = pipe.query_async(&mut c).await?;
+                    Ok::<_, redis::RedisError>(token)
+                }
+            }))
+            .await
+        })
+        .await
     }
 
     pub(crate) async fn write(
@@ -82,23 +196,41 @@ impl RedisStore {
         bytes: Vec<u8>,
         ttl: Duration,
     ) -> Result<(), StoreError> {
-        let mut conn = self.conn.clone();
         let mut set = redis::cmd("SET");
         set.arg(entry).arg(bytes).arg("PX").arg(millis(ttl));
-        self.run(set.query_async::<()>(&mut conn)).await
+        self.run(|mut c| async move { set.query_async::<()>(&mut c).await })
+            .await
+    }
+
+    fn bump_cmd(k: &StampKey) -> Cmd {
+        let mut set = redis::cmd("SET");
+        set.arg(&k.key).arg(new_token());
+        if let Some(ttl) = k.ttl {
+            set.arg("EX").arg(ttl.as_secs().max(1));
+        }
+        set
     }
 
     pub(crate) async fn bump(&self, keys: &[StampKey]) -> Result<(), StoreError> {
-        let mut conn = self.conn.clone();
-        let mut pipe = redis::pipe();
-        for k in keys {
-            let set = pipe.cmd("SET").arg(&k.key).arg(new_token());
-            if let Some(ttl) = k.ttl {
-                set.arg("EX").arg(ttl.as_secs().max(1));
+        if !self.is_cluster() {
+            let mut pipe = redis::pipe();
+            for k in keys {
+                pipe.add_command(Self::bump_cmd(k)).ignore();
             }
-            set.ignore();
+            return self
+                .run(|mut c| async move { pipe.query_async::<()>(&mut c).await })
+                .await;
         }
-        self.run(pipe.query_async::<()>(&mut conn)).await
+        self.run(|c| async move {
+            try_join_all(keys.iter().map(|k| {
+                let mut c = c.clone();
+                let set = Self::bump_cmd(k);
+                async move { set.query_async::<()>(&mut c).await }
+            }))
+            .await
+            .map(drop)
+        })
+        .await
     }
 }
 

@@ -1,0 +1,169 @@
+//! The cache on a real 3-master Redis Cluster: core semantics, cost per read, fail-open,
+//! and a node restart. Every test starts (and tears down) its own cluster.
+
+mod common;
+
+use cached_query::{Cache, cached_query};
+use common::Cluster;
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicI64, AtomicU32, Ordering::SeqCst};
+use std::time::{Duration, Instant};
+
+async fn cluster_cache(cluster: &Cluster, ns: &str) -> Cache {
+    Cache::builder()
+        .redis_cluster(cluster.urls())
+        .namespace(ns)
+        .connect_timeout(Duration::from_millis(300))
+        .response_timeout(Duration::from_millis(300))
+        .circuit_breaker(3, Duration::from_millis(50))
+        .build()
+        .await
+        .unwrap()
+}
+
+#[derive(Default)]
+struct Source {
+    version: AtomicI64,
+    queries: AtomicU32,
+}
+
+#[cached_query(cache = cache, invalidate = ["item:<id>", "items"], skip(source, wait_for))]
+async fn item(cache: &Cache, source: &Source, wait_for: usize, id: i64) -> Result<i64, String> {
+    source.queries.fetch_add(1, SeqCst);
+    while cache.shared_waiters() < wait_for {
+        tokio::task::yield_now().await;
+    }
+    Ok(id * 100 + source.version.load(SeqCst))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn core_semantics_hold_across_slots() {
+    let cluster = Cluster::start();
+    let cache = cluster_cache(&cluster, "cl").await;
+    let src = Source::default();
+
+    for id in 0..20 {
+        assert_eq!(item(&cache, &src, 0, id).await.unwrap(), id * 100);
+    }
+    // Entry, tag and generation keys are spread over the nodes.
+    let holding = cluster
+        .nodes
+        .iter()
+        .filter(|n| n.cli(&["DBSIZE"]).trim() != "0")
+        .count();
+    assert!(holding >= 2, "keys on {holding} node(s)");
+
+    cluster.reset_stats();
+    for id in 0..20 {
+        assert_eq!(item(&cache, &src, 0, id).await.unwrap(), id * 100);
+    }
+    assert_eq!(src.queries.load(SeqCst), 20, "all hits");
+    // redis-rs splits a cross-slot MGET into one MGET per slot, sent concurrently: at most
+    // one per key read (entry, generation, two tags), one network wait.
+    let mgets = cluster.command_calls("mget");
+    assert!(
+        (20..=80).contains(&mgets),
+        "at most one MGET per key per hit: {mgets}"
+    );
+    assert_eq!(
+        cluster.command_calls("set") + cluster.command_calls("get"),
+        0
+    );
+
+    src.version.store(1, SeqCst);
+    cache.invalidate("item:3").await.unwrap();
+    assert_eq!(item(&cache, &src, 0, 3).await.unwrap(), 301);
+    assert_eq!(
+        item(&cache, &src, 0, 4).await.unwrap(),
+        400,
+        "other entries stay cached"
+    );
+    cache
+        .invalidate_many(["item:1", "item:2", "nothing"])
+        .await
+        .unwrap();
+    assert_eq!(item(&cache, &src, 0, 1).await.unwrap(), 101);
+    cache.invalidate("items").await.unwrap();
+    assert_eq!(item(&cache, &src, 0, 4).await.unwrap(), 401);
+    src.version.store(2, SeqCst);
+    cache.clear().await.unwrap();
+    assert_eq!(item(&cache, &src, 0, 5).await.unwrap(), 502);
+    let stats = cache.stats();
+    assert_eq!(stats.errors, 0, "{stats:?}");
+    assert_eq!(stats.misses, u64::from(src.queries.load(SeqCst)));
+
+    // Single-flight: 32 concurrent misses, one query.
+    let src = Arc::new(Source::default());
+    let tasks: Vec<_> = (0..32)
+        .map(|_| {
+            let (cache, src) = (cache.clone(), src.clone());
+            tokio::spawn(async move { item(&cache, &src, 31, 77).await })
+        })
+        .collect();
+    for t in tasks {
+        assert_eq!(t.await.unwrap().unwrap(), 7700);
+    }
+    assert_eq!(src.queries.load(SeqCst), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_node_fails_open_and_a_restarted_node_serves_again() {
+    let mut cluster = Cluster::start();
+    let cache = cluster_cache(&cluster, "clkill").await;
+    let src = Source::default();
+    for id in 0..30 {
+        item(&cache, &src, 0, id).await.unwrap();
+    }
+    cluster.nodes[1].kill();
+    for round in 0..3 {
+        for id in 0..30 {
+            assert_eq!(
+                item(&cache, &src, 0, id).await.unwrap(),
+                id * 100,
+                "round {round}"
+            );
+        }
+    }
+    assert!(cache.stats().errors > 0, "{:?}", cache.stats());
+
+    cluster.nodes[1].restart();
+    cluster.wait_ok();
+    let before = cache.stats().hits;
+    let start = Instant::now();
+    loop {
+        for id in 0..30 {
+            assert_eq!(item(&cache, &src, 0, id).await.unwrap(), id * 100);
+        }
+        let stats = cache.stats();
+        if stats.hits >= before + 30 {
+            break; // a full pass of hits: every node serves again
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "hits did not come back: {stats:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test]
+async fn from_env_reads_redis_cluster_urls() {
+    let cluster = Cluster::start();
+    let vars: HashMap<&str, String> = HashMap::from([
+        ("REDIS_CLUSTER_URLS", cluster.urls().join(",")),
+        ("CACHE_NAMESPACE", "clenv".to_owned()),
+    ]);
+    let cache = Cache::from_lookup(|k| vars.get(k).cloned()).await.unwrap();
+    assert!(format!("{cache:?}").contains("redis"));
+    let src = Source::default();
+    item(&cache, &src, 0, 1).await.unwrap();
+    item(&cache, &src, 0, 1).await.unwrap();
+    assert_eq!((cache.stats().hits, cache.stats().errors), (1, 0));
+    let keys: u64 = cluster
+        .nodes
+        .iter()
+        .map(|n| n.cli(&["DBSIZE"]).trim().parse::<u64>().unwrap())
+        .sum();
+    assert!(keys >= 4, "entry, generation and two tags: {keys}");
+}
