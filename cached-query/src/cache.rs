@@ -136,6 +136,17 @@ impl Cache {
         self.inner.stats.snapshot()
     }
 
+    /// Checks the backend for a health endpoint: a Redis `PING` under the response timeout
+    /// (it does not go through the circuit breaker); always `Ok` in memory or pass-through.
+    pub async fn ping(&self) -> Result<(), Error> {
+        match &self.inner.store {
+            Some(Store::Redis(r)) => r.ping().await.map_err(|e| Error::Unavailable {
+                reason: e.to_string(),
+            }),
+            _ => Ok(()),
+        }
+    }
+
     /// Callers currently waiting for another caller's identical query (single-flight);
     /// useful on a health page, and to observe a stampede being absorbed.
     pub fn shared_waiters(&self) -> usize {

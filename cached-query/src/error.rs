@@ -43,6 +43,12 @@ pub enum Error {
         /// What went wrong, with any password removed.
         reason: String,
     },
+    /// Redis did not answer a health check.
+    #[error("Redis is unavailable: {reason}")]
+    Unavailable {
+        /// The underlying error.
+        reason: String,
+    },
     /// `cached_query::invalidate` was called but no default cache was installed.
     #[error("no default cache installed: call `cached_query::install(cache)` at start-up")]
     NoDefaultCache,

@@ -49,6 +49,8 @@ mod error;
 mod global;
 mod histogram;
 mod key;
+#[cfg(feature = "sessions")]
+mod sessions;
 mod singleflight;
 mod stats;
 mod tags;
@@ -65,6 +67,8 @@ pub use config::{RedisConfig, redact_url};
 pub use db::{DbConfig, PoolStatus, pool_status};
 pub use error::Error;
 pub use global::{install, invalidate};
+#[cfg(feature = "sessions")]
+pub use sessions::RedisSessionStore;
 pub use stats::{CacheStats, QueryStats};
 pub use timing::{Timing, reset_timings, set_slow_query_threshold, timings};
 

@@ -190,6 +190,11 @@ impl RedisStore {
         .await
     }
 
+    pub(crate) async fn ping(&self) -> Result<(), StoreError> {
+        self.run(|mut c| async move { redis::cmd("PING").query_async::<()>(&mut c).await })
+            .await
+    }
+
     pub(crate) async fn write(
         &self,
         entry: &str,

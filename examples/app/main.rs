@@ -1,0 +1,64 @@
+//! An axum application on PostgreSQL + Redis: cached profiles and conversation lists,
+//! Redis-backed sessions, health and Prometheus metrics, slow-query logging.
+//!
+//! `cargo run --example app --features app` (needs `DATABASE_URL` and `REDIS_URL`; see README).
+
+mod server;
+
+use cached_query::{Cache, DbConfig, RedisConfig, RedisSessionStore};
+use metrics_exporter_prometheus::PrometheusBuilder;
+use std::time::Duration;
+
+#[tokio::main]
+async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .init();
+    let metrics = PrometheusBuilder::new().install_recorder()?;
+    let pool = DbConfig::from_env()?.connect_postgres().await?;
+    server::migrate(&pool).await?;
+    seed(&pool).await?;
+    let cache = Cache::from_env().await?;
+    let sessions = RedisSessionStore::new(&RedisConfig::from_env()?, cache.namespace())?;
+    let env = |name: &str| std::env::var(name).ok().filter(|v| !v.is_empty());
+    let config = server::AppConfig {
+        session_ttl: Duration::from_secs(
+            env("SESSION_TTL_SECS")
+                .map(|v| v.parse())
+                .transpose()?
+                .unwrap_or(86_400),
+        ),
+        secure_cookies: env("COOKIE_SECURE").is_some_and(|v| v == "true"),
+    };
+    let addr = env("APP_ADDR").unwrap_or_else(|| "127.0.0.1:3000".into());
+    let listener = tokio::net::TcpListener::bind(&addr).await?;
+    tracing::info!(%addr, "listening; try GET /users/1 and /users/1/conversations");
+    axum::serve(
+        listener,
+        server::router(pool, cache, sessions, metrics, &config),
+    )
+    .await?;
+    Ok(())
+}
+
+/// Demo data on an empty database: two users, 30 conversations with messages.
+async fn seed(pool: &sqlx::PgPool) -> Result<(), sqlx::Error> {
+    let users: i64 = sqlx::query_scalar("SELECT count(*) FROM users")
+        .fetch_one(pool)
+        .await?;
+    if users == 0 {
+        sqlx::raw_sql(
+            "INSERT INTO users (email, name) VALUES ('ada@example.com', 'Ada'), ('alan@example.com', 'Alan');
+             INSERT INTO conversations (user_id, title, updated_at)
+                  SELECT 1, 'conversation ' || i, now() - i * interval '1 minute' FROM generate_series(1, 30) i;
+             INSERT INTO messages (conversation_id, body, created_at)
+                  SELECT c.id, 'message ' || m, now() - (5 - m) * interval '1 second'
+                    FROM conversations c, generate_series(1, 3) m;",
+        )
+        .execute(pool)
+        .await?;
+    }
+    Ok(())
+}
