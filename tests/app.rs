@@ -278,11 +278,17 @@ async fn the_example_app_end_to_end(pool: PgPool) {
         (status, user["email"].as_str()),
         (StatusCode::OK, Some("alan@example.com"))
     );
-    assert_eq!(
-        keys_under(&redis_url(), &format!("{ns}:session"))
-            .await
-            .len(),
-        1
+    let session_keys = keys_under(&redis_url(), &format!("{ns}:session")).await;
+    assert_eq!(session_keys.len(), 1);
+    let mut conn = common::raw(&redis_url()).await;
+    let ttl: i64 = redis::cmd("TTL")
+        .arg(&session_keys[0])
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert!(
+        (1..=600).contains(&ttl),
+        "sessions expire with SESSION_TTL_SECS (600 here): {ttl}"
     );
 
     app.task.abort();

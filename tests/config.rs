@@ -3,18 +3,9 @@
 mod common;
 
 use cached_query::{Cache, cached_query};
-use common::{Logs, RedisServer, keys_under, redis_url, unique_ns};
-use std::collections::HashMap;
+use common::{Logs, RedisServer, keys_under, lookup, redis_url, unique_ns};
 use std::convert::Infallible;
 use std::sync::atomic::{AtomicU32, Ordering::SeqCst};
-
-fn lookup(vars: &[(&str, &str)]) -> impl Fn(&str) -> Option<String> + use<> {
-    let map: HashMap<String, String> = vars
-        .iter()
-        .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
-        .collect();
-    move |name| map.get(name).cloned()
-}
 
 #[cached_query(cache = cache, skip(calls))]
 async fn square(cache: &Cache, calls: &AtomicU32, n: i64) -> Result<i64, Infallible> {

@@ -3,18 +3,9 @@
 mod common;
 
 use cached_query::{Cache, DbConfig, Error, RedisConfig, cached_query, pool_status};
-use common::{Logs, database_url, redis_url, unique_ns};
-use std::collections::HashMap;
+use common::{Logs, database_url, lookup, redis_url, unique_ns};
 use std::convert::Infallible;
 use std::time::Duration;
-
-fn lookup(vars: &[(&str, &str)]) -> impl Fn(&str) -> Option<String> + use<> {
-    let map: HashMap<String, String> = vars
-        .iter()
-        .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
-        .collect();
-    move |name| map.get(name).cloned()
-}
 
 #[test]
 fn defaults_need_only_database_url() {

@@ -10,12 +10,7 @@ use std::sync::atomic::{AtomicI64, AtomicU32, Ordering::SeqCst};
 use std::time::Duration;
 
 async fn fast_failing_cache(url: &str, ns: &str) -> Cache {
-    Cache::builder()
-        .redis(url)
-        .namespace(ns)
-        .connect_timeout(Duration::from_millis(200))
-        .response_timeout(Duration::from_millis(100))
-        .circuit_breaker(3, Duration::from_millis(50))
+    common::fail_fast(url, ns)
         .build()
         .await
         .expect("building never needs a reachable Redis")

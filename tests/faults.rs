@@ -10,15 +10,6 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, AtomicU32, Ordering::SeqCst};
 use std::time::{Duration, Instant};
 
-fn fault_tolerant(url: &str, ns: &str) -> cached_query::CacheBuilder {
-    Cache::builder()
-        .redis(url)
-        .namespace(ns)
-        .connect_timeout(Duration::from_millis(200))
-        .response_timeout(Duration::from_millis(100))
-        .circuit_breaker(3, Duration::from_millis(50))
-}
-
 #[cached_query(cache = cache, invalidate = "item:<id>")]
 async fn item_value(
     pool: &PgPool,
@@ -64,7 +55,10 @@ async fn redis_killed_during_concurrent_reads_then_restarted() {
         .unwrap();
     let table = items_table(&pool, "kill", 64).await;
     let mut server = RedisServer::start();
-    let cache = fault_tolerant(&server.url(), "kill").build().await.unwrap();
+    let cache = common::fail_fast(&server.url(), "kill")
+        .build()
+        .await
+        .unwrap();
     let done = Arc::new(AtomicU32::new(0));
     let tasks: Vec<_> = (0..32)
         .map(|t| {
@@ -119,7 +113,7 @@ async fn a_stalled_redis_costs_at_most_the_response_timeout_then_nothing() {
     let pool = PgPool::connect(&database_url()).await.unwrap();
     let table = items_table(&pool, "stall", 8).await;
     let server = RedisServer::start();
-    let cache = fault_tolerant(&server.url(), "stall")
+    let cache = common::fail_fast(&server.url(), "stall")
         .build()
         .await
         .unwrap();

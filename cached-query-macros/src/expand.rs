@@ -194,15 +194,7 @@ pub(crate) fn cached_block(
         }
     }
 
-    let fn_name = &item.sig.ident;
-    let name = match &args.name {
-        Some(lit) => quote!(#lit),
-        None => quote!(::core::concat!(
-            ::core::module_path!(),
-            "::",
-            ::core::stringify!(#fn_name)
-        )),
-    };
+    let name = query_name(args.name.as_ref(), item);
     let ttl = args.ttl.unwrap_or(0);
     let version = args.version;
     let cache_none = args.cache_none.as_ref().is_none_or(|l| l.value);
@@ -246,6 +238,19 @@ fn is_ours(attr: &syn::Attribute, name: &str) -> bool {
 pub(crate) fn take_attr(item: &mut ItemFn, name: &str) -> Option<syn::Attribute> {
     let pos = item.attrs.iter().position(|a| is_ours(a, name))?;
     Some(item.attrs.remove(pos))
+}
+
+/// `name = "…"`, or `module_path::fn_name` by default (stats, timings and the key use it).
+pub(crate) fn query_name(name: Option<&LitStr>, item: &ItemFn) -> TokenStream {
+    let fn_name = &item.sig.ident;
+    match name {
+        Some(lit) => quote!(#lit),
+        None => quote!(::core::concat!(
+            ::core::module_path!(),
+            "::",
+            ::core::stringify!(#fn_name)
+        )),
+    }
 }
 
 /// Keeps the user's import of an absorbed attribute from being reported unused.

@@ -3,7 +3,7 @@
 
 use crate::args::{CachedArgs, TimedArgs};
 use crate::expand::{
-    body_future, cached_block, mark_used, parse_attr_args, replace_body, take_attr,
+    body_future, cached_block, mark_used, parse_attr_args, query_name, replace_body, take_attr,
 };
 use proc_macro2::TokenStream;
 use quote::quote;
@@ -56,15 +56,7 @@ pub(crate) fn wrap_future(args: &TimedArgs, item: &ItemFn, fut: TokenStream) -> 
 
 /// The `static __CQ_TIMER` item and the expression telling whether `__cq_out` is an `Err`.
 fn timer_parts(args: &TimedArgs, item: &ItemFn) -> (TokenStream, TokenStream) {
-    let fn_name = &item.sig.ident;
-    let name = match &args.name {
-        Some(lit) => quote!(#lit),
-        None => quote!(::core::concat!(
-            ::core::module_path!(),
-            "::",
-            ::core::stringify!(#fn_name)
-        )),
-    };
+    let name = query_name(args.name.as_ref(), item);
     let threshold = match args.threshold_ms {
         Some(ms) => quote!(::core::option::Option::Some(#ms)),
         None => quote!(::core::option::Option::None),

@@ -18,6 +18,26 @@ pub fn database_url() -> String {
         .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".to_owned())
 }
 
+/// An environment lookup over fixed variables, for `from_lookup` constructors.
+pub fn lookup(vars: &[(&str, &str)]) -> impl Fn(&str) -> Option<String> + use<> {
+    let map: std::collections::HashMap<String, String> = vars
+        .iter()
+        .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+        .collect();
+    move |name| map.get(name).cloned()
+}
+
+/// A cache builder that gives up on a broken Redis quickly: 200 ms to connect, 100 ms per
+/// operation, breaker open after 3 failures for 50 ms.
+pub fn fail_fast(url: &str, ns: &str) -> cached_query::CacheBuilder {
+    Cache::builder()
+        .redis(url)
+        .namespace(ns)
+        .connect_timeout(Duration::from_millis(200))
+        .response_timeout(Duration::from_millis(100))
+        .circuit_breaker(3, Duration::from_millis(50))
+}
+
 /// A namespace no other test (or run) uses.
 pub fn unique_ns(test: &str) -> String {
     static N: AtomicU32 = AtomicU32::new(0);
