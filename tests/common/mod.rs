@@ -95,6 +95,15 @@ pub async fn keys_under(url: &str, ns: &str) -> Vec<String> {
     keys
 }
 
+/// A loopback port nothing listens on right now.
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
 /// A `redis-server` of this test's own, on a free loopback port, killed on drop.
 pub struct RedisServer {
     pub port: u16,
@@ -111,54 +120,37 @@ impl RedisServer {
     }
 
     pub fn start_with(extra: &[&str]) -> Self {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        let dir = std::env::temp_dir().join(format!("cq-redis-{port}-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let mut server = RedisServer {
-            port,
-            dir,
-            args: extra.iter().map(|s| (*s).to_owned()).collect(),
-            child: None,
-            tls_ca: None,
-        };
-        server.spawn();
-        server
+        let args = extra.iter().map(|s| (*s).to_owned()).collect();
+        Self::start_on(free_port(), args, None)
     }
 
     /// A server that accepts only TLS connections on its port.
     pub fn start_tls(cert: &std::path::Path, key: &std::path::Path, ca: &std::path::Path) -> Self {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
+        let port = free_port();
+        let path = |p: &std::path::Path| p.to_str().unwrap().to_owned();
+        let args = [
+            ("--port", "0".to_owned()),
+            ("--tls-port", port.to_string()),
+            ("--tls-cert-file", path(cert)),
+            ("--tls-key-file", path(key)),
+            ("--tls-ca-cert-file", path(ca)),
+            ("--tls-auth-clients", "no".to_owned()),
+        ]
+        .into_iter()
+        .flat_map(|(flag, value)| [flag.to_owned(), value])
+        .collect();
+        Self::start_on(port, args, Some(ca.to_owned()))
+    }
+
+    fn start_on(port: u16, args: Vec<String>, tls_ca: Option<PathBuf>) -> Self {
         let dir = std::env::temp_dir().join(format!("cq-redis-{port}-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
-        let path = |p: &std::path::Path| p.to_str().unwrap().to_owned();
-        let args = vec![
-            "--port".to_owned(),
-            "0".to_owned(),
-            "--tls-port".to_owned(),
-            port.to_string(),
-            "--tls-cert-file".to_owned(),
-            path(cert),
-            "--tls-key-file".to_owned(),
-            path(key),
-            "--tls-ca-cert-file".to_owned(),
-            path(ca),
-            "--tls-auth-clients".to_owned(),
-            "no".to_owned(),
-        ];
         let mut server = RedisServer {
             port,
             dir,
             args,
             child: None,
-            tls_ca: Some(ca.to_owned()),
+            tls_ca,
         };
         server.spawn();
         server
