@@ -1,7 +1,8 @@
 //! `CacheBuilder`: choose a backend and tune it.
 
 use crate::Error;
-use crate::backend::{Store, memory::MemoryStore, redis::RedisStore};
+use crate::backend::redis::{RedisStore, connection_manager};
+use crate::backend::{Store, memory::MemoryStore};
 use crate::cache::{Cache, Settings};
 use crate::config::{RedisConfig, redact_url};
 use std::time::Duration;
@@ -247,31 +248,12 @@ impl CacheBuilder {
         ))
     }
 
-    #[cfg(feature = "tls")]
-    fn redis_client(&self, url: &str) -> redis::RedisResult<redis::Client> {
-        // rustls needs a process-wide crypto provider; keep one the application installed.
-        let _ = rustls::crypto::ring::default_provider().install_default();
-        match &self.root_certificate {
-            Some(pem) => redis::Client::build_with_tls(
-                url,
-                redis::TlsCertificates {
-                    client_tls: None,
-                    root_cert: Some(pem.clone()),
-                },
-            ),
-            None => redis::Client::open(url),
-        }
-    }
-
-    #[cfg(not(feature = "tls"))]
-    fn redis_client(&self, url: &str) -> redis::RedisResult<redis::Client> {
-        if url.starts_with("rediss://") {
-            return Err(redis::RedisError::from((
-                redis::ErrorKind::InvalidClientConfig,
-                "rediss:// URLs need the `tls` feature of cached-query",
-            )));
-        }
-        redis::Client::open(url)
+    /// The CA to trust for `rediss://`, if one was given.
+    fn root_certificate(&self) -> Option<&[u8]> {
+        #[cfg(feature = "tls")]
+        return self.root_certificate.as_deref();
+        #[cfg(not(feature = "tls"))]
+        None
     }
 
     fn connect_cluster(&self, urls: &[String]) -> Result<RedisStore, Error> {
@@ -302,18 +284,12 @@ impl CacheBuilder {
     }
 
     fn connect_redis(&self, url: &str) -> Result<RedisStore, Error> {
-        let invalid = |reason: String| Error::InvalidUrl {
-            url: redact_url(url),
-            reason,
-        };
-        let client = self.redis_client(url).map_err(|e| invalid(e.to_string()))?;
-        let config = redis::aio::ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(self.connect_timeout))
-            .set_response_timeout(Some(self.response_timeout))
-            .set_number_of_retries(1)
-            .set_max_delay(self.response_timeout);
-        let conn = redis::aio::ConnectionManager::new_lazy_with_config(client, config)
-            .map_err(|e| invalid(e.to_string()))?;
+        let conn = connection_manager(
+            url,
+            self.root_certificate(),
+            self.connect_timeout,
+            self.response_timeout,
+        )?;
         // The first call may also have to connect; later calls only wait for a response.
         Ok(RedisStore::new(
             conn,

@@ -4,6 +4,11 @@
 use crate::{CacheBuilder, Error};
 use std::time::Duration;
 
+/// `lookup(name)`, with empty or blank values treated as unset.
+pub(crate) fn non_empty(lookup: &impl Fn(&str) -> Option<String>, name: &str) -> Option<String> {
+    lookup(name).filter(|v| !v.trim().is_empty())
+}
+
 /// Parses a boolean the way people write them in environment files.
 pub(crate) fn parse_bool(name: &str, value: &str) -> Result<bool, Error> {
     match value.trim().to_ascii_lowercase().as_str() {
@@ -80,7 +85,7 @@ impl RedisConfig {
 
     /// The same rules as [`from_env`](Self::from_env), reading variables from `lookup`.
     pub fn from_lookup<F: Fn(&str) -> Option<String>>(lookup: F) -> Result<RedisConfig, Error> {
-        let get = |name: &str| lookup(name).filter(|v| !v.trim().is_empty());
+        let get = |name: &str| non_empty(&lookup, name);
         let mut config = RedisConfig::default();
         if let Some(v) = get("REDIS_CONNECT_TIMEOUT_MS") {
             config.connect_timeout =
@@ -114,7 +119,7 @@ where
     F: Fn(&str) -> Option<String>,
 {
     let redis = RedisConfig::from_lookup(&lookup)?;
-    let get = |name: &str| lookup(name).filter(|v| !v.trim().is_empty());
+    let get = |name: &str| non_empty(&lookup, name);
     let mut builder = CacheBuilder::default();
     if let Some(ns) = get("CACHE_NAMESPACE") {
         builder = builder.namespace(ns.trim());

@@ -4,7 +4,7 @@
 use crate::Error;
 #[cfg(any(feature = "postgres", feature = "sqlite"))]
 use crate::config::scrub_password;
-use crate::config::{parse_bool, parse_u64, redact_url};
+use crate::config::{non_empty, parse_bool, parse_u64, redact_url};
 use std::time::Duration;
 
 /// Pool settings, usually read with [`DbConfig::from_env`].
@@ -117,7 +117,7 @@ impl DbConfig {
 
     /// The same rules as [`from_env`](Self::from_env), reading variables from `lookup`.
     pub fn from_lookup<F: Fn(&str) -> Option<String>>(lookup: F) -> Result<DbConfig, Error> {
-        let get = |name: &str| lookup(name).filter(|v| !v.trim().is_empty());
+        let get = |name: &str| non_empty(&lookup, name);
         let url = get("DATABASE_URL").ok_or_else(|| {
             Error::config(
                 "DATABASE_URL",

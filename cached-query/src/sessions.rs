@@ -3,9 +3,10 @@
 //! Unlike the cache, sessions are state, not copies: a Redis error is an error here (the
 //! session middleware turns it into a failed request), never a silent fallback.
 
+use crate::Error;
+use crate::backend::redis::connection_manager;
 use crate::config::RedisConfig;
 use crate::key::sha256_hex;
-use crate::{Error, redact_url};
 use redis::aio::ConnectionManager;
 use tower_sessions_core::session::{Id, Record};
 use tower_sessions_core::session_store::{self, SessionStore};
@@ -41,16 +42,7 @@ impl RedisSessionStore {
                 "a Redis URL: sessions need Redis (it is not set)",
             )
         })?;
-        let invalid = |e: redis::RedisError| Error::InvalidUrl {
-            url: redact_url(url),
-            reason: e.to_string(),
-        };
-        let client = redis::Client::open(url).map_err(invalid)?;
-        let manager = redis::aio::ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(config.connect_timeout))
-            .set_response_timeout(Some(config.response_timeout))
-            .set_number_of_retries(1);
-        let conn = ConnectionManager::new_lazy_with_config(client, manager).map_err(invalid)?;
+        let conn = connection_manager(url, None, config.connect_timeout, config.response_timeout)?;
         Ok(RedisSessionStore {
             conn,
             namespace: namespace.to_owned(),

@@ -239,6 +239,54 @@ impl RedisStore {
     }
 }
 
+/// A lazily connecting single-node connection with the given timeouts, trusting `root_cert`
+/// (PEM) for `rediss://` when given. Shared by the cache and the session store.
+pub(crate) fn connection_manager(
+    url: &str,
+    root_cert: Option<&[u8]>,
+    connect_timeout: Duration,
+    response_timeout: Duration,
+) -> Result<ConnectionManager, crate::Error> {
+    let invalid = |e: redis::RedisError| crate::Error::InvalidUrl {
+        url: crate::redact_url(url),
+        reason: e.to_string(),
+    };
+    let client = client(url, root_cert).map_err(invalid)?;
+    let config = redis::aio::ConnectionManagerConfig::new()
+        .set_connection_timeout(Some(connect_timeout))
+        .set_response_timeout(Some(response_timeout))
+        .set_number_of_retries(1)
+        .set_max_delay(response_timeout);
+    ConnectionManager::new_lazy_with_config(client, config).map_err(invalid)
+}
+
+#[cfg(feature = "tls")]
+fn client(url: &str, root_cert: Option<&[u8]>) -> redis::RedisResult<redis::Client> {
+    // rustls needs a process-wide crypto provider; keep one the application installed.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    match root_cert {
+        Some(pem) => redis::Client::build_with_tls(
+            url,
+            redis::TlsCertificates {
+                client_tls: None,
+                root_cert: Some(pem.to_vec()),
+            },
+        ),
+        None => redis::Client::open(url),
+    }
+}
+
+#[cfg(not(feature = "tls"))]
+fn client(url: &str, _root_cert: Option<&[u8]>) -> redis::RedisResult<redis::Client> {
+    if url.starts_with("rediss://") {
+        return Err(redis::RedisError::from((
+            redis::ErrorKind::InvalidClientConfig,
+            "rediss:// URLs need the `tls` feature of cached-query",
+        )));
+    }
+    redis::Client::open(url)
+}
+
 fn millis(d: Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX).max(1)
 }
