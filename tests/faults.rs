@@ -226,8 +226,14 @@ async fn an_entry_of_another_rust_type_is_a_miss_that_heals() {
         .await
         .unwrap();
     // Keep the envelope (valid stamps), swap the JSON for another type's: what an old
-    // deployment with a different `Row` would have written under the same key.
-    let payload_at = bytes.windows(1).position(|w| w[0] == b'{').unwrap();
+    // deployment with a different `Row` would have written under the same key. The header is
+    // magic, version, stamp count, then length-prefixed stamps; the stamps are random bytes,
+    // so the payload is found by walking the header, not by looking for `{`.
+    let mut payload_at = 3;
+    for _ in 0..bytes[2] {
+        payload_at += 1 + usize::from(bytes[payload_at]);
+    }
+    assert_eq!(bytes[payload_at], b'{');
     let mut other = bytes[..payload_at].to_vec();
     other.extend_from_slice(br#"{"id":"five","renamed_field":true}"#);
     let _: () = redis::cmd("SET")
