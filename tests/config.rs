@@ -85,6 +85,10 @@ async fn bad_values_name_the_variable_and_value() {
             "CACHE_DEFAULT_TTL=\"-5\": expected a whole number ≥ 1",
         ),
         (
+            ("CACHE_NEAR_CAPACITY", "lots"),
+            "CACHE_NEAR_CAPACITY=\"lots\": expected a whole number ≥ 1",
+        ),
+        (
             ("CACHE_ENABLED", "maybe"),
             "CACHE_ENABLED=\"maybe\": expected true or false",
         ),

@@ -344,3 +344,37 @@ async fn oversized_values_are_returned_but_not_stored() {
     assert_eq!(calls.load(SeqCst), 3);
     assert_eq!(cache.stats().oversized, 2);
 }
+
+#[tokio::test]
+async fn calls_are_spread_over_the_configured_connections() {
+    let server = RedisServer::start();
+    let connected = |server: &RedisServer| -> u32 {
+        let info = server.cli(&["INFO", "clients"]);
+        let line = info
+            .lines()
+            .find_map(|l| l.strip_prefix("connected_clients:"))
+            .unwrap();
+        line.trim().parse::<u32>().unwrap() - 1 // redis-cli itself
+    };
+    let cache = Cache::builder()
+        .redis(&server.url())
+        .namespace("spread")
+        .redis_connections(3)
+        .build()
+        .await
+        .unwrap();
+    assert_eq!(connected(&server), 0, "connections are made lazily");
+    let calls = AtomicU32::new(0);
+    for _ in 0..12 {
+        load_user(&cache, &calls, 1, SECRET).await.unwrap();
+    }
+    assert_eq!(calls.load(SeqCst), 1);
+    assert_eq!(connected(&server), 3);
+    let err = Cache::builder()
+        .redis(&server.url())
+        .redis_connections(0)
+        .build()
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("redis_connections"), "{err}");
+}

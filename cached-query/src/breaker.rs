@@ -54,7 +54,11 @@ impl Breaker {
     }
 
     pub(crate) fn success(&self) {
-        self.failures.store(0, Relaxed);
+        // Read first: every call reports success, and a store would bounce the cache line
+        // between cores.
+        if self.failures.load(Relaxed) != 0 {
+            self.failures.store(0, Relaxed);
+        }
     }
 
     pub(crate) fn failure(&self) {

@@ -1,7 +1,7 @@
 //! `CacheBuilder`: choose a backend and tune it.
 
 use crate::Error;
-use crate::backend::redis::{RedisStore, connection_manager};
+use crate::backend::redis::{RedisStore, connection_manager, near_cache};
 use crate::backend::{Store, memory::MemoryStore};
 use crate::cache::{Cache, Settings};
 use crate::config::{RedisConfig, redact_url};
@@ -21,6 +21,8 @@ enum Backend {
 pub struct CacheBuilder {
     backend: Backend,
     capacity: u64,
+    near_capacity: Option<u64>,
+    connections: usize,
     namespace: String,
     default_ttl: Duration,
     tag_ttl: Duration,
@@ -59,6 +61,8 @@ impl Default for CacheBuilder {
         CacheBuilder {
             backend: Backend::Memory,
             capacity: 10_000,
+            near_capacity: None,
+            connections: 2,
             namespace: "cq".to_owned(),
             default_ttl: Duration::from_secs(300),
             tag_ttl: Duration::from_secs(24 * 3600),
@@ -128,6 +132,40 @@ impl CacheBuilder {
     #[must_use]
     pub fn capacity(mut self, entries: u64) -> Self {
         self.capacity = entries;
+        self
+    }
+
+    /// Adds a near cache of at most `capacity` entries in front of single-node Redis: hits
+    /// are answered in process, without a round trip, and stay coherent with Redis through
+    /// RESP3 client-side caching (`CLIENT TRACKING`, Redis 6 or later) on one extra
+    /// connection. Entries and tag versions are dropped as soon as Redis reports a change,
+    /// this process's own invalidations at once, everything when that connection is lost.
+    /// The tag versions it holds are bounded by the same number. Ignored by the in-memory
+    /// and pass-through backends; a Redis Cluster is rejected by [`build`](Self::build).
+    /// See the README's "Near cache" section for the delay other processes' changes take.
+    ///
+    /// ```no_run
+    /// # async fn f() -> Result<(), cached_query::Error> {
+    /// let cache = cached_query::Cache::builder()
+    ///     .redis("redis://127.0.0.1:6379")
+    ///     .near_cache(10_000)
+    ///     .build()
+    ///     .await?;
+    /// assert_eq!(cache.near_entry_count(), Some(0));
+    /// # Ok(()) }
+    /// ```
+    #[must_use]
+    pub fn near_cache(mut self, capacity: u64) -> Self {
+        self.near_capacity = Some(capacity);
+        self
+    }
+
+    /// Number of multiplexed connections to single-node Redis that calls are spread over
+    /// (default 2). Each one parses all of its replies on one task, so one connection caps
+    /// throughput at what one core parses; more than the number of cores gains nothing.
+    #[must_use]
+    pub fn redis_connections(mut self, connections: usize) -> Self {
+        self.connections = connections;
         self
     }
 
@@ -222,6 +260,19 @@ impl CacheBuilder {
         if self.capacity == 0 {
             return Err(Error::config("capacity", "0", "at least 1 entry"));
         }
+        if self.connections == 0 {
+            return Err(Error::config("redis_connections", "0", "at least 1"));
+        }
+        if self.near_capacity == Some(0) {
+            return Err(Error::config("near_cache", "0", "at least 1 entry"));
+        }
+        if self.near_capacity.is_some() && matches!(self.backend, Backend::RedisCluster(_)) {
+            return Err(Error::config(
+                "near_cache",
+                "redis_cluster",
+                "a single-node Redis (client-side caching is not supported on a cluster)",
+            ));
+        }
         Ok(())
     }
 
@@ -284,16 +335,31 @@ impl CacheBuilder {
     }
 
     fn connect_redis(&self, url: &str) -> Result<RedisStore, Error> {
-        let conn = connection_manager(
-            url,
-            self.root_certificate(),
-            self.connect_timeout,
-            self.response_timeout,
-        )?;
+        let conns = (0..self.connections)
+            .map(|_| {
+                connection_manager(
+                    url,
+                    self.root_certificate(),
+                    self.connect_timeout,
+                    self.response_timeout,
+                )
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let near = match self.near_capacity {
+            Some(capacity) => Some(near_cache(
+                url,
+                self.root_certificate(),
+                capacity,
+                self.connect_timeout,
+                self.response_timeout,
+            )?),
+            None => None,
+        };
         // The first call may also have to connect; later calls only wait for a response.
         Ok(RedisStore::new(
-            conn,
+            conns,
             self.response_timeout.max(self.connect_timeout),
+            near,
         ))
     }
 }

@@ -1,6 +1,7 @@
 //! `Cache`: the read-through logic shared by every backend.
 
 use crate::__private::Site;
+use crate::backend::near::NearCache;
 use crate::backend::{Read, StampKey, Store, StoreError};
 use crate::breaker::{Breaker, WarnLimiter};
 use crate::calls;
@@ -133,7 +134,25 @@ impl Cache {
 
     /// Counters since the cache was built, in total and per query name.
     pub fn stats(&self) -> CacheStats {
-        self.inner.stats.snapshot()
+        let mut stats = self.inner.stats.snapshot();
+        if let Some(near) = self.near() {
+            let c = near.counters();
+            stats.near_invalidations = c.invalidations;
+            stats.near_resets = c.resets;
+        }
+        stats
+    }
+
+    fn near(&self) -> Option<&NearCache> {
+        match &self.inner.store {
+            Some(Store::Redis(r)) => r.near(),
+            _ => None,
+        }
+    }
+
+    /// Number of entries held by the near cache (`None` without one); at most its capacity.
+    pub fn near_entry_count(&self) -> Option<u64> {
+        self.near().map(NearCache::entry_count)
     }
 
     /// Checks the backend for a health endpoint: a Redis `PING` under the response timeout
@@ -368,6 +387,7 @@ impl Cache {
         &self,
         store: &Store,
         entry: &str,
+        entry_ttl: Duration,
         stamps: &[StampKey],
     ) -> Result<Read, StoreError> {
         if store.is_remote() {
@@ -378,12 +398,13 @@ impl Cache {
                 return Err(StoreError::CircuitOpen);
             }
         }
-        let r = store.read(entry, stamps).await;
+        let r = store.read(entry, entry_ttl, stamps).await;
         self.observe(&r);
         r
     }
 
-    /// Serves `fut`'s result from the cache or runs it (once per key and tag versions).
+    /// Serves `fut`'s result from the cache or runs it (once per key and tag versions;
+    /// see `singleflight` for callers that arrive just after the result was stored).
     pub(crate) async fn get_or_run<T, E, F>(
         &self,
         site: &'static Site,
@@ -411,19 +432,39 @@ impl Cache {
             }
         };
         let entry = entry_key(&inner.settings.namespace, &digest);
+        // Near cache, entry checked against its stamps with nothing dropped since: no need
+        // to look at the stamps again.
+        if let Some(near) = self.near()
+            && !inner.pending.any.load(Ordering::SeqCst)
+            && let Some(bytes) = near.checked(&entry)
+            && let Some(Ok(value)) = envelope::payload(&bytes).map(serde_json::from_slice::<T>)
+        {
+            rec.hit();
+            rec.near_hit();
+            calls::cache_hit();
+            return Ok(value);
+        }
         let ttl = site.ttl().unwrap_or(inner.settings.default_ttl);
         let mut stamp_keys = Vec::with_capacity(tags.len() + 1);
         stamp_keys.push(self.generation_stamp());
         stamp_keys.extend(tags.iter().map(|t| self.tag_stamp(t, Some(ttl))));
         let epoch = inner.epoch.load(Ordering::SeqCst);
+        // Before the read: a result stored after this point must be visible to it.
+        let ticket = inner.flights.ticket();
 
-        let stamps = match self.read(store, &entry, &stamp_keys).await {
+        let stamps = match self.read(store, &entry, ttl, &stamp_keys).await {
             Ok(read) => {
                 if let Some(bytes) = &read.entry {
                     match envelope::decode(bytes, &read.stamps) {
                         Decoded::Fresh(payload) => match serde_json::from_slice::<T>(payload) {
                             Ok(value) => {
                                 rec.hit();
+                                if let Some(seq) = read.near {
+                                    rec.near_hit();
+                                    if let Some(near) = self.near() {
+                                        near.mark_checked(&entry, bytes, seq);
+                                    }
+                                }
                                 calls::cache_hit();
                                 return Ok(value);
                             }
@@ -452,7 +493,7 @@ impl Cache {
             }),
             None => flight.push(0xFF),
         }
-        let leader = match inner.flights.join(flight) {
+        let leader = match inner.flights.join(flight, ticket) {
             Role::Leader(leader) => Some(leader),
             Role::Follower(rx) => {
                 if let Some(payload) = inner.flights.follow(rx).await
@@ -478,12 +519,15 @@ impl Cache {
                 return result;
             }
         };
-        if let Some(stamps) = stamps {
-            self.store_payload(store, &rec, site, &entry, &stamps, &payload, ttl)
-                .await;
-        }
+        let stored = match stamps {
+            Some(stamps) => {
+                self.store_payload(store, &rec, site, &entry, &stamps, &payload, ttl)
+                    .await
+            }
+            None => false,
+        };
         if let Some(leader) = leader {
-            leader.publish(payload.into());
+            leader.publish(payload.into(), stored);
         }
         result
     }
@@ -495,27 +539,28 @@ impl Cache {
         rec: &Recorder<'_>,
         site: &Site,
         entry: &str,
-        stamps: &[Vec<u8>],
+        stamps: &[bytes::Bytes],
         payload: &[u8],
         ttl: Duration,
-    ) {
+    ) -> bool {
         if !site.cache_none && payload == b"null" {
-            return;
+            return false;
         }
         if payload.len() > self.inner.settings.max_value_size {
             rec.oversized();
-            return;
+            return false;
         }
         if store.is_remote() && !self.inner.breaker.allow() {
-            return;
+            return false;
         }
         let r = store
             .write(entry, envelope::encode(stamps, payload), ttl)
             .await;
         self.observe(&r);
-        if let Err(e) = r {
+        if let Err(e) = &r {
             rec.error();
-            self.warn("Redis write failed", &e);
+            self.warn("Redis write failed", e);
         }
+        r.is_ok()
     }
 }

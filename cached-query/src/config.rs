@@ -137,6 +137,9 @@ where
     if redis.url.is_none() && redis.cluster_urls.is_empty() {
         tracing::info!("REDIS_URL is not set: cached-query uses its in-process memory backend");
     }
+    if let Some(v) = get("CACHE_NEAR_CAPACITY") {
+        builder = builder.near_cache(parse_u64("CACHE_NEAR_CAPACITY", &v, 1)?);
+    }
     Ok(builder.redis_config(redis))
 }
 

@@ -12,13 +12,14 @@ const MAGIC: u8 = 0xC9;
 pub(crate) const FORMAT_VERSION: u8 = 1;
 
 /// Encodes `payload` with the stamps the value was computed under.
-pub(crate) fn encode(stamps: &[Vec<u8>], payload: &[u8]) -> Vec<u8> {
-    let header: usize = 3 + stamps.iter().map(|s| 1 + s.len()).sum::<usize>();
+pub(crate) fn encode<S: AsRef<[u8]>>(stamps: &[S], payload: &[u8]) -> Vec<u8> {
+    let header: usize = 3 + stamps.iter().map(|s| 1 + s.as_ref().len()).sum::<usize>();
     let mut out = Vec::with_capacity(header + payload.len());
     out.push(MAGIC);
     out.push(FORMAT_VERSION);
     out.push(u8::try_from(stamps.len()).expect("at most 255 stamps per entry"));
     for s in stamps {
+        let s = s.as_ref();
         out.push(u8::try_from(s.len()).expect("stamps are at most 255 bytes"));
         out.extend_from_slice(s);
     }
@@ -37,8 +38,25 @@ pub(crate) enum Decoded<'a> {
     Corrupt,
 }
 
+/// The payload of a well-formed entry without checking its stamps (for a near-cache entry
+/// whose stamps were checked and have not changed since).
+pub(crate) fn payload(bytes: &[u8]) -> Option<&[u8]> {
+    let [magic, version, n, rest @ ..] = bytes else {
+        return None;
+    };
+    if *magic != MAGIC || *version != FORMAT_VERSION {
+        return None;
+    }
+    let mut rest = rest;
+    for _ in 0..*n {
+        let (&len, tail) = rest.split_first()?;
+        rest = tail.get(usize::from(len)..)?;
+    }
+    Some(rest)
+}
+
 /// Checks `bytes` against the current stamps and returns the payload if it is still valid.
-pub(crate) fn decode<'a>(bytes: &'a [u8], current: &[Vec<u8>]) -> Decoded<'a> {
+pub(crate) fn decode<'a, S: AsRef<[u8]>>(bytes: &'a [u8], current: &[S]) -> Decoded<'a> {
     let [magic, version, n, rest @ ..] = bytes else {
         return Decoded::Corrupt;
     };
@@ -56,7 +74,7 @@ pub(crate) fn decode<'a>(bytes: &'a [u8], current: &[Vec<u8>]) -> Decoded<'a> {
             return Decoded::Corrupt;
         }
         let (stamp, tail) = tail.split_at(len);
-        if current.get(i).is_none_or(|c| c.as_slice() != stamp) {
+        if current.get(i).is_none_or(|c| c.as_ref() != stamp) {
             stale = true;
         }
         rest = tail;
@@ -80,6 +98,8 @@ mod tests {
     fn round_trip() {
         let bytes = encode(&stamps(), b"{\"a\":1}");
         assert_eq!(decode(&bytes, &stamps()), Decoded::Fresh(b"{\"a\":1}"));
+        assert_eq!(payload(&bytes), Some(&b"{\"a\":1}"[..]));
+        assert_eq!(payload(&bytes[..10]), None);
     }
 
     #[test]

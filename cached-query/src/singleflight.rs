@@ -1,21 +1,41 @@
 //! In-process single-flight: concurrent misses on the same key *and the same tag versions*
 //! share one query. Followers receive the leader's serialised result (so values need no
 //! `Clone`); if the leader fails or is cancelled they run their own query.
+//!
+//! A stored result also serves the callers whose read missed *before* it landed: under a
+//! stampede the scheduler can run them long after the leader finished, and each would run
+//! the query again. Callers take a [`ticket`](Flights::ticket) before their read; a landed
+//! result is joinable only with an earlier ticket, so a read that started after the write
+//! (and still missed: the entry was deleted or corrupt) runs its own query. The key
+//! holds the tag versions, so such a result is exactly the entry those callers missed.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed, Ordering::SeqCst};
 use std::sync::{Arc, Mutex};
 use tokio::sync::watch;
 
+/// Landed results are kept only up to this size (they are also in the backend) …
+const KEEP_LANDED_BYTES: usize = 64 * 1024;
+/// … and dropped all at once when the map holds more keys than this.
+const SWEEP_ABOVE: usize = 256;
+
 type Payload = Option<Arc<[u8]>>;
-/// A flight in progress: the leader's id (so only it removes the entry) and its result channel.
-type InFlight = (u64, watch::Receiver<Payload>);
+
+/// A flight: the leader's id (so only it removes the entry), its result channel, and the
+/// ticket at which its result was stored (then it is kept for earlier readers).
+#[derive(Debug)]
+struct Flight {
+    id: u64,
+    rx: watch::Receiver<Payload>,
+    landed: Option<u64>,
+}
 
 #[derive(Debug, Default)]
 pub(crate) struct Flights {
     next_id: AtomicU64,
+    clock: AtomicU64,
     waiting: AtomicUsize,
-    map: Mutex<HashMap<Vec<u8>, InFlight>>,
+    map: Mutex<HashMap<Vec<u8>, Flight>>,
 }
 
 pub(crate) enum Role<'a> {
@@ -33,14 +53,28 @@ pub(crate) struct Leader<'a> {
 }
 
 impl Flights {
-    pub(crate) fn join(&self, key: Vec<u8>) -> Role<'_> {
+    /// Taken by a caller just before its backend read (a load: hits stay write-free).
+    pub(crate) fn ticket(&self) -> u64 {
+        self.clock.load(SeqCst)
+    }
+
+    /// Joins the flight for `key` (or one that landed after `ticket`), or leads a new one.
+    pub(crate) fn join(&self, key: Vec<u8>, ticket: u64) -> Role<'_> {
         let mut map = self.map.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some((_, rx)) = map.get(&key) {
-            return Role::Follower(rx.clone());
+        let joinable = |f: &&Flight| f.landed.is_none_or(|landed| ticket < landed);
+        if let Some(flight) = map.get(&key).filter(joinable) {
+            return Role::Follower(flight.rx.clone());
         }
         let id = self.next_id.fetch_add(1, Relaxed);
         let (tx, rx) = watch::channel(None);
-        map.insert(key.clone(), (id, rx));
+        map.insert(
+            key.clone(),
+            Flight {
+                id,
+                rx,
+                landed: None,
+            },
+        );
         Role::Leader(Leader {
             flights: self,
             key,
@@ -74,15 +108,32 @@ impl Flights {
 }
 
 impl Leader<'_> {
-    pub(crate) fn publish(self, payload: Arc<[u8]>) {
+    /// Hands `payload` to the followers; `stored` (it was written to the backend under this
+    /// key's tag versions) keeps it for callers whose read came before.
+    pub(crate) fn publish(self, payload: Arc<[u8]>, stored: bool) {
+        let keep = stored && payload.len() <= KEEP_LANDED_BYTES;
         self.tx.send_replace(Some(payload));
+        if !keep {
+            return;
+        }
+        let mut map = self.flights.map.lock().unwrap_or_else(|e| e.into_inner());
+        if map.len() > SWEEP_ABOVE {
+            map.retain(|_, f| f.landed.is_none());
+        }
+        if let Some(flight) = map.get_mut(&self.key).filter(|f| f.id == self.id) {
+            // Tickets taken from now on are >= landed; earlier ones are below it.
+            flight.landed = Some(self.flights.clock.fetch_add(1, SeqCst) + 1);
+        }
     }
 }
 
 impl Drop for Leader<'_> {
     fn drop(&mut self) {
         let mut map = self.flights.map.lock().unwrap_or_else(|e| e.into_inner());
-        if map.get(&self.key).is_some_and(|(id, _)| *id == self.id) {
+        if map
+            .get(&self.key)
+            .is_some_and(|f| f.id == self.id && f.landed.is_none())
+        {
             map.remove(&self.key);
         }
     }
@@ -95,17 +146,17 @@ mod tests {
     #[tokio::test]
     async fn followers_get_the_leaders_bytes() {
         let f = Flights::default();
-        let Role::Leader(leader) = f.join(b"k".to_vec()) else {
+        let Role::Leader(leader) = f.join(b"k".to_vec(), f.ticket()) else {
             panic!("first caller must lead")
         };
-        let Role::Follower(rx) = f.join(b"k".to_vec()) else {
+        let Role::Follower(rx) = f.join(b"k".to_vec(), f.ticket()) else {
             panic!("second caller must follow")
         };
         let (got, ()) = tokio::join!(f.follow(rx), async {
             while f.waiting() == 0 {
                 tokio::task::yield_now().await;
             }
-            leader.publish(Arc::from(&b"42"[..]));
+            leader.publish(Arc::from(&b"42"[..]), false);
         });
         assert_eq!(got.as_deref(), Some(&b"42"[..]));
         assert_eq!(f.waiting(), 0);
@@ -113,14 +164,44 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_stored_result_serves_only_reads_from_before_it_landed() {
+        let f = Flights::default();
+        let Role::Leader(leader) = f.join(b"k".to_vec(), f.ticket()) else {
+            panic!("first caller must lead")
+        };
+        let missed_before = f.ticket();
+        leader.publish(Arc::from(&b"7"[..]), true);
+        let Role::Follower(rx) = f.join(b"k".to_vec(), missed_before) else {
+            panic!("a caller whose read came before the write joins the stored result")
+        };
+        assert_eq!(f.follow(rx).await.as_deref(), Some(&b"7"[..]));
+        // A read after the write that still missed (entry deleted, corrupt): run again.
+        assert!(matches!(f.join(b"k".to_vec(), f.ticket()), Role::Leader(_)));
+    }
+
+    #[tokio::test]
+    async fn an_unstored_result_is_not_kept() {
+        let f = Flights::default();
+        let Role::Leader(leader) = f.join(b"k".to_vec(), f.ticket()) else {
+            panic!("first caller must lead")
+        };
+        let missed_before = f.ticket();
+        leader.publish(Arc::from(&b"7"[..]), false);
+        assert!(matches!(
+            f.join(b"k".to_vec(), missed_before),
+            Role::Leader(_)
+        ));
+    }
+
+    #[tokio::test]
     async fn a_dropped_leader_releases_followers_empty_handed() {
         let f = Flights::default();
-        let leader = f.join(b"k".to_vec());
-        let Role::Follower(rx) = f.join(b"k".to_vec()) else {
+        let leader = f.join(b"k".to_vec(), f.ticket());
+        let Role::Follower(rx) = f.join(b"k".to_vec(), f.ticket()) else {
             panic!("second caller must follow")
         };
         drop(leader);
         assert_eq!(f.follow(rx).await, None);
-        assert!(matches!(f.join(b"k".to_vec()), Role::Leader(_)));
+        assert!(matches!(f.join(b"k".to_vec(), f.ticket()), Role::Leader(_)));
     }
 }

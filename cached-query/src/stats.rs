@@ -11,6 +11,14 @@ pub struct CacheStats {
     /// Calls answered without running their query: cache hits, and callers that shared
     /// another caller's in-flight query (single-flight).
     pub hits: u64,
+    /// Of `hits`, those answered by the near cache without a Redis round trip.
+    pub near_hits: u64,
+    /// Invalidation messages the near cache received from Redis (each names one or more keys
+    /// that changed, expired or were evicted).
+    pub near_invalidations: u64,
+    /// Times the near cache dropped everything because messages may have been missed: its
+    /// connection was lost, or Redis was flushed.
+    pub near_resets: u64,
     /// Calls that ran their query.
     pub misses: u64,
     /// Calls whose cache step failed or was skipped because Redis was unavailable
@@ -31,6 +39,8 @@ pub struct CacheStats {
 pub struct QueryStats {
     /// See [`CacheStats::hits`].
     pub hits: u64,
+    /// See [`CacheStats::near_hits`].
+    pub near_hits: u64,
     /// See [`CacheStats::misses`].
     pub misses: u64,
     /// See [`CacheStats::errors`].
@@ -44,6 +54,7 @@ pub struct QueryStats {
 #[derive(Debug, Default)]
 pub(crate) struct Counters {
     hits: AtomicU64,
+    near_hits: AtomicU64,
     misses: AtomicU64,
     errors: AtomicU64,
     decode_errors: AtomicU64,
@@ -54,6 +65,7 @@ impl Counters {
     fn snapshot(&self) -> QueryStats {
         QueryStats {
             hits: self.hits.load(Relaxed),
+            near_hits: self.near_hits.load(Relaxed),
             misses: self.misses.load(Relaxed),
             errors: self.errors.load(Relaxed),
             decode_errors: self.decode_errors.load(Relaxed),
@@ -94,6 +106,7 @@ macro_rules! record {
 impl Recorder<'_> {
     record! {
         hit => hits, "cached_query_cache_hits_total";
+        near_hit => near_hits, "cached_query_near_hits_total";
         miss => misses, "cached_query_cache_misses_total";
         error => errors, "cached_query_cache_errors_total";
         decode_error => decode_errors;
@@ -131,6 +144,9 @@ impl Stats {
             .collect();
         CacheStats {
             hits: total.hits,
+            near_hits: total.near_hits,
+            near_invalidations: 0,
+            near_resets: 0,
             misses: total.misses,
             errors: total.errors,
             decode_errors: total.decode_errors,

@@ -5,7 +5,7 @@
 //! computed under. A missing tag key is re-created with a new random token, so eviction or
 //! expiry can only cause misses — it never makes an old entry valid again.
 
-use crate::key::sha256_hex;
+use crate::key::{push_hex, sha256};
 
 /// Length in bytes of a version token.
 pub(crate) const TOKEN_LEN: usize = 16;
@@ -26,13 +26,20 @@ pub(crate) fn generation_key(namespace: &str) -> String {
 /// carries argument values, and may contain `:`, `*`, newlines…) never appears in a key
 /// name and cannot address any other key.
 pub(crate) fn tag_key(namespace: &str, tag: &str) -> String {
-    let hex = sha256_hex(tag.as_bytes());
-    format!("{namespace}:t:{}", &hex[..32])
+    let mut key = String::with_capacity(namespace.len() + 3 + 32);
+    key.push_str(namespace);
+    key.push_str(":t:");
+    push_hex(&mut key, &sha256(tag.as_bytes())[..16]);
+    key
 }
 
 /// The key of one cached entry.
-pub(crate) fn entry_key(namespace: &str, digest: &str) -> String {
-    format!("{namespace}:e:{digest}")
+pub(crate) fn entry_key(namespace: &str, digest: &[u8; 32]) -> String {
+    let mut key = String::with_capacity(namespace.len() + 3 + 64);
+    key.push_str(namespace);
+    key.push_str(":e:");
+    push_hex(&mut key, digest);
+    key
 }
 
 #[cfg(test)]

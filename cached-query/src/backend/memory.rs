@@ -3,17 +3,18 @@
 
 use super::{Read, StampKey};
 use crate::tags::new_token;
+use bytes::Bytes;
 use moka::sync::Cache as Moka;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+/// A value with its own expiry.
 #[derive(Debug, Clone)]
 struct Stored {
-    bytes: Arc<[u8]>,
+    bytes: Bytes,
     ttl: Option<Duration>,
 }
 
-/// Expires each value after its own TTL (re-armed on overwrite).
+/// Expires each [`Stored`] value after its own TTL (re-armed on overwrite).
 struct PerEntryTtl;
 
 impl moka::Expiry<String, Stored> for PerEntryTtl {
@@ -32,6 +33,14 @@ impl moka::Expiry<String, Stored> for PerEntryTtl {
     }
 }
 
+/// A bounded moka map of [`Stored`] values expiring after their own TTL.
+fn bounded_map(capacity: u64) -> moka::sync::Cache<String, Stored> {
+    moka::sync::Cache::builder()
+        .max_capacity(capacity)
+        .expire_after(PerEntryTtl)
+        .build()
+}
+
 #[derive(Debug)]
 pub(crate) struct MemoryStore {
     entries: Moka<String, Stored>,
@@ -43,19 +52,13 @@ impl MemoryStore {
     /// (an evicted stamp only causes misses).
     pub(crate) fn new(capacity: u64) -> Self {
         MemoryStore {
-            entries: Moka::builder()
-                .max_capacity(capacity)
-                .expire_after(PerEntryTtl)
-                .build(),
-            stamps: Moka::builder()
-                .max_capacity(capacity.saturating_mul(4).max(1024))
-                .expire_after(PerEntryTtl)
-                .build(),
+            entries: bounded_map(capacity),
+            stamps: bounded_map(capacity.saturating_mul(4).max(1024)),
         }
     }
 
     pub(crate) fn read(&self, entry: &str, stamps: &[StampKey]) -> Read {
-        let entry = self.entries.get(entry).map(|s| s.bytes.to_vec());
+        let entry = self.entries.get(entry).map(|s| s.bytes);
         let stamps = stamps
             .iter()
             .map(|s| {
@@ -67,10 +70,13 @@ impl MemoryStore {
                     })
                     .into_value()
                     .bytes
-                    .to_vec()
             })
             .collect();
-        Read { entry, stamps }
+        Read {
+            entry,
+            stamps,
+            near: None,
+        }
     }
 
     pub(crate) fn write(&self, entry: &str, bytes: Vec<u8>, ttl: Duration) {

@@ -2,8 +2,11 @@
 //! logic (stamps, single-flight, stats, fail-open) is written once.
 
 pub(crate) mod memory;
+pub(crate) mod near;
 pub(crate) mod redis;
+mod shards;
 
+use bytes::Bytes;
 use std::time::Duration;
 
 /// A stamp key (namespace generation or tag) and the expiry it gets when (re)created.
@@ -17,8 +20,11 @@ pub(crate) struct StampKey {
 /// key (created on the spot when missing).
 #[derive(Debug)]
 pub(crate) struct Read {
-    pub(crate) entry: Option<Vec<u8>>,
-    pub(crate) stamps: Vec<Vec<u8>>,
+    pub(crate) entry: Option<Bytes>,
+    pub(crate) stamps: Vec<Bytes>,
+    /// Served by the near cache, without a round trip: its stamp sequence before the lookup
+    /// (to mark the entry checked if its stamps match).
+    pub(crate) near: Option<u64>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -40,9 +46,15 @@ pub(crate) enum Store {
 }
 
 impl Store {
-    pub(crate) async fn read(&self, entry: &str, stamps: &[StampKey]) -> Result<Read, StoreError> {
+    /// Reads an entry (kept at most `entry_ttl` by a near cache) and its stamps.
+    pub(crate) async fn read(
+        &self,
+        entry: &str,
+        entry_ttl: Duration,
+        stamps: &[StampKey],
+    ) -> Result<Read, StoreError> {
         match self {
-            Store::Redis(r) => r.read(entry, stamps).await,
+            Store::Redis(r) => r.read(entry, entry_ttl, stamps).await,
             Store::Memory(m) => Ok(m.read(entry, stamps)),
         }
     }

@@ -1,0 +1,386 @@
+//! The near cache: entries and stamps kept in process in front of Redis, coherent through
+//! RESP3 client-side caching. Every value it holds was read on one dedicated connection with
+//! `CLIENT TRACKING ON`, so Redis pushes an `invalidate` message on that same connection
+//! when any of those keys changes, expires or is evicted.
+//!
+//! Coherence rules:
+//! - a push message drops the keys it names (a `null` one, after `FLUSHALL`, drops all);
+//! - this process's own invalidations drop their keys as soon as Redis has accepted them;
+//! - a lost connection drops everything: messages may have been missed;
+//! - a fill (values read from Redis) is kept only if nothing was dropped while it was in
+//!   flight, so a message that overtook its reply cannot be undone by it;
+//! - an entry whose stamps were checked is served without checking them again until a
+//!   stamp is dropped (a tag or generation message, an own invalidation, a reset); messages
+//!   about entries (every miss in any process writes one) do not end that state.
+
+use super::shards::Shards;
+use super::{Read, StampKey};
+use bytes::Bytes;
+use redis::aio::MultiplexedConnection;
+use redis::{AsyncConnectionConfig, Client, PushInfo, PushKind, Value};
+use std::sync::atomic::{AtomicU64, Ordering::SeqCst};
+use std::sync::{Arc, Mutex, RwLock, Weak};
+use std::time::Duration;
+
+/// Counters of the near cache since the cache was built.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct NearCounters {
+    pub(crate) invalidations: u64,
+    pub(crate) resets: u64,
+}
+
+pub(crate) struct NearCache {
+    shared: Arc<Shared>,
+    client: Client,
+    config: AsyncConnectionConfig,
+    connecting: tokio::sync::Mutex<()>,
+}
+
+struct Shared {
+    entries: Shards,
+    stamps: Shards,
+    /// Bumped by every drop (under `drops`): a fill that started under another value is
+    /// not kept.
+    seq: AtomicU64,
+    /// Bumped when a stamp (tag version or generation) may have changed: an entry checked
+    /// under another value is checked again.
+    stamp_seq: AtomicU64,
+    /// Makes "bump `seq` and drop" and "check `seq` and fill" exclusive.
+    drops: Mutex<()>,
+    /// The tracking connection and its id; `None` until first use and after a loss.
+    conn: RwLock<Option<(u64, MultiplexedConnection)>>,
+    next_id: AtomicU64,
+    invalidations: AtomicU64,
+    resets: AtomicU64,
+}
+
+impl std::fmt::Debug for NearCache {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NearCache")
+            .field("entries", &self.shared.entries.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl NearCache {
+    /// A near cache of at most `capacity` entries (and as many stamps). `client` must speak
+    /// RESP3; nothing connects until the first read.
+    pub(crate) fn new(
+        client: Client,
+        capacity: u64,
+        connect_timeout: Duration,
+        response_timeout: Duration,
+    ) -> Self {
+        NearCache {
+            shared: Arc::new(Shared {
+                entries: Shards::new(capacity),
+                stamps: Shards::new(capacity),
+                seq: AtomicU64::new(0),
+                stamp_seq: AtomicU64::new(0),
+                drops: Mutex::new(()),
+                conn: RwLock::new(None),
+                next_id: AtomicU64::new(0),
+                invalidations: AtomicU64::new(0),
+                resets: AtomicU64::new(0),
+            }),
+            client,
+            config: AsyncConnectionConfig::new()
+                .set_connection_timeout(Some(connect_timeout))
+                .set_response_timeout(Some(response_timeout)),
+            connecting: tokio::sync::Mutex::new(()),
+        }
+    }
+
+    /// The entry, if it is held and its stamps were checked with no stamp dropped since.
+    pub(crate) fn checked(&self, entry: &str) -> Option<Bytes> {
+        let stamp_seq = self.shared.stamp_seq.load(SeqCst);
+        match self.shared.entries.get_checked(entry, stamp_seq) {
+            Some((bytes, true)) => Some(bytes),
+            _ => None,
+        }
+    }
+
+    /// Records that `bytes` under `entry` matched the stamps of a lookup that started at
+    /// `stamp_seq` (as returned in [`Read::near`]).
+    pub(crate) fn mark_checked(&self, entry: &str, bytes: &Bytes, stamp_seq: u64) {
+        self.shared.entries.mark(entry, bytes, stamp_seq);
+    }
+
+    /// The entry and every stamp, if all are held locally.
+    pub(crate) fn lookup(&self, entry: &str, stamps: &[StampKey]) -> Option<Read> {
+        let s = &*self.shared;
+        let stamp_seq = s.stamp_seq.load(SeqCst);
+        let entry = s.entries.get(entry)?;
+        let stamps = stamps
+            .iter()
+            .map(|k| s.stamps.get(&k.key))
+            .collect::<Option<Vec<_>>>()?;
+        Some(Read {
+            entry: Some(entry),
+            stamps,
+            near: Some(stamp_seq),
+        })
+    }
+
+    /// Snapshot to pass to [`fill`](Self::fill); take it before sending the read.
+    pub(crate) fn seq(&self) -> u64 {
+        self.shared.seq.load(SeqCst)
+    }
+
+    /// The tracking connection, connecting (and enabling tracking) if there is none.
+    pub(crate) async fn connection(&self) -> redis::RedisResult<MultiplexedConnection> {
+        if let Some((_, c)) = &*self.shared.read_conn() {
+            return Ok(c.clone());
+        }
+        let _guard = self.connecting.lock().await;
+        if let Some((_, c)) = &*self.shared.read_conn() {
+            return Ok(c.clone());
+        }
+        let id = self.shared.next_id.fetch_add(1, SeqCst);
+        let weak = Arc::downgrade(&self.shared);
+        let config = self
+            .config
+            .clone()
+            .set_push_sender(move |info: PushInfo| on_push(&weak, id, info));
+        let mut conn = self
+            .client
+            .get_multiplexed_async_connection_with_config(&config)
+            .await?;
+        redis::cmd("CLIENT")
+            .arg("TRACKING")
+            .arg("ON")
+            .query_async::<()>(&mut conn)
+            .await?;
+        // Whatever was held came from an earlier connection: start from nothing.
+        self.shared.drop_all();
+        *self.shared.conn.write().unwrap_or_else(|e| e.into_inner()) = Some((id, conn.clone()));
+        Ok(conn)
+    }
+
+    /// Keeps what an `MGET` of `entry` then `stamps` on the tracking connection returned
+    /// (`values`, in that order; `None`: absent in Redis, not kept), unless something was
+    /// dropped since `seq` was taken.
+    pub(crate) fn fill(
+        &self,
+        seq: u64,
+        (entry, entry_ttl): (&str, Duration),
+        stamps: &[StampKey],
+        values: &[Option<Bytes>],
+    ) {
+        let s = &*self.shared;
+        // Under the drop lock: a drop is either before the check (nothing is kept) or after
+        // the inserts (it removes them). Inserting first and undoing on a changed `seq`
+        // would let another caller check an entry against a stale token in between.
+        let _exclusive = s.drop_lock();
+        if s.seq.load(SeqCst) != seq {
+            return;
+        }
+        let Some((entry_bytes, stamp_values)) = values.split_first() else {
+            return;
+        };
+        if let Some(bytes) = entry_bytes {
+            s.entries.insert(entry, bytes.clone(), Some(entry_ttl));
+        }
+        for (k, v) in stamps.iter().zip(stamp_values) {
+            if let Some(bytes) = v {
+                s.stamps.insert(&k.key, bytes.clone(), k.ttl);
+            }
+        }
+    }
+
+    /// Drops `keys` (stamps this process just changed in Redis).
+    pub(crate) fn forget(&self, keys: &[StampKey]) {
+        let _exclusive = self.shared.drop_lock();
+        self.shared.seq.fetch_add(1, SeqCst);
+        self.shared.stamp_seq.fetch_add(1, SeqCst);
+        for k in keys {
+            self.shared.stamps.remove(&k.key);
+        }
+    }
+
+    pub(crate) fn entry_count(&self) -> u64 {
+        self.shared.entries.len() as u64
+    }
+
+    pub(crate) fn counters(&self) -> NearCounters {
+        NearCounters {
+            invalidations: self.shared.invalidations.load(SeqCst),
+            resets: self.shared.resets.load(SeqCst),
+        }
+    }
+}
+
+impl Shared {
+    fn read_conn(&self) -> std::sync::RwLockReadGuard<'_, Option<(u64, MultiplexedConnection)>> {
+        self.conn.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn drop_lock(&self) -> std::sync::MutexGuard<'_, ()> {
+        self.drops.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn drop_all(&self) {
+        let _exclusive = self.drop_lock();
+        self.seq.fetch_add(1, SeqCst);
+        self.stamp_seq.fetch_add(1, SeqCst);
+        self.entries.clear();
+        self.stamps.clear();
+    }
+
+    /// Drops everything because messages may have been missed (connection loss, flush).
+    fn reset(&self) {
+        self.drop_all();
+        self.resets.fetch_add(1, SeqCst);
+    }
+
+    fn drop_keys(&self, keys: &[Value]) {
+        let _exclusive = self.drop_lock();
+        self.seq.fetch_add(1, SeqCst);
+        for key in keys {
+            let k = match key {
+                Value::BulkString(k) => std::str::from_utf8(k).ok(),
+                _ => None,
+            };
+            match k {
+                Some(k) if is_entry_key(k) => self.entries.remove(k),
+                // A stamp (held or not: it may have been evicted locally), or a key that
+                // is not ours to judge.
+                _ => {
+                    self.stamp_seq.fetch_add(1, SeqCst);
+                    if let Some(k) = k {
+                        self.stamps.remove(k);
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Whether `key` names an entry (`{ns}:e:` and 64 hex digits), not a tag version or the
+/// namespace generation (their suffixes are `:t:` and 32 hex digits, and `:g`).
+fn is_entry_key(key: &str) -> bool {
+    let Some(at) = key.len().checked_sub(67) else {
+        return false;
+    };
+    let (marker, digest) = key.as_bytes()[at..].split_at(3);
+    marker == b":e:" && digest.iter().all(u8::is_ascii_hexdigit)
+}
+
+/// Runs on the connection's reader, in the order messages arrive.
+fn on_push(shared: &Weak<Shared>, id: u64, info: PushInfo) -> Result<(), ()> {
+    let Some(shared) = shared.upgrade() else {
+        return Err(());
+    };
+    match info.kind {
+        PushKind::Invalidate => {
+            shared.invalidations.fetch_add(1, SeqCst);
+            match info.data.first() {
+                Some(Value::Array(keys)) => shared.drop_keys(keys),
+                // `null`: the whole keyspace was flushed.
+                _ => shared.reset(),
+            }
+        }
+        PushKind::Disconnection => {
+            let mut conn = shared.conn.write().unwrap_or_else(|e| e.into_inner());
+            if conn.as_ref().is_some_and(|(current, _)| *current == id) {
+                *conn = None;
+            }
+            drop(conn);
+            shared.reset();
+        }
+        _ => {}
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+
+    /// A near cache that never connects: only what the tests put in and take out.
+    pub(crate) fn offline() -> NearCache {
+        let client = Client::open("redis://127.0.0.1:1").unwrap();
+        NearCache::new(client, 100, Duration::from_secs(1), Duration::from_secs(1))
+    }
+
+    pub(crate) fn key(name: &str) -> StampKey {
+        StampKey {
+            key: name.to_owned(),
+            ttl: None,
+        }
+    }
+
+    pub(crate) fn fill(near: &NearCache, seq: u64, entry: &str, tag: &StampKey) {
+        let values = [
+            Some(Bytes::from_static(b"entry")),
+            Some(Bytes::from_static(b"token")),
+        ];
+        near.fill(
+            seq,
+            (entry, Duration::from_secs(60)),
+            std::slice::from_ref(tag),
+            &values,
+        );
+    }
+
+    #[test]
+    fn a_fill_is_served_until_its_stamp_is_forgotten() {
+        let (near, tag) = (offline(), key("t"));
+        fill(&near, near.seq(), "e", &tag);
+        let read = near.lookup("e", std::slice::from_ref(&tag)).unwrap();
+        assert_eq!(read.entry.as_deref(), Some(&b"entry"[..]));
+        assert_eq!(read.stamps, [Bytes::from_static(b"token")]);
+        let seq = read.near.unwrap();
+        let entry = read.entry.unwrap();
+        assert_eq!(near.checked("e"), None, "not checked yet");
+        near.mark_checked("e", &entry, seq);
+        assert_eq!(near.checked("e"), Some(entry));
+        near.forget(std::slice::from_ref(&tag));
+        assert_eq!(near.checked("e"), None, "any drop ends the checked state");
+        assert!(near.lookup("e", &[tag]).is_none());
+    }
+
+    #[test]
+    fn a_fill_that_raced_with_a_drop_is_not_kept() {
+        let (near, tag) = (offline(), key("t"));
+        let seq = near.seq();
+        // The message for `t` is processed while the read that saw the old token is in flight.
+        near.shared.drop_keys(&[Value::BulkString(b"t".to_vec())]);
+        fill(&near, seq, "e", &tag);
+        assert!(near.lookup("e", &[tag]).is_none());
+        assert_eq!(near.entry_count(), 0);
+    }
+
+    #[test]
+    fn entry_messages_keep_other_entries_checked_and_stamp_messages_do_not() {
+        let near = offline();
+        let entry = |n: u8| format!("ns:e:{}", format!("{n:02x}").repeat(32));
+        let tag = key("ns:t:0123456789abcdef0123456789abcdef");
+        for n in [1, 2] {
+            fill(&near, near.seq(), &entry(n), &tag);
+            let read = near.lookup(&entry(n), std::slice::from_ref(&tag)).unwrap();
+            near.mark_checked(&entry(n), read.entry.as_ref().unwrap(), read.near.unwrap());
+        }
+        assert!(is_entry_key(&entry(1)) && !is_entry_key(&tag.key) && !is_entry_key("ns:g"));
+        // Another process wrote entry 2 (every miss does): entry 1 stays checked.
+        near.shared
+            .drop_keys(&[Value::BulkString(entry(2).into_bytes())]);
+        assert!(near.checked(&entry(1)).is_some());
+        assert!(near.checked(&entry(2)).is_none());
+        // Its tag changed: nothing stays checked, even if the tag was evicted locally.
+        near.shared.stamps.remove(&tag.key);
+        near.shared
+            .drop_keys(&[Value::BulkString(tag.key.clone().into_bytes())]);
+        assert!(near.checked(&entry(1)).is_none());
+        assert!(near.lookup(&entry(1), &[tag]).is_none());
+    }
+
+    #[test]
+    fn a_reset_drops_everything_and_is_counted() {
+        let (near, tag) = (offline(), key("t"));
+        fill(&near, near.seq(), "e", &tag);
+        near.shared.reset();
+        assert!(near.lookup("e", &[tag]).is_none());
+        assert_eq!(near.counters().resets, 1);
+    }
+}
