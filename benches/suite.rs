@@ -1,0 +1,594 @@
+//! The benchmark suite: `cargo bench --bench suite` (`-- --smoke` for a short run,
+//! `-- --multi-thread` for a 2-worker runtime instead of one thread).
+//!
+//! One process, real local Redis (`REDIS_URL`) and PostgreSQL (`DATABASE_URL`). Every read
+//! case fetches the same 100 rows (a ~170-byte JSON user), warmed first, and reports the
+//! latency of one caller (p50/p99) and the throughput of 64 concurrent tasks, each relative
+//! to the floor: a raw redis-rs `GET` plus `serde_json` decode of the same value.
+//! Then: a miss, invalidation of a tag over 1 vs 100 000 entries, a 1 000-caller stampede
+//! and the cost of `#[timed]`. The results go to stdout as Markdown; nothing fails on timing.
+
+use cached::AsyncRedisCache;
+use cached::macros::concurrent_cached;
+use cached_query::{Cache, cached_query, timed};
+use redis::aio::MultiplexedConnection;
+use serde::{Deserialize, Serialize};
+use sqlx::PgPool;
+use std::future::Future;
+use std::hint::black_box;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, LazyLock, OnceLock};
+use std::time::{Duration, Instant};
+
+const ROWS: i64 = 100;
+const TASKS: usize = 64;
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, sqlx::FromRow)]
+struct User {
+    id: i64,
+    name: String,
+    email: String,
+    bio: String,
+    karma: i64,
+}
+
+/// The error type `cached` needs; only ever shown through `Debug` by `unwrap`.
+#[derive(Debug, Clone)]
+struct BenchError(#[allow(dead_code)] String);
+
+impl From<sqlx::Error> for BenchError {
+    fn from(e: sqlx::Error) -> Self {
+        BenchError(e.to_string())
+    }
+}
+
+struct Settings {
+    smoke: bool,
+    redis_url: String,
+    database_url: String,
+    /// Prefix of every Redis key this run writes (deleted at the end).
+    prefix: String,
+}
+
+static SETTINGS: LazyLock<Settings> = LazyLock::new(|| Settings {
+    smoke: std::env::args().any(|a| a == "--smoke") || std::env::var_os("CQ_BENCH_SMOKE").is_some(),
+    redis_url: std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into()),
+    database_url: std::env::var("DATABASE_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into()),
+    prefix: format!("cqbench{}", std::process::id()),
+});
+static POOL: OnceLock<PgPool> = OnceLock::new();
+static DB_EXECUTIONS: AtomicU64 = AtomicU64::new(0);
+
+fn pool() -> &'static PgPool {
+    POOL.get().expect("pool is set up first")
+}
+
+async fn select_user(pool: &PgPool, id: i64) -> Result<User, sqlx::Error> {
+    DB_EXECUTIONS.fetch_add(1, Relaxed);
+    sqlx::query_as("SELECT id, name, email, bio, karma FROM cq_bench_users WHERE id = $1")
+        .bind(id)
+        .fetch_one(pool)
+        .await
+}
+
+#[cached_query(cache = cache, ttl = 600, invalidate = "user:<id>", skip(pool))]
+async fn cq_user(cache: &Cache, pool: &PgPool, id: i64) -> Result<User, sqlx::Error> {
+    select_user(pool, id).await
+}
+
+/// A fresh key on every call (`nonce`): always a miss, then a fill.
+#[cached_query(cache = cache, ttl = 60, invalidate = "user:<id>", skip(pool))]
+async fn cq_user_miss(
+    cache: &Cache,
+    pool: &PgPool,
+    id: i64,
+    nonce: u64,
+) -> Result<User, sqlx::Error> {
+    let _ = nonce;
+    select_user(pool, id).await
+}
+
+/// Entries that all carry one tag, for the invalidation cost.
+#[cached_query(cache = cache, ttl = 600, invalidate = "<tag>")]
+async fn tagged(cache: &Cache, tag: &str, n: u64) -> Result<u64, std::convert::Infallible> {
+    let _ = tag;
+    Ok(n)
+}
+
+#[concurrent_cached(
+    map_error = r##"|e| BenchError(format!("{e:?}"))"##,
+    ty = "cached::AsyncRedisCache<i64, User>",
+    create = r##" {
+        AsyncRedisCache::builder(format!("{}:cached", SETTINGS.prefix))
+            .ttl(Duration::from_secs(600))
+            .connection_string(&SETTINGS.redis_url)
+            .build()
+            .await
+            .expect("cached's redis cache builds")
+    } "##
+)]
+async fn peer_user(id: i64) -> Result<User, BenchError> {
+    Ok(select_user(pool(), id).await?)
+}
+
+#[concurrent_cached(
+    map_error = r##"|e| BenchError(format!("{e:?}"))"##,
+    ty = "cached::AsyncRedisCache<i64, User>",
+    create = r##" {
+        AsyncRedisCache::builder(format!("{}:cachedcsc", SETTINGS.prefix))
+            .ttl(Duration::from_secs(600))
+            .connection_string(&SETTINGS.redis_url)
+            .client_side_caching(true)
+            .build()
+            .await
+            .expect("cached's client-side-caching redis cache builds")
+    } "##
+)]
+async fn peer_user_csc(id: i64) -> Result<User, BenchError> {
+    Ok(select_user(pool(), id).await?)
+}
+
+#[inline(never)]
+async fn plain_noop(x: u64) -> Result<u64, ()> {
+    Ok(x.wrapping_mul(31).rotate_left(7))
+}
+
+#[timed(name = "bench.noop")]
+async fn timed_noop(x: u64) -> Result<u64, ()> {
+    Ok(x.wrapping_mul(31).rotate_left(7))
+}
+
+/// One row of the results table.
+struct Row {
+    case: &'static str,
+    p50: Duration,
+    p99: Duration,
+    ops_per_sec: f64,
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    let i = ((sorted.len() as f64 * p).ceil() as usize).clamp(1, sorted.len()) - 1;
+    sorted[i]
+}
+
+/// Single-caller latency over `n` calls (ids rotate over the warmed rows), then the
+/// throughput of 64 tasks calling concurrently for `window`.
+async fn measure<F, Fut>(case: &'static str, f: F) -> Row
+where
+    F: Fn(i64) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = ()> + Send,
+{
+    let s = &*SETTINGS;
+    let (n, window) = if s.smoke {
+        (300, Duration::from_millis(200))
+    } else {
+        (20_000, Duration::from_secs(3))
+    };
+    let f = Arc::new(f);
+    // On a worker thread, like a request handler (not on the thread blocked in `block_on`).
+    let single = f.clone();
+    let lat = tokio::spawn(async move {
+        for id in 1..=ROWS {
+            single(id).await;
+        }
+        let mut lat = Vec::with_capacity(n);
+        for i in 0..n {
+            let id = i as i64 % ROWS + 1;
+            let start = Instant::now();
+            single(id).await;
+            lat.push(start.elapsed());
+        }
+        lat.sort();
+        lat
+    })
+    .await
+    .unwrap();
+
+    let done = Arc::new(AtomicU64::new(0));
+    let start = Instant::now();
+    let deadline = start + window;
+    let tasks: Vec<_> = (0..TASKS)
+        .map(|t| {
+            let (f, done) = (f.clone(), done.clone());
+            tokio::spawn(async move {
+                let mut i = t as i64;
+                while Instant::now() < deadline {
+                    f(i % ROWS + 1).await;
+                    i += 1;
+                    done.fetch_add(1, Relaxed);
+                }
+            })
+        })
+        .collect();
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let ops = done.load(Relaxed) as f64 / start.elapsed().as_secs_f64();
+    Row {
+        case,
+        p50: percentile(&lat, 0.50),
+        p99: percentile(&lat, 0.99),
+        ops_per_sec: ops,
+    }
+}
+
+fn print_table(rows: &[Row]) {
+    let floor = &rows[0];
+    println!("| case | p50 | p99 | p50 vs floor | throughput (64 tasks) | vs floor |");
+    println!("|---|---:|---:|---:|---:|---:|");
+    for r in rows {
+        println!(
+            "| {} | {:.1} µs | {:.1} µs | {:.2}× | {:.0} ops/s | {:.2}× |",
+            r.case,
+            r.p50.as_secs_f64() * 1e6,
+            r.p99.as_secs_f64() * 1e6,
+            r.p50.as_secs_f64() / floor.p50.as_secs_f64(),
+            r.ops_per_sec,
+            r.ops_per_sec / floor.ops_per_sec,
+        );
+    }
+}
+
+async fn setup_database() -> PgPool {
+    let pool = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(16)
+        .connect(&SETTINGS.database_url)
+        .await
+        .expect("PostgreSQL is reachable at DATABASE_URL");
+    sqlx::query(
+        "CREATE TABLE IF NOT EXISTS cq_bench_users (
+            id BIGINT PRIMARY KEY, name TEXT NOT NULL, email TEXT NOT NULL,
+            bio TEXT NOT NULL, karma BIGINT NOT NULL)",
+    )
+    .execute(&pool)
+    .await
+    .unwrap();
+    sqlx::query(
+        "INSERT INTO cq_bench_users
+         SELECT i, 'user ' || i, 'user' || i || '@example.com',
+                repeat('likes postgres and redis; ', 3), i * 7
+         FROM generate_series(1, $1) AS i
+         ON CONFLICT (id) DO NOTHING",
+    )
+    .bind(ROWS)
+    .execute(&pool)
+    .await
+    .unwrap();
+    pool
+}
+
+async fn raw_redis() -> MultiplexedConnection {
+    redis::Client::open(SETTINGS.redis_url.as_str())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .expect("Redis is reachable at REDIS_URL")
+}
+
+async fn cache(namespace: &str, near: Option<u64>) -> Cache {
+    let mut b = Cache::builder()
+        .redis(&SETTINGS.redis_url)
+        .namespace(&format!("{}:{namespace}", SETTINGS.prefix));
+    if let Some(capacity) = near {
+        b = b.near_cache(capacity);
+    }
+    b.build().await.unwrap()
+}
+
+/// `#[cached_query]` hits on `cache`.
+async fn cq_hits(case: &'static str, cache: Cache) -> Row {
+    measure(case, move |id| {
+        let c = cache.clone();
+        async move {
+            black_box(cq_user(&c, pool(), id).await.unwrap());
+        }
+    })
+    .await
+}
+
+async fn read_cases() -> Vec<Row> {
+    let s = &*SETTINGS;
+    let mut conn = raw_redis().await;
+    for id in 1..=ROWS {
+        let row = select_user(pool(), id).await.unwrap();
+        let _: () = redis::cmd("SET")
+            .arg(format!("{}:floor:{id}", s.prefix))
+            .arg(serde_json::to_vec(&row).unwrap())
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+    }
+    let mut rows = Vec::new();
+    let c = conn.clone();
+    rows.push(
+        measure("floor: redis-rs GET + serde_json", move |id| {
+            let mut c = c.clone();
+            async move {
+                let bytes: Vec<u8> = redis::cmd("GET")
+                    .arg(format!("{}:floor:{id}", SETTINGS.prefix))
+                    .query_async(&mut c)
+                    .await
+                    .unwrap();
+                black_box(serde_json::from_slice::<User>(&bytes).unwrap());
+            }
+        })
+        .await,
+    );
+    // What validating tags costs Redis itself: the same read as a cached_query hit (the
+    // entry, the namespace generation and one tag of 16 bytes each) as one raw MGET.
+    let _: () = redis::cmd("SET")
+        .arg(format!("{}:gen", s.prefix))
+        .arg([7u8; 16].as_slice())
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    for id in 1..=ROWS {
+        let _: () = redis::cmd("SET")
+            .arg(format!("{}:tag:{id}", s.prefix))
+            .arg([9u8; 16].as_slice())
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+    }
+    let c = conn.clone();
+    rows.push(
+        measure(
+            "reference: raw MGET entry + 2 tokens + serde_json",
+            move |id| {
+                let mut c = c.clone();
+                async move {
+                    let p = &SETTINGS.prefix;
+                    let values: Vec<Option<Vec<u8>>> = redis::cmd("MGET")
+                        .arg(format!("{p}:floor:{id}"))
+                        .arg(format!("{p}:gen"))
+                        .arg(format!("{p}:tag:{id}"))
+                        .query_async(&mut c)
+                        .await
+                        .unwrap();
+                    let bytes = values[0].as_ref().unwrap();
+                    black_box(serde_json::from_slice::<User>(bytes).unwrap());
+                }
+            },
+        )
+        .await,
+    );
+    rows.push(
+        measure("PostgreSQL by primary key (sqlx)", |id| async move {
+            black_box(select_user(pool(), id).await.unwrap());
+        })
+        .await,
+    );
+    let redis_cache = cache("redis", None).await;
+    rows.push(cq_hits("#[cached_query] hit, Redis (1 tag)", redis_cache.clone()).await);
+    let stats = redis_cache.stats();
+    assert!(
+        stats.hits > stats.misses * 100,
+        "Redis case mostly missed: {stats:?}"
+    );
+    let near_cache = cache("near", Some(10_000)).await;
+    rows.push(cq_hits("#[cached_query] hit, near cache", near_cache.clone()).await);
+    let stats = near_cache.stats();
+    assert!(
+        stats.near_hits * 10 > stats.hits * 9,
+        "near cache mostly missed: {stats:?}"
+    );
+    rows.push(
+        measure("cached 4 AsyncRedisCache", |id| async move {
+            black_box(peer_user(id).await.unwrap());
+        })
+        .await,
+    );
+    rows.push(
+        measure(
+            "cached 4 AsyncRedisCache + client_side_caching",
+            |id| async move {
+                black_box(peer_user_csc(id).await.unwrap());
+            },
+        )
+        .await,
+    );
+    let miss_cache = cache("miss", None).await;
+    let nonce = Arc::new(AtomicU64::new(0));
+    rows.push(
+        measure("#[cached_query] miss: query + fill", move |id| {
+            let (c, nonce) = (miss_cache.clone(), nonce.fetch_add(1, Relaxed));
+            async move {
+                black_box(cq_user_miss(&c, pool(), id, nonce).await.unwrap());
+            }
+        })
+        .await,
+    );
+    rows
+}
+
+/// Latency of `invalidate(tag)` when the tag covers 1 and 100 000 entries.
+async fn invalidation_case() {
+    let s = &*SETTINGS;
+    let (entries, rounds) = if s.smoke {
+        (2_000, 100)
+    } else {
+        (100_000, 2_000)
+    };
+    let cache = cache("inval", None).await;
+    let fill = |tag: &'static str, count: u64| {
+        let cache = cache.clone();
+        async move {
+            let per_task = count.div_ceil(TASKS as u64);
+            let tasks: Vec<_> = (0..TASKS as u64)
+                .map(|t| {
+                    let cache = cache.clone();
+                    tokio::spawn(async move {
+                        for n in t * per_task..((t + 1) * per_task).min(count) {
+                            tagged(&cache, tag, n).await.unwrap();
+                        }
+                    })
+                })
+                .collect();
+            for t in tasks {
+                t.await.unwrap();
+            }
+        }
+    };
+    let start = Instant::now();
+    fill("one", 1).await;
+    fill("many", entries).await;
+    let filled = start.elapsed();
+    // Interleaved, so both see the same background work in Redis (e.g. rehashing after the fill).
+    let (mut one, mut many) = (Vec::with_capacity(rounds), Vec::with_capacity(rounds));
+    for _ in 0..rounds {
+        for (tag, lat) in [("one", &mut one), ("many", &mut many)] {
+            let start = Instant::now();
+            cache.invalidate(tag).await.unwrap();
+            lat.push(start.elapsed());
+        }
+    }
+    one.sort();
+    many.sort();
+    let (one50, one99) = (percentile(&one, 0.5), percentile(&one, 0.99));
+    let (many50, many99) = (percentile(&many, 0.5), percentile(&many, 0.99));
+    // The invalidation worked: a covered entry is a miss again (its value is recomputed).
+    let before = cache.stats().misses;
+    tagged(&cache, "many", 7).await.unwrap();
+    assert_eq!(cache.stats().misses, before + 1);
+    println!(
+        "\n### Invalidation ({rounds} × `invalidate(tag)`; {entries} entries filled in {:.1} s)\n",
+        filled.as_secs_f64()
+    );
+    println!("| tag covers | p50 | p99 |\n|---:|---:|---:|");
+    println!("| 1 entry | {:.1} µs | {:.1} µs |", us(one50), us(one99));
+    println!(
+        "| {entries} entries | {:.1} µs | {:.1} µs |",
+        us(many50),
+        us(many99)
+    );
+    println!(
+        "\nratio p50 {entries} / 1: {:.2}×",
+        many50.as_secs_f64() / one50.as_secs_f64()
+    );
+}
+
+fn us(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e6
+}
+
+/// 1 000 concurrent callers on a cold key: how many database executions.
+async fn stampede_case() {
+    const CALLERS: usize = 1_000;
+    println!("\n### Stampede ({CALLERS} concurrent callers on a cold key)\n");
+    println!("| backend | round | database executions | wall time |\n|---|---:|---:|---:|");
+    for (name, near) in [("Redis", None), ("near cache", Some(10_000))] {
+        let cache = cache(&format!("stampede-{}", near.is_some()), near).await;
+        for round in 0..3 {
+            let id = round % ROWS + 1;
+            let before = DB_EXECUTIONS.load(Relaxed);
+            let start = Instant::now();
+            let callers: Vec<_> = (0..CALLERS)
+                .map(|_| {
+                    let cache = cache.clone();
+                    tokio::spawn(async move { cq_user(&cache, pool(), id).await.unwrap() })
+                })
+                .collect();
+            for c in callers {
+                assert_eq!(c.await.unwrap().id, id);
+            }
+            let executions = DB_EXECUTIONS.load(Relaxed) - before;
+            println!(
+                "| {name} | {round} | {executions} | {:.1} ms |",
+                start.elapsed().as_secs_f64() * 1e3
+            );
+            cache.invalidate(&format!("user:{id}")).await.unwrap();
+        }
+    }
+}
+
+/// `#[timed]` below its threshold vs the same async fn without it, awaited in one task.
+async fn timed_case() {
+    let n: u64 = if SETTINGS.smoke { 20_000 } else { 5_000_000 };
+    async fn per_call<F: Future<Output = Result<u64, ()>>>(n: u64, f: impl Fn(u64) -> F) -> f64 {
+        let mut best = f64::MAX;
+        for _ in 0..5 {
+            let start = Instant::now();
+            for i in 0..n {
+                black_box(f(black_box(i)).await.unwrap());
+            }
+            best = best.min(start.elapsed().as_nanos() as f64 / n as f64);
+        }
+        best
+    }
+    let plain = per_call(n, plain_noop).await;
+    let timed = per_call(n, timed_noop).await;
+    println!("\n### `#[timed]` below threshold ({n} calls, best of 5)\n");
+    println!("| plain async fn | with `#[timed]` | overhead |\n|---:|---:|---:|");
+    println!(
+        "| {plain:.1} ns | {timed:.1} ns | {:.1} ns |",
+        timed - plain
+    );
+}
+
+async fn cleanup() {
+    let mut conn = raw_redis().await;
+    let mut cursor = 0u64;
+    loop {
+        let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
+            .arg(cursor)
+            .arg("MATCH")
+            .arg(format!("{}:*", SETTINGS.prefix))
+            .arg("COUNT")
+            .arg(10_000)
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        if !keys.is_empty() {
+            let _: () = redis::cmd("UNLINK")
+                .arg(keys)
+                .query_async(&mut conn)
+                .await
+                .unwrap();
+        }
+        if next == 0 {
+            break;
+        }
+        cursor = next;
+    }
+}
+
+fn main() {
+    // One thread by default: the client gets one core and Redis the other, and no latency
+    // depends on which thread a wake-up lands on. `--multi-thread`: 2 workers.
+    let rt = if std::env::args().any(|a| a == "--multi-thread") {
+        tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()
+    } else {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+    }
+    .unwrap();
+    rt.block_on(async {
+        POOL.set(setup_database().await).unwrap();
+        println!(
+            "cached-query benchmark suite{} — {} runtime, {} tasks for throughput, {} rows",
+            if SETTINGS.smoke {
+                " (smoke run: numbers are not meaningful)"
+            } else {
+                ""
+            },
+            if std::env::args().any(|a| a == "--multi-thread") {
+                "2-worker"
+            } else {
+                "one-thread"
+            },
+            TASKS,
+            ROWS
+        );
+        println!("\n### Reads\n");
+        let rows = read_cases().await;
+        print_table(&rows);
+        invalidation_case().await;
+        stampede_case().await;
+        timed_case().await;
+        cleanup().await;
+    });
+}
