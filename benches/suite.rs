@@ -361,16 +361,20 @@ async fn read_cases() -> Vec<Row> {
     );
     let redis_cache = cache("redis", None).await;
     rows.push(cq_hits("#[cached_query] hit, Redis (1 tag)", redis_cache.clone()).await);
+    // Checks that count calls, not time, so a slow machine cannot fail them: after the
+    // warm-up's one miss per row, every call is a hit (a Redis error also counts a miss).
     let stats = redis_cache.stats();
     assert!(
-        stats.hits > stats.misses * 100,
-        "Redis case mostly missed: {stats:?}"
+        stats.hits > 0 && stats.misses <= ROWS as u64 + stats.errors,
+        "Redis case missed after the warm-up: {stats:?}"
     );
     let near_cache = cache("near", Some(10_000)).await;
     rows.push(cq_hits("#[cached_query] hit, near cache", near_cache.clone()).await);
     let stats = near_cache.stats();
+    // The single-caller pass alone (its third visit to each row on) gives near hits at
+    // least half of its hits; the concurrent pass only adds near hits.
     assert!(
-        stats.near_hits * 10 > stats.hits * 9,
+        stats.misses <= ROWS as u64 + stats.errors && stats.near_hits * 3 > stats.hits,
         "near cache mostly missed: {stats:?}"
     );
     rows.push(
