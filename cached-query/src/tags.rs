@@ -26,19 +26,34 @@ pub(crate) fn generation_key(namespace: &str) -> String {
 /// carries argument values, and may contain `:`, `*`, newlines…) never appears in a key
 /// name and cannot address any other key.
 pub(crate) fn tag_key(namespace: &str, tag: &str) -> String {
-    let mut key = String::with_capacity(namespace.len() + 3 + 32);
-    key.push_str(namespace);
-    key.push_str(":t:");
-    push_hex(&mut key, &sha256(tag.as_bytes())[..16]);
-    key
+    hashed_key(namespace, ":t:", &sha256(tag.as_bytes())[..16])
 }
 
 /// The key of one cached entry.
 pub(crate) fn entry_key(namespace: &str, digest: &[u8; 32]) -> String {
-    let mut key = String::with_capacity(namespace.len() + 3 + 64);
+    hashed_key(namespace, ENTRY_MARKER, digest)
+}
+
+/// Whether `key` names an entry (as made by [`entry_key`]) rather than a tag version or
+/// the namespace generation, whatever the namespace: the near cache tells them apart in
+/// Redis's invalidation messages.
+pub(crate) fn is_entry_key(key: &str) -> bool {
+    const SUFFIX: usize = ENTRY_MARKER.len() + 64;
+    let Some(at) = key.len().checked_sub(SUFFIX) else {
+        return false;
+    };
+    let (marker, digest) = key.as_bytes()[at..].split_at(ENTRY_MARKER.len());
+    marker == ENTRY_MARKER.as_bytes() && digest.iter().all(u8::is_ascii_hexdigit)
+}
+
+const ENTRY_MARKER: &str = ":e:";
+
+/// `{namespace}{marker}{hex of hash}`.
+fn hashed_key(namespace: &str, marker: &str, hash: &[u8]) -> String {
+    let mut key = String::with_capacity(namespace.len() + marker.len() + 2 * hash.len());
     key.push_str(namespace);
-    key.push_str(":e:");
-    push_hex(&mut key, digest);
+    key.push_str(marker);
+    push_hex(&mut key, hash);
     key
 }
 
@@ -55,6 +70,16 @@ mod tests {
             assert!(k[5..].bytes().all(|b| b.is_ascii_hexdigit()));
         }
         assert_ne!(tag_key("ns", "a"), tag_key("ns", "b"));
+    }
+
+    #[test]
+    fn entry_keys_are_told_from_stamp_keys() {
+        for ns in ["ns", "a:e:b", ""] {
+            assert!(is_entry_key(&entry_key(ns, &[0xAB; 32])));
+            assert!(!is_entry_key(&tag_key(ns, "user:1")));
+            assert!(!is_entry_key(&generation_key(ns)));
+        }
+        assert!(!is_entry_key("e:"));
     }
 
     #[test]

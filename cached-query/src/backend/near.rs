@@ -15,6 +15,7 @@
 
 use super::shards::Shards;
 use super::{Read, StampKey};
+use crate::tags::is_entry_key;
 use bytes::Bytes;
 use redis::aio::MultiplexedConnection;
 use redis::{AsyncConnectionConfig, Client, PushInfo, PushKind, Value};
@@ -256,16 +257,6 @@ impl Shared {
     }
 }
 
-/// Whether `key` names an entry (`{ns}:e:` and 64 hex digits), not a tag version or the
-/// namespace generation (their suffixes are `:t:` and 32 hex digits, and `:g`).
-fn is_entry_key(key: &str) -> bool {
-    let Some(at) = key.len().checked_sub(67) else {
-        return false;
-    };
-    let (marker, digest) = key.as_bytes()[at..].split_at(3);
-    marker == b":e:" && digest.iter().all(u8::is_ascii_hexdigit)
-}
-
 /// Runs on the connection's reader, in the order messages arrive.
 fn on_push(shared: &Weak<Shared>, id: u64, info: PushInfo) -> Result<(), ()> {
     let Some(shared) = shared.upgrade() else {
@@ -354,14 +345,13 @@ pub(crate) mod tests {
     #[test]
     fn entry_messages_keep_other_entries_checked_and_stamp_messages_do_not() {
         let near = offline();
-        let entry = |n: u8| format!("ns:e:{}", format!("{n:02x}").repeat(32));
-        let tag = key("ns:t:0123456789abcdef0123456789abcdef");
+        let entry = |n: u8| crate::tags::entry_key("ns", &[n; 32]);
+        let tag = key(&crate::tags::tag_key("ns", "items"));
         for n in [1, 2] {
             fill(&near, near.seq(), &entry(n), &tag);
             let read = near.lookup(&entry(n), std::slice::from_ref(&tag)).unwrap();
             near.mark_checked(&entry(n), read.entry.as_ref().unwrap(), read.near.unwrap());
         }
-        assert!(is_entry_key(&entry(1)) && !is_entry_key(&tag.key) && !is_entry_key("ns:g"));
         // Another process wrote entry 2 (every miss does): entry 1 stays checked.
         near.shared
             .drop_keys(&[Value::BulkString(entry(2).into_bytes())]);
