@@ -5,40 +5,14 @@
 
 use bytes::Bytes;
 use std::collections::HashMap;
-use std::hash::{BuildHasherDefault, Hasher};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 const MAX_SHARDS: usize = 16;
 
-/// FxHash: a few cycles per word. The keys end in hash digits this process does not choose
-/// freely (sha256 of arguments and tags), so a keyed hash buys nothing here.
-#[derive(Default)]
-struct FxHasher(u64);
-
-impl Hasher for FxHasher {
-    fn write(&mut self, bytes: &[u8]) {
-        let mut chunks = bytes.chunks_exact(8);
-        for c in &mut chunks {
-            self.add(u64::from_le_bytes(c.try_into().expect("8 bytes")));
-        }
-        for &b in chunks.remainder() {
-            self.add(u64::from(b));
-        }
-    }
-
-    fn finish(&self) -> u64 {
-        self.0
-    }
-}
-
-impl FxHasher {
-    fn add(&mut self, word: u64) {
-        self.0 = (self.0.rotate_left(5) ^ word).wrapping_mul(0x51_7c_c1_b7_27_22_0a_95);
-    }
-}
-
-type Map = HashMap<String, Slot, BuildHasherDefault<FxHasher>>;
+/// foldhash (seeded per map): a few cycles per word on these short keys, where std's
+/// SipHash is several times slower.
+type Map = HashMap<String, Slot, foldhash::fast::RandomState>;
 
 #[derive(Debug)]
 struct Slot {
