@@ -261,8 +261,9 @@ impl RedisStore {
         set
     }
 
-    /// Replaces the tokens of `keys`; once Redis has accepted, the near cache drops them
-    /// (read-your-own-invalidation, without waiting for the push message).
+    /// Replaces the tokens of `keys`, then the near cache drops them (read-your-own-
+    /// invalidation, without waiting for the push message). It drops them on failure too: a
+    /// timed-out bump may still have landed, and a failed one stays pending in `Cache`.
     pub(crate) async fn bump(&self, keys: &[StampKey]) -> Result<(), StoreError> {
         let result = self.send_bump(keys).await;
         if let Some(near) = &self.near {
