@@ -96,17 +96,21 @@ async fn tagged(cache: &Cache, tag: &str, n: u64) -> Result<u64, std::convert::I
     Ok(n)
 }
 
+/// The peer's Redis store under `suffix`, with redis-rs client-side caching when `csc`.
+async fn peer_cache(suffix: &str, csc: bool) -> AsyncRedisCache<i64, User> {
+    AsyncRedisCache::builder(format!("{}:{suffix}", SETTINGS.prefix))
+        .ttl(Duration::from_secs(600))
+        .connection_string(&SETTINGS.redis_url)
+        .client_side_caching(csc)
+        .build()
+        .await
+        .expect("cached's redis cache builds")
+}
+
 #[concurrent_cached(
     map_error = r##"|e| BenchError(format!("{e:?}"))"##,
     ty = "cached::AsyncRedisCache<i64, User>",
-    create = r##" {
-        AsyncRedisCache::builder(format!("{}:cached", SETTINGS.prefix))
-            .ttl(Duration::from_secs(600))
-            .connection_string(&SETTINGS.redis_url)
-            .build()
-            .await
-            .expect("cached's redis cache builds")
-    } "##
+    create = r##"{ peer_cache("cached", false).await }"##
 )]
 async fn peer_user(id: i64) -> Result<User, BenchError> {
     Ok(select_user(pool(), id).await?)
@@ -115,15 +119,7 @@ async fn peer_user(id: i64) -> Result<User, BenchError> {
 #[concurrent_cached(
     map_error = r##"|e| BenchError(format!("{e:?}"))"##,
     ty = "cached::AsyncRedisCache<i64, User>",
-    create = r##" {
-        AsyncRedisCache::builder(format!("{}:cachedcsc", SETTINGS.prefix))
-            .ttl(Duration::from_secs(600))
-            .connection_string(&SETTINGS.redis_url)
-            .client_side_caching(true)
-            .build()
-            .await
-            .expect("cached's client-side-caching redis cache builds")
-    } "##
+    create = r##"{ peer_cache("cachedcsc", true).await }"##
 )]
 async fn peer_user_csc(id: i64) -> Result<User, BenchError> {
     Ok(select_user(pool(), id).await?)
