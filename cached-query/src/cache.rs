@@ -134,13 +134,8 @@ impl Cache {
 
     /// Counters since the cache was built, in total and per query name.
     pub fn stats(&self) -> CacheStats {
-        let mut stats = self.inner.stats.snapshot();
-        if let Some(near) = self.near() {
-            let c = near.counters();
-            stats.near_invalidations = c.invalidations;
-            stats.near_resets = c.resets;
-        }
-        stats
+        let near = self.near().map(NearCache::counters).unwrap_or_default();
+        self.inner.stats.snapshot(near)
     }
 
     fn near(&self) -> Option<&NearCache> {

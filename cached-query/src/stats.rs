@@ -1,5 +1,6 @@
 //! Hit/miss/error counters, in total and per query name.
 
+use crate::backend::near::NearCounters;
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, RwLock};
@@ -133,7 +134,8 @@ impl Stats {
         }
     }
 
-    pub(crate) fn snapshot(&self) -> CacheStats {
+    /// The counters, with the near cache's own (message and reset counts) when there is one.
+    pub(crate) fn snapshot(&self, near: NearCounters) -> CacheStats {
         let total = self.total.snapshot();
         let queries = self
             .per_query
@@ -145,8 +147,8 @@ impl Stats {
         CacheStats {
             hits: total.hits,
             near_hits: total.near_hits,
-            near_invalidations: 0,
-            near_resets: 0,
+            near_invalidations: near.invalidations,
+            near_resets: near.resets,
             misses: total.misses,
             errors: total.errors,
             decode_errors: total.decode_errors,
