@@ -434,9 +434,7 @@ impl Cache {
             && let Some(bytes) = near.checked(&entry)
             && let Some(Ok(value)) = envelope::payload(&bytes).map(serde_json::from_slice::<T>)
         {
-            rec.hit();
-            rec.near_hit();
-            calls::cache_hit();
+            record_hit(&rec, true);
             return Ok(value);
         }
         let ttl = site.ttl().unwrap_or(inner.settings.default_ttl);
@@ -449,25 +447,9 @@ impl Cache {
 
         let stamps = match self.read(store, &entry, ttl, &stamp_keys).await {
             Ok(read) => {
-                if let Some(bytes) = &read.entry {
-                    match envelope::decode(bytes, &read.stamps) {
-                        Decoded::Fresh(payload) => match serde_json::from_slice::<T>(payload) {
-                            Ok(value) => {
-                                rec.hit();
-                                if let Some(seq) = read.near {
-                                    rec.near_hit();
-                                    if let Some(near) = self.near() {
-                                        near.mark_checked(&entry, bytes, seq);
-                                    }
-                                }
-                                calls::cache_hit();
-                                return Ok(value);
-                            }
-                            Err(_) => rec.decode_error(),
-                        },
-                        Decoded::Stale => {}
-                        Decoded::Corrupt => rec.decode_error(),
-                    }
+                if let Some(value) = self.fresh(&rec, &entry, &read) {
+                    record_hit(&rec, read.near.is_some());
+                    return Ok(value);
                 }
                 Some(read.stamps)
             }
@@ -527,6 +509,33 @@ impl Cache {
         result
     }
 
+    /// The value in `read`'s entry if it is fresh and decodes (a corrupt entry or one that
+    /// does not decode as `T` is counted); a near-cache entry is then marked checked.
+    fn fresh<T: DeserializeOwned>(
+        &self,
+        rec: &Recorder<'_>,
+        entry: &str,
+        read: &Read,
+    ) -> Option<T> {
+        let bytes = read.entry.as_ref()?;
+        let payload = match envelope::decode(bytes, &read.stamps) {
+            Decoded::Fresh(payload) => payload,
+            Decoded::Stale => return None,
+            Decoded::Corrupt => {
+                rec.decode_error();
+                return None;
+            }
+        };
+        let Ok(value) = serde_json::from_slice(payload) else {
+            rec.decode_error();
+            return None;
+        };
+        if let (Some(seq), Some(near)) = (read.near, self.near()) {
+            near.mark_checked(entry, bytes, seq);
+        }
+        Some(value)
+    }
+
     #[allow(clippy::too_many_arguments)]
     async fn store_payload(
         &self,
@@ -558,4 +567,13 @@ impl Cache {
         }
         r.is_ok()
     }
+}
+
+/// Counts a call answered from the cache (`near`: without a Redis round trip).
+fn record_hit(rec: &Recorder<'_>, near: bool) {
+    rec.hit();
+    if near {
+        rec.near_hit();
+    }
+    calls::cache_hit();
 }
