@@ -29,7 +29,7 @@ async fn capacity_bounds_the_entry_count() {
     for n in 0..2_000 {
         double(&cache, &calls, n).await.unwrap();
     }
-    let held = cache.memory_entry_count().unwrap();
+    let held = cache.entry_count().unwrap();
     assert!(held <= 100 && held > 0, "{held}");
 }
 

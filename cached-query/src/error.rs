@@ -1,12 +1,17 @@
 //! The crate's one public error type.
 
+/// The underlying cause of an [`Error`], reachable through [`std::error::Error::source`]
+/// (and `downcast_ref`, e.g. to `redis::RedisError` or `sqlx::Error`).
+pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
+
 /// Everything that can go wrong in `cached-query`.
 ///
 /// Cache *reads* never return this type to a query's caller: a Redis failure while
 /// reading or filling the cache is counted in [`CacheStats::errors`](crate::CacheStats)
 /// and the query runs against the database (fail-open). `Error` comes back from
 /// set-up (bad configuration, malformed URLs) and from explicit invalidation, where
-/// the caller has to know that the invalidation is still pending.
+/// the caller has to know that the invalidation is still pending. Variants that wrap a
+/// failure keep it as their [`source`](std::error::Error::source).
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum Error {
@@ -21,33 +26,37 @@ pub enum Error {
         expected: String,
     },
     /// A Redis URL could not be parsed.
-    #[error("invalid Redis URL {url}: {reason}")]
+    #[error("invalid Redis URL {url}: {source}")]
     InvalidUrl {
         /// The URL with any password replaced by `***`.
         url: String,
-        /// Why it was rejected.
-        reason: String,
+        /// Why it was rejected (a `redis::RedisError` when redis-rs rejected it).
+        #[source]
+        source: BoxError,
     },
     /// Redis did not accept an invalidation (or `clear`). The invalidation stays pending:
     /// this process serves no entry it covers and delivers it before reading Redis again.
-    #[error("invalidation not delivered to Redis ({reason}); it is pending and will be retried")]
+    #[error("invalidation not delivered to Redis ({source}); it is pending and will be retried")]
     InvalidationPending {
-        /// The underlying Redis error, or `circuit open` while Redis is being skipped.
-        reason: String,
+        /// The Redis error, a timeout, or `circuit open` while Redis is being skipped.
+        #[source]
+        source: BoxError,
     },
     /// A database could not be reached (or not within `DB_CONNECT_TIMEOUT`).
-    #[error("could not connect to the database at {target}: {reason}")]
+    #[error("could not connect to the database at {target}: {source}")]
     Connect {
         /// `host:port` (PostgreSQL) or the database file URL (SQLite).
         target: String,
-        /// What went wrong, with any password removed.
-        reason: String,
+        /// What went wrong, with any password removed from its message.
+        #[source]
+        source: BoxError,
     },
     /// Redis did not answer a health check.
-    #[error("Redis is unavailable: {reason}")]
+    #[error("Redis is unavailable: {source}")]
     Unavailable {
-        /// The underlying error.
-        reason: String,
+        /// The Redis error or timeout.
+        #[source]
+        source: BoxError,
     },
     /// `cached_query::invalidate` was called but no default cache was installed.
     #[error("no default cache installed: call `cached_query::install(cache)` at start-up")]
@@ -63,6 +72,13 @@ impl Error {
             name: name.to_owned(),
             value: value.to_owned(),
             expected: expected.to_owned(),
+        }
+    }
+
+    pub(crate) fn invalid_url(url: &str, source: impl Into<BoxError>) -> Self {
+        Error::InvalidUrl {
+            url: crate::redact_url(url),
+            source: source.into(),
         }
     }
 }

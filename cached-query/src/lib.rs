@@ -37,39 +37,31 @@
 //! The README covers the attribute reference, how invalidation works and what it
 //! guarantees, and the failure modes.
 
+#![cfg_attr(docsrs, feature(doc_cfg))]
+
 mod backend;
-mod breaker;
-mod builder;
 mod cache;
-mod calls;
-mod config;
-mod db;
-mod envelope;
 mod error;
-mod global;
-mod histogram;
-mod key;
-#[cfg(feature = "sessions")]
-mod sessions;
-mod singleflight;
-mod stats;
-mod tags;
+mod keyspace;
+mod setup;
 mod timing;
 
 #[doc(hidden)]
 #[path = "private.rs"]
 pub mod __private;
 
-pub use builder::CacheBuilder;
 pub use cache::Cache;
-pub use calls::{Calls, count_calls};
-pub use config::{RedisConfig, redact_url};
-pub use db::{DbConfig, PoolStatus, pool_status};
-pub use error::Error;
-pub use global::{install, invalidate};
+pub use cache::builder::CacheBuilder;
+pub use cache::global::{install, invalidate};
+pub use cache::stats::{CacheStats, QueryStats};
+pub use error::{BoxError, Error};
+pub use setup::db::{DbConfig, PoolStatus, pool_status};
+pub use setup::redis_config::RedisConfig;
 #[cfg(feature = "sessions")]
-pub use sessions::RedisSessionStore;
-pub use stats::{CacheStats, QueryStats};
+#[cfg_attr(docsrs, doc(cfg(feature = "sessions")))]
+pub use setup::sessions::RedisSessionStore;
+pub use setup::url::redact_url;
+pub use timing::calls::{Calls, count_calls};
 pub use timing::{Timing, reset_timings, set_slow_query_threshold, timings};
 
 #[doc = include_str!("docs/cached_query.md")]

@@ -2,7 +2,7 @@
 //! tags, `clear`, single-flight and stats behave identically, with a bounded entry count.
 
 use super::{Read, StampKey};
-use crate::tags::new_token;
+use crate::keyspace::new_token;
 use bytes::Bytes;
 use moka::sync::Cache as Moka;
 use std::time::{Duration, Instant};

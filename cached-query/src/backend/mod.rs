@@ -1,12 +1,14 @@
-//! Storage behind the cache. Both backends offer the same four primitives, so the cache
-//! logic (stamps, single-flight, stats, fail-open) is written once.
+//! Storage behind the cache. Every backend offers the same primitives (read an entry with
+//! its stamps, write an entry, bump stamps), so the read path in `cache::call` is written
+//! once; backend differences stay behind [`Store`]'s methods.
 
+pub(crate) mod connect;
 pub(crate) mod memory;
 pub(crate) mod near;
 pub(crate) mod redis;
-mod shards;
 
 use bytes::Bytes;
+use near::NearCache;
 use std::time::Duration;
 
 /// A stamp key (namespace generation or tag) and the expiry it gets when (re)created.
@@ -22,8 +24,8 @@ pub(crate) struct StampKey {
 pub(crate) struct Read {
     pub(crate) entry: Option<Bytes>,
     pub(crate) stamps: Vec<Bytes>,
-    /// Served by the near cache, without a round trip: its stamp sequence before the lookup
-    /// (to mark the entry checked if its stamps match).
+    /// Answered by the near cache, without a round trip: its stamp sequence before the
+    /// lookup (to mark the entry checked if its stamps match).
     pub(crate) near: Option<u64>,
 }
 
@@ -46,15 +48,17 @@ pub(crate) enum Store {
 }
 
 impl Store {
-    /// Reads an entry (kept at most `entry_ttl` by a near cache) and its stamps.
+    /// Reads an entry and its stamps (over `near`'s tracking connection when given, which
+    /// keeps the entry at most `entry_ttl`).
     pub(crate) async fn read(
         &self,
         entry: &str,
         entry_ttl: Duration,
         stamps: &[StampKey],
+        near: Option<&NearCache>,
     ) -> Result<Read, StoreError> {
         match self {
-            Store::Redis(r) => r.read(entry, entry_ttl, stamps).await,
+            Store::Redis(r) => r.read(entry, entry_ttl, stamps, near).await,
             Store::Memory(m) => Ok(m.read(entry, stamps)),
         }
     }
@@ -85,8 +89,32 @@ impl Store {
         }
     }
 
+    /// A health check: `PING` for Redis; the in-memory backend is always up.
+    pub(crate) async fn ping(&self) -> Result<(), StoreError> {
+        match self {
+            Store::Redis(r) => r.ping().await,
+            Store::Memory(_) => Ok(()),
+        }
+    }
+
     /// Whether operations can fail (and so need the breaker and pending invalidations).
     pub(crate) fn is_remote(&self) -> bool {
         matches!(self, Store::Redis(_))
+    }
+
+    /// Entries held in this process, when the backend holds them here.
+    pub(crate) fn local_entry_count(&self) -> Option<u64> {
+        match self {
+            Store::Memory(m) => Some(m.entry_count()),
+            Store::Redis(_) => None,
+        }
+    }
+
+    /// The backend's name, for `Debug`.
+    pub(crate) fn kind(&self) -> &'static str {
+        match self {
+            Store::Redis(_) => "redis",
+            Store::Memory(_) => "memory",
+        }
     }
 }

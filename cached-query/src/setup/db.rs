@@ -1,10 +1,11 @@
 //! Database pools configured from the environment: the knobs every hand-tuned pool has
 //! (size, overflow, timeouts, recycling, pre-ping, echo), mapped onto sqlx.
 
-use crate::Error;
+use super::env::{non_empty, parse_bool, parse_secs, parse_u64};
 #[cfg(any(feature = "postgres", feature = "sqlite"))]
-use crate::config::scrub_password;
-use crate::config::{non_empty, parse_bool, parse_u64, redact_url};
+use super::url::scrub_password;
+use super::url::redact_url;
+use crate::Error;
 use std::time::Duration;
 
 /// Pool settings, usually read with [`DbConfig::from_env`].
@@ -15,7 +16,11 @@ use std::time::Duration;
 /// statements slower than `slow_statement_threshold` logged at `warn`; on PostgreSQL
 /// `application_name` and `statement_timeout` are set on every connection. The whole connect
 /// is bounded by `connect_timeout`.
+///
+/// Build one with [`from_env`](Self::from_env) or [`new`](Self::new) (the defaults below),
+/// then adjust its fields.
 #[derive(Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct DbConfig {
     /// `DATABASE_URL`: `postgres://`, `postgresql://` or `sqlite:`.
     pub url: String,
@@ -105,11 +110,27 @@ fn scheme(url: &str) -> Option<Scheme> {
     }
 }
 
-fn secs(name: &str, value: &str) -> Result<Duration, Error> {
-    Ok(Duration::from_secs(parse_u64(name, value, 1)?))
-}
-
 impl DbConfig {
+    /// The settings for `url` with every default of the configuration table: 10 + 20
+    /// connections, 30 s pool timeout, 3600 s recycle, 600 s idle timeout, pre-ping on, echo
+    /// off, slow statements above 100 ms, 10 s connect timeout.
+    pub fn new(url: impl Into<String>) -> DbConfig {
+        DbConfig {
+            url: url.into(),
+            pool_size: 10,
+            max_overflow: 20,
+            pool_timeout: Duration::from_secs(30),
+            pool_recycle: Duration::from_secs(3600),
+            idle_timeout: Duration::from_secs(600),
+            pre_ping: true,
+            echo: false,
+            slow_statement_threshold: Duration::from_millis(100),
+            connect_timeout: Duration::from_secs(10),
+            application_name: None,
+            statement_timeout: None,
+        }
+    }
+
     /// Reads the process environment; see the README's configuration table.
     pub fn from_env() -> Result<DbConfig, Error> {
         Self::from_lookup(|name| std::env::var(name).ok())
@@ -133,20 +154,7 @@ impl DbConfig {
                 "a postgres://, postgresql:// or sqlite: URL",
             ));
         }
-        let mut config = DbConfig {
-            url,
-            pool_size: 10,
-            max_overflow: 20,
-            pool_timeout: Duration::from_secs(30),
-            pool_recycle: Duration::from_secs(3600),
-            idle_timeout: Duration::from_secs(600),
-            pre_ping: true,
-            echo: false,
-            slow_statement_threshold: Duration::from_millis(100),
-            connect_timeout: Duration::from_secs(10),
-            application_name: None,
-            statement_timeout: None,
-        };
+        let mut config = DbConfig::new(url);
         let u32_var = |name: &str, v: &str, min: u64| -> Result<u32, Error> {
             let n = parse_u64(name, v, min)?;
             u32::try_from(n).map_err(|_| {
@@ -164,16 +172,16 @@ impl DbConfig {
             config.max_overflow = u32_var("DB_MAX_OVERFLOW", &v, 0)?;
         }
         if let Some(v) = get("DB_POOL_TIMEOUT") {
-            config.pool_timeout = secs("DB_POOL_TIMEOUT", &v)?;
+            config.pool_timeout = parse_secs("DB_POOL_TIMEOUT", &v)?;
         }
         if let Some(v) = get("DB_POOL_RECYCLE") {
-            config.pool_recycle = secs("DB_POOL_RECYCLE", &v)?;
+            config.pool_recycle = parse_secs("DB_POOL_RECYCLE", &v)?;
         }
         if let Some(v) = get("DB_IDLE_TIMEOUT") {
-            config.idle_timeout = secs("DB_IDLE_TIMEOUT", &v)?;
+            config.idle_timeout = parse_secs("DB_IDLE_TIMEOUT", &v)?;
         }
         if let Some(v) = get("DB_CONNECT_TIMEOUT") {
-            config.connect_timeout = secs("DB_CONNECT_TIMEOUT", &v)?;
+            config.connect_timeout = parse_secs("DB_CONNECT_TIMEOUT", &v)?;
         }
         if let Some(v) = get("DB_PRE_PING") {
             config.pre_ping = parse_bool("DB_PRE_PING", &v)?;
@@ -251,7 +259,7 @@ impl DbConfig {
         let mut options =
             sqlx::postgres::PgConnectOptions::from_str(&self.url).map_err(|e| Error::Connect {
                 target: redact_url(&self.url),
-                reason: scrub_password(&e.to_string(), &self.url),
+                source: Scrubbed::boxed(e, &self.url),
             })?;
         if let Some(name) = &self.application_name {
             options = options.application_name(name);
@@ -275,7 +283,7 @@ impl DbConfig {
         let options = sqlx::sqlite::SqliteConnectOptions::from_str(&self.url)
             .map_err(|e| Error::Connect {
                 target: self.url.clone(),
-                reason: e.to_string(),
+                source: Scrubbed::boxed(e, &self.url),
             })?
             .journal_mode(sqlx::sqlite::SqliteJournalMode::Wal)
             .busy_timeout(self.pool_timeout)
@@ -297,15 +305,49 @@ impl DbConfig {
             Ok(Ok(pool)) => Ok(pool),
             Ok(Err(e)) => Err(Error::Connect {
                 target,
-                reason: scrub_password(&e.to_string(), &self.url),
+                source: Scrubbed::boxed(e, &self.url),
             }),
             Err(_) => Err(Error::Connect {
                 target,
-                reason: format!(
+                source: format!(
                     "no connection within DB_CONNECT_TIMEOUT ({:?})",
                     self.connect_timeout
-                ),
+                )
+                .into(),
             }),
         }
+    }
+}
+
+/// A database error whose message is shown with the URL's passwords removed; its own
+/// `source()` (an I/O error, a TLS error…) stays reachable.
+#[cfg(any(feature = "postgres", feature = "sqlite"))]
+#[derive(Debug)]
+struct Scrubbed {
+    message: String,
+    error: sqlx::Error,
+}
+
+#[cfg(any(feature = "postgres", feature = "sqlite"))]
+impl Scrubbed {
+    fn boxed(error: sqlx::Error, url: &str) -> crate::error::BoxError {
+        Box::new(Scrubbed {
+            message: scrub_password(&error.to_string(), url),
+            error,
+        })
+    }
+}
+
+#[cfg(any(feature = "postgres", feature = "sqlite"))]
+impl std::fmt::Display for Scrubbed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+#[cfg(any(feature = "postgres", feature = "sqlite"))]
+impl std::error::Error for Scrubbed {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        std::error::Error::source(&self.error)
     }
 }

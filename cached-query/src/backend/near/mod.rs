@@ -5,7 +5,8 @@
 //!
 //! Coherence rules:
 //! - a push message drops the keys it names (a `null` one, after `FLUSHALL`, drops all);
-//! - this process's own invalidations drop their keys as soon as Redis has accepted them;
+//! - this process's own invalidations drop their keys once sent (accepted or not: a timed-out
+//!   one may have landed);
 //! - a lost connection drops everything: messages may have been missed;
 //! - a fill (values read from Redis) is kept only if nothing was dropped while it was in
 //!   flight, so a message that overtook its reply cannot be undone by it;
@@ -13,22 +14,17 @@
 //!   stamp is dropped (a tag or generation message, an own invalidation, a reset); messages
 //!   about entries (every miss in any process writes one) do not end that state.
 
-use super::shards::Shards;
+mod shards;
+
 use super::{Read, StampKey};
-use crate::tags::is_entry_key;
+use shards::Shards;
+use crate::keyspace::is_entry_key;
 use bytes::Bytes;
 use redis::aio::MultiplexedConnection;
 use redis::{AsyncConnectionConfig, Client, PushInfo, PushKind, Value};
 use std::sync::atomic::{AtomicU64, Ordering::SeqCst};
 use std::sync::{Arc, Mutex, RwLock, Weak};
 use std::time::Duration;
-
-/// Counters of the near cache since the cache was built.
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
-pub(crate) struct NearCounters {
-    pub(crate) invalidations: u64,
-    pub(crate) resets: u64,
-}
 
 pub(crate) struct NearCache {
     shared: Arc<Shared>,
@@ -203,11 +199,12 @@ impl NearCache {
         self.shared.entries.len() as u64
     }
 
-    pub(crate) fn counters(&self) -> NearCounters {
-        NearCounters {
-            invalidations: self.shared.invalidations.load(SeqCst),
-            resets: self.shared.resets.load(SeqCst),
-        }
+    /// Invalidation messages received and resets, since the cache was built.
+    pub(crate) fn counters(&self) -> (u64, u64) {
+        (
+            self.shared.invalidations.load(SeqCst),
+            self.shared.resets.load(SeqCst),
+        )
     }
 }
 
@@ -345,8 +342,8 @@ pub(crate) mod tests {
     #[test]
     fn entry_messages_keep_other_entries_checked_and_stamp_messages_do_not() {
         let near = offline();
-        let entry = |n: u8| crate::tags::entry_key("ns", &[n; 32]);
-        let tag = key(&crate::tags::tag_key("ns", "items"));
+        let entry = |n: u8| crate::keyspace::entry_key("ns", &[n; 32]);
+        let tag = key(&crate::keyspace::tag_key("ns", "items"));
         for n in [1, 2] {
             fill(&near, near.seq(), &entry(n), &tag);
             let read = near.lookup(&entry(n), std::slice::from_ref(&tag)).unwrap();
@@ -371,6 +368,6 @@ pub(crate) mod tests {
         fill(&near, near.seq(), "e", &tag);
         near.shared.reset();
         assert!(near.lookup("e", &[tag]).is_none());
-        assert_eq!(near.counters().resets, 1);
+        assert_eq!(near.counters().1, 1);
     }
 }

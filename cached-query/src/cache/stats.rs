@@ -1,6 +1,5 @@
 //! Hit/miss/error counters, in total and per query name.
 
-use crate::backend::near::NearCounters;
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, RwLock};
@@ -134,8 +133,8 @@ impl Stats {
         }
     }
 
-    /// The counters, with the near cache's own (message and reset counts) when there is one.
-    pub(crate) fn snapshot(&self, near: NearCounters) -> CacheStats {
+    /// The counters, with the near cache's own message and reset counts.
+    pub(crate) fn snapshot(&self, near_invalidations: u64, near_resets: u64) -> CacheStats {
         let total = self.total.snapshot();
         let queries = self
             .per_query
@@ -147,8 +146,8 @@ impl Stats {
         CacheStats {
             hits: total.hits,
             near_hits: total.near_hits,
-            near_invalidations: near.invalidations,
-            near_resets: near.resets,
+            near_invalidations,
+            near_resets,
             misses: total.misses,
             errors: total.errors,
             decode_errors: total.decode_errors,

@@ -36,11 +36,15 @@ impl Breaker {
     /// Whether to call Redis now. While open, returns `false`; once the cooldown is over,
     /// exactly one caller gets `true` (the probe) and the others keep skipping until it reports.
     pub(crate) fn allow(&self) -> bool {
+        self.allow_at(self.now())
+    }
+
+    /// [`allow`](Self::allow) at `now` microseconds since `start`.
+    fn allow_at(&self, now: u64) -> bool {
         if self.failures.load(Relaxed) < self.threshold {
             return true;
         }
         let until = self.open_until.load(Acquire);
-        let now = self.now();
         now >= until
             && self
                 .open_until
@@ -62,10 +66,14 @@ impl Breaker {
     }
 
     pub(crate) fn failure(&self) {
+        self.failure_at(self.now());
+    }
+
+    fn failure_at(&self, now: u64) {
         let failures = self.failures.fetch_add(1, Relaxed).saturating_add(1);
         if failures >= self.threshold {
             self.open_until
-                .store(self.now().saturating_add(self.cooldown_micros()), Release);
+                .store(now.saturating_add(self.cooldown_micros()), Release);
         }
     }
 
@@ -122,20 +130,27 @@ mod tests {
     use super::*;
 
     #[test]
-    fn opens_after_threshold_and_lets_one_probe_through() {
-        let b = Breaker::new(3, Duration::ZERO);
-        assert!(b.allow());
-        b.failure();
-        b.failure();
-        assert!(b.allow());
-        b.failure();
+    fn opens_after_threshold_and_lets_exactly_one_probe_through() {
+        let b = Breaker::new(3, Duration::from_secs(1));
+        let t0 = 5_000_000; // µs since start
+        assert!(b.allow_at(t0));
+        b.failure_at(t0);
+        b.failure_at(t0);
+        assert!(b.allow_at(t0));
+        b.failure_at(t0);
         assert!(b.is_open());
-        // cooldown zero: exactly one probe wins each round
-        let probes = (0..10).filter(|_| b.allow()).count();
-        assert!(probes >= 1);
+        assert!(!b.allow_at(t0 + 999_999), "still cooling down");
+        // Cooldown over: one caller probes, every other one keeps skipping.
+        let after = t0 + 1_000_000;
+        let probes = (0..10).filter(|i| b.allow_at(after + i)).count();
+        assert_eq!(probes, 1);
+        // The probe failed: open again for a whole cooldown.
+        b.failure_at(after);
+        assert!(!b.allow_at(after + 999_999));
+        assert!(b.allow_at(after + 1_000_000));
         b.success();
         assert!(!b.is_open());
-        assert!(b.allow() && b.allow());
+        assert!(b.allow_at(after) && b.allow_at(after));
     }
 
     #[test]

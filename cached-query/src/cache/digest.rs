@@ -1,5 +1,5 @@
-//! Entry keys: the sha256 of a canonical JSON document built from the query's identity
-//! and its arguments, so no argument value ever appears in a Redis key name.
+//! The argument digest: the sha256 of a canonical JSON document built from the query's
+//! identity and its arguments, so no argument value ever appears in a Redis key name.
 
 use serde::Serialize;
 use serde_json::Value;
@@ -119,27 +119,6 @@ fn write_json<T: Serialize + ?Sized>(out: &mut Vec<u8>, value: &T) {
         .expect("writing JSON of plain values into memory cannot fail");
 }
 
-#[cfg(any(test, feature = "sessions"))]
-pub(crate) fn sha256_hex(bytes: &[u8]) -> String {
-    let mut hex = String::with_capacity(64);
-    push_hex(&mut hex, &Sha256::digest(bytes));
-    hex
-}
-
-/// The raw sha256 of `bytes`.
-pub(crate) fn sha256(bytes: &[u8]) -> [u8; 32] {
-    Sha256::digest(bytes).into()
-}
-
-/// Appends `bytes` as lowercase hex.
-pub(crate) fn push_hex(out: &mut String, bytes: &[u8]) {
-    const HEX: &[u8; 16] = b"0123456789abcdef";
-    for b in bytes {
-        out.push(char::from(HEX[usize::from(b >> 4)]));
-        out.push(char::from(HEX[usize::from(b & 0xF)]));
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -218,8 +197,9 @@ mod tests {
 mod golden {
     use super::*;
 
-    /// Keys must be identical in every process and build: changing this value means every
-    /// deployed cache entry is abandoned, so it must be a deliberate decision.
+    /// Keys must be identical in every process and every build with the same compiler:
+    /// changing this value means every deployed cache entry is abandoned, so it must be a
+    /// deliberate decision.
     #[test]
     fn key_format_is_stable() {
         let mut k = KeyBuilder::new("app::users::get_user", 3);
@@ -229,10 +209,13 @@ mod golden {
         let digest = k.digest().unwrap();
         let doc =
             r#"{"q":"app::users::get_user","v":3,"t":[],"a":[42,{"a":null,"b":[1,2]},"text"]}"#;
-        let mut hex = String::new();
-        push_hex(&mut hex, &digest);
-        assert_eq!(hex, sha256_hex(doc.as_bytes()));
-        assert_eq!(hex, GOLDEN);
+        let hex = |bytes: &[u8]| {
+            let mut hex = String::new();
+            crate::keyspace::push_hex(&mut hex, bytes);
+            hex
+        };
+        assert_eq!(hex(&digest), hex(&Sha256::digest(doc.as_bytes())));
+        assert_eq!(hex(&digest), GOLDEN);
     }
 
     const GOLDEN: &str = "df55202954174c28e9ba00faa17087c497ae53c421088489f7705fbd47fd94e8";

@@ -1,10 +1,12 @@
-//! `CacheBuilder`: choose a backend and tune it.
+//! `CacheBuilder`: choose a backend and tune it, by hand or from the environment.
 
-use crate::Error;
-use crate::backend::redis::{RedisStore, connection_manager, near_cache};
+use super::{Cache, Settings};
+use crate::backend::connect::{self, Connections, Timeouts};
+use crate::backend::near::NearCache;
+use crate::backend::redis::RedisStore;
 use crate::backend::{Store, memory::MemoryStore};
-use crate::cache::{Cache, Settings};
-use crate::config::{RedisConfig, redact_url};
+use crate::setup::env::{non_empty, parse_bool, parse_secs, parse_u64};
+use crate::{Error, RedisConfig, redact_url};
 use std::time::Duration;
 
 #[derive(Debug, Clone)]
@@ -31,7 +33,7 @@ pub struct CacheBuilder {
     response_timeout: Duration,
     breaker_failures: u32,
     breaker_cooldown: Duration,
-    #[cfg(feature = "tls")]
+    /// PEM of the CA trusted for `rediss://` (used with the `tls` feature).
     root_certificate: Option<Vec<u8>>,
 }
 
@@ -71,7 +73,6 @@ impl Default for CacheBuilder {
             response_timeout: Duration::from_millis(250),
             breaker_failures: 3,
             breaker_cooldown: Duration::from_secs(1),
-            #[cfg(feature = "tls")]
             root_certificate: None,
         }
     }
@@ -100,7 +101,7 @@ impl CacheBuilder {
     }
 
     /// Applies Redis settings (typically [`RedisConfig::from_env`]): Redis when it has a
-    /// URL, the in-memory backend otherwise, and its timeouts.
+    /// URL, the in-memory backend otherwise, its timeouts and its root certificate.
     #[must_use]
     pub fn redis_config(mut self, config: RedisConfig) -> Self {
         self.backend = match (config.cluster_urls.is_empty(), config.url) {
@@ -110,6 +111,9 @@ impl CacheBuilder {
         };
         self.connect_timeout = config.connect_timeout;
         self.response_timeout = config.response_timeout;
+        if config.root_certificate.is_some() {
+            self.root_certificate = config.root_certificate;
+        }
         self
     }
 
@@ -151,7 +155,7 @@ impl CacheBuilder {
     ///     .near_cache(10_000)
     ///     .build()
     ///     .await?;
-    /// assert_eq!(cache.near_entry_count(), Some(0));
+    /// assert_eq!(cache.entry_count(), Some(0));
     /// # Ok(()) }
     /// ```
     #[must_use]
@@ -280,86 +284,91 @@ impl CacheBuilder {
     /// unreachable Redis is not an error (calls fall back to the database until it is back).
     pub async fn build(self) -> Result<Cache, Error> {
         self.validate()?;
-        let store = match &self.backend {
-            Backend::Disabled => None,
-            Backend::Memory => Some(Store::Memory(MemoryStore::new(self.capacity))),
-            Backend::Redis(url) => Some(Store::Redis(self.connect_redis(url)?)),
-            Backend::RedisCluster(urls) => Some(Store::Redis(self.connect_cluster(urls)?)),
+        let timeouts = Timeouts {
+            connect: self.connect_timeout,
+            response: self.response_timeout,
         };
-        Ok(Cache::new(
-            store,
-            Settings {
-                namespace: self.namespace,
-                default_ttl: self.default_ttl,
-                tag_ttl: self.tag_ttl,
-                max_value_size: self.max_value_size,
-                breaker_failures: self.breaker_failures,
-                breaker_cooldown: self.breaker_cooldown,
-            },
-        ))
-    }
-
-    /// The CA to trust for `rediss://`, if one was given.
-    fn root_certificate(&self) -> Option<&[u8]> {
-        #[cfg(feature = "tls")]
-        return self.root_certificate.as_deref();
-        #[cfg(not(feature = "tls"))]
-        None
-    }
-
-    fn connect_cluster(&self, urls: &[String]) -> Result<RedisStore, Error> {
-        let shown = urls
-            .iter()
-            .map(|u| redact_url(u))
-            .collect::<Vec<_>>()
-            .join(",");
-        let invalid = |reason: String| Error::InvalidUrl {
-            url: shown.clone(),
-            reason,
-        };
-        if urls.is_empty() {
-            return Err(invalid("a cluster needs at least one node URL".to_owned()));
-        }
-        #[cfg(feature = "tls")]
-        let _ = rustls::crypto::ring::default_provider().install_default();
-        let client = redis::cluster::ClusterClient::builder(urls.iter().map(String::as_str))
-            .connection_timeout(self.connect_timeout)
-            .response_timeout(self.response_timeout)
-            .retries(1)
-            .build()
-            .map_err(|e| invalid(e.to_string()))?;
-        Ok(RedisStore::cluster(
-            client,
-            self.response_timeout.max(self.connect_timeout),
-        ))
-    }
-
-    fn connect_redis(&self, url: &str) -> Result<RedisStore, Error> {
-        let conns = (0..self.connections)
-            .map(|_| {
-                connection_manager(
-                    url,
-                    self.root_certificate(),
-                    self.connect_timeout,
-                    self.response_timeout,
-                )
-            })
-            .collect::<Result<Vec<_>, _>>()?;
-        let near = match self.near_capacity {
-            Some(capacity) => Some(near_cache(
-                url,
-                self.root_certificate(),
-                capacity,
-                self.connect_timeout,
-                self.response_timeout,
-            )?),
-            None => None,
-        };
+        let root_cert = self.root_certificate.as_deref();
         // The first call may also have to connect; later calls only wait for a response.
-        Ok(RedisStore::new(
-            conns,
-            self.response_timeout.max(self.connect_timeout),
-            near,
-        ))
+        let deadline = self.response_timeout.max(self.connect_timeout);
+        let (store, near) = match &self.backend {
+            Backend::Disabled => (None, None),
+            Backend::Memory => (Some(Store::Memory(MemoryStore::new(self.capacity))), None),
+            Backend::Redis(url) => {
+                let conns = Connections::single(url, root_cert, self.connections, timeouts)?;
+                let near = match self.near_capacity {
+                    Some(capacity) => Some(NearCache::new(
+                        connect::client(url, true, root_cert)?,
+                        capacity,
+                        timeouts.connect,
+                        timeouts.response,
+                    )),
+                    None => None,
+                };
+                (Some(Store::Redis(RedisStore::new(conns, deadline))), near)
+            }
+            Backend::RedisCluster(urls) => {
+                let conns = Connections::cluster(urls, root_cert, timeouts)?;
+                (Some(Store::Redis(RedisStore::new(conns, deadline))), None)
+            }
+        };
+        Ok(Cache::new(store, near, self.settings()))
+    }
+
+    fn settings(self) -> Settings {
+        Settings {
+            namespace: self.namespace,
+            default_ttl: self.default_ttl,
+            tag_ttl: self.tag_ttl,
+            max_value_size: self.max_value_size,
+            breaker_failures: self.breaker_failures,
+            breaker_cooldown: self.breaker_cooldown,
+        }
+    }
+
+    /// A Redis cache with a given near cache (one that never connects, in unit tests).
+    #[cfg(test)]
+    pub(crate) fn build_with_near(self, near: NearCache) -> Result<Cache, Error> {
+        let Backend::Redis(url) = &self.backend else {
+            unreachable!("tests pass a Redis URL")
+        };
+        let timeouts = Timeouts {
+            connect: self.connect_timeout,
+            response: self.response_timeout,
+        };
+        let conns = Connections::single(url, None, 1, timeouts)?;
+        let store = Store::Redis(RedisStore::new(conns, self.response_timeout));
+        Ok(Cache::new(Some(store), Some(near), self.settings()))
+    }
+
+    /// A builder from environment variables: [`RedisConfig::from_lookup`]'s, plus
+    /// `CACHE_NAMESPACE`, `CACHE_DEFAULT_TTL`, `CACHE_NEAR_CAPACITY` and `CACHE_ENABLED`.
+    pub(crate) fn from_lookup<F>(lookup: F) -> Result<CacheBuilder, Error>
+    where
+        F: Fn(&str) -> Option<String>,
+    {
+        let redis = RedisConfig::from_lookup(&lookup)?;
+        let get = |name: &str| non_empty(&lookup, name);
+        let mut builder = CacheBuilder::default();
+        if let Some(ns) = get("CACHE_NAMESPACE") {
+            builder = builder.namespace(ns.trim());
+        }
+        if let Some(v) = get("CACHE_DEFAULT_TTL") {
+            builder = builder.default_ttl(parse_secs("CACHE_DEFAULT_TTL", &v)?);
+        }
+        let enabled = match get("CACHE_ENABLED") {
+            Some(v) => parse_bool("CACHE_ENABLED", &v)?,
+            None => true,
+        };
+        if !enabled {
+            return Ok(builder.disabled());
+        }
+        if redis.url.is_none() && redis.cluster_urls.is_empty() {
+            tracing::info!("REDIS_URL is not set: cached-query uses its in-process memory backend");
+        }
+        if let Some(v) = get("CACHE_NEAR_CAPACITY") {
+            builder = builder.near_cache(parse_u64("CACHE_NEAR_CAPACITY", &v, 1)?);
+        }
+        Ok(builder.redis_config(redis))
     }
 }

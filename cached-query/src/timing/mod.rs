@@ -1,10 +1,15 @@
-//! `#[timed]`: per-query latency statistics and the slow-query log.
+//! Instrumentation: `#[timed]` support (per-query latency statistics and the slow-query
+//! log) and `count_calls`.
 //!
 //! Each annotated function owns a `static` [`Timer`](crate::__private::Timer) that resolves its
 //! named series once; after that a call costs two clock reads and a few relaxed atomics, with
 //! no lock. Series of the same name (several functions sharing `name = …`) are merged.
 
-use crate::histogram::Histogram;
+pub(crate) mod calls;
+mod histogram;
+
+use histogram::Histogram;
+use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
@@ -19,7 +24,7 @@ pub struct Timing {
     pub count: u64,
     /// Calls slower than their threshold.
     pub slow_count: u64,
-    /// Median latency (within 2 %, clamped to the observed range).
+    /// Median latency (within 0.8 %, clamped to the observed range).
     pub p50: Duration,
     /// 95th percentile.
     pub p95: Duration,
@@ -99,7 +104,7 @@ fn default_threshold_nanos() -> u64 {
         return current;
     }
     let from_env = std::env::var("SLOW_QUERY_THRESHOLD_MS").ok().and_then(|v| {
-        match crate::config::parse_u64("SLOW_QUERY_THRESHOLD_MS", &v, 0) {
+        match crate::setup::env::parse_u64("SLOW_QUERY_THRESHOLD_MS", &v, 0) {
             Ok(ms) => Some(ms),
             Err(e) => {
                 tracing::warn!(error = %e, "cached-query: ignoring SLOW_QUERY_THRESHOLD_MS, using 100 ms");
@@ -196,4 +201,14 @@ impl Timer {
             SlowLevel::Trace => emit!(tracing::Level::TRACE),
         }
     }
+}
+
+/// Runs the body of an async `#[timed]` function (counted by `count_calls`).
+pub async fn timed_body<F: Future>(fut: F) -> F::Output {
+    calls::execute(fut).await
+}
+
+/// Runs the body of a sync `#[timed]` function (counted by `count_calls`).
+pub fn timed_body_sync<T>(f: impl FnOnce() -> T) -> T {
+    calls::execute_sync(f)
 }

@@ -1,11 +1,19 @@
-//! Key names for tags and the namespace generation, and the random version tokens they hold.
+//! The key space: every Redis key name the crate writes (entries, tags, the namespace
+//! generation, sessions), all under `{namespace}:`, and the random version tokens of stamps.
+//!
+//! ```text
+//! {ns}:g            namespace generation token (`clear()` replaces it)
+//! {ns}:t:{32 hex}   tag version token (first 16 bytes of sha256(tag))
+//! {ns}:e:{64 hex}   cached entry (sha256 of the call's canonical key document)
+//! {ns}:session:{64 hex}   tower-sessions record (sha256 of the session id)
+//! ```
 //!
 //! A tag is a *version stamp*, not a set of entry keys: invalidating it writes a fresh random
 //! token (O(1) whatever the number of entries), and every entry stores the tokens it was
 //! computed under. A missing tag key is re-created with a new random token, so eviction or
 //! expiry can only cause misses — it never makes an old entry valid again.
 
-use crate::key::{push_hex, sha256};
+use sha2::{Digest, Sha256};
 
 /// Length in bytes of a version token.
 pub(crate) const TOKEN_LEN: usize = 16;
@@ -47,6 +55,26 @@ pub(crate) fn is_entry_key(key: &str) -> bool {
 }
 
 const ENTRY_MARKER: &str = ":e:";
+
+/// The key of a session record. The id is a bearer secret: only its hash is in the name.
+#[cfg(feature = "sessions")]
+pub(crate) fn session_key(namespace: &str, session_id: &str) -> String {
+    hashed_key(namespace, ":session:", &sha256(session_id.as_bytes()))
+}
+
+/// The raw sha256 of `bytes`.
+pub(crate) fn sha256(bytes: &[u8]) -> [u8; 32] {
+    Sha256::digest(bytes).into()
+}
+
+/// Appends `bytes` as lowercase hex.
+pub(crate) fn push_hex(out: &mut String, bytes: &[u8]) {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    for b in bytes {
+        out.push(char::from(HEX[usize::from(b >> 4)]));
+        out.push(char::from(HEX[usize::from(b & 0xF)]));
+    }
+}
 
 /// `{namespace}{marker}{hex of hash}`.
 fn hashed_key(namespace: &str, marker: &str, hash: &[u8]) -> String {

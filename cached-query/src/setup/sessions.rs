@@ -3,11 +3,10 @@
 //! Unlike the cache, sessions are state, not copies: a Redis error is an error here (the
 //! session middleware turns it into a failed request), never a silent fallback.
 
-use crate::Error;
-use crate::backend::redis::connection_manager;
-use crate::config::RedisConfig;
-use crate::key::sha256_hex;
-use redis::aio::ConnectionManager;
+use crate::backend::connect::Connections;
+use crate::keyspace::session_key;
+use crate::{Error, RedisConfig};
+use std::sync::Arc;
 use tower_sessions_core::session::{Id, Record};
 use tower_sessions_core::session_store::{self, SessionStore};
 
@@ -15,7 +14,7 @@ use tower_sessions_core::session_store::{self, SessionStore};
 /// itself, a bearer secret, never appears in a key name), expiring with the session.
 #[derive(Clone)]
 pub struct RedisSessionStore {
-    conn: ConnectionManager,
+    conns: Arc<Connections>,
     namespace: String,
 }
 
@@ -32,29 +31,22 @@ fn backend(e: impl std::fmt::Display) -> session_store::Error {
 }
 
 impl RedisSessionStore {
-    /// A store on `config`'s Redis (`REDIS_URL`, with its password and timeouts). Connects
-    /// lazily; fails only when the URL is malformed or absent.
+    /// A store on `config`'s Redis, set up like the cache: `REDIS_CLUSTER_URLS` when set,
+    /// else `REDIS_URL`, with the password, timeouts and `REDIS_CA_CERT`. Connects lazily;
+    /// fails only when no URL is set or one is malformed.
     pub fn new(config: &RedisConfig, namespace: &str) -> Result<Self, Error> {
-        let url = config.url.as_deref().ok_or_else(|| {
-            Error::config(
-                "REDIS_URL",
-                "",
-                "a Redis URL: sessions need Redis (it is not set)",
-            )
-        })?;
-        let conn = connection_manager(url, None, config.connect_timeout, config.response_timeout)?;
         Ok(RedisSessionStore {
-            conn,
+            conns: Arc::new(Connections::from_config(config, "sessions")?),
             namespace: namespace.to_owned(),
         })
     }
 
     fn key(&self, id: &Id) -> String {
-        format!(
-            "{}:session:{}",
-            self.namespace,
-            sha256_hex(id.to_string().as_bytes())
-        )
+        session_key(&self.namespace, &id.to_string())
+    }
+
+    async fn conn(&self) -> session_store::Result<crate::backend::connect::Conn> {
+        self.conns.get().await.map_err(backend)
     }
 
     /// Writes `record`; `only_new` makes it fail (return `false`) if the id is taken.
@@ -70,7 +62,7 @@ impl RedisSessionStore {
             set.arg("NX");
         }
         let reply: Option<String> = set
-            .query_async(&mut self.conn.clone())
+            .query_async(&mut self.conn().await?)
             .await
             .map_err(backend)?;
         Ok(reply.is_some())
@@ -93,7 +85,7 @@ impl SessionStore for RedisSessionStore {
     async fn load(&self, id: &Id) -> session_store::Result<Option<Record>> {
         let bytes: Option<Vec<u8>> = redis::cmd("GET")
             .arg(self.key(id))
-            .query_async(&mut self.conn.clone())
+            .query_async(&mut self.conn().await?)
             .await
             .map_err(backend)?;
         bytes
@@ -106,7 +98,7 @@ impl SessionStore for RedisSessionStore {
     async fn delete(&self, id: &Id) -> session_store::Result<()> {
         redis::cmd("DEL")
             .arg(self.key(id))
-            .query_async::<()>(&mut self.conn.clone())
+            .query_async::<()>(&mut self.conn().await?)
             .await
             .map_err(backend)
     }

@@ -1,0 +1,243 @@
+//! Connections to Redis: a few multiplexed connections to one node, or a cluster, each
+//! connected lazily with connect/response timeouts and, for `rediss://`, a chosen CA.
+//! Shared by the cache's store and the session store.
+
+use crate::Error;
+use redis::aio::{ConnectionLike, ConnectionManager};
+use redis::cluster::ClusterClient;
+use redis::cluster_async::ClusterConnection;
+use redis::{Cmd, Pipeline, RedisFuture, Value};
+use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
+use std::time::Duration;
+
+/// Where to connect and how long to wait (the parts of the cache's and the session store's
+/// settings that connections need).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Timeouts {
+    pub(crate) connect: Duration,
+    pub(crate) response: Duration,
+}
+
+/// One connection to a node or to a cluster, for one operation.
+#[derive(Clone)]
+pub(crate) enum Conn {
+    Single(ConnectionManager),
+    Cluster(ClusterConnection),
+}
+
+impl ConnectionLike for Conn {
+    fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
+        match self {
+            Conn::Single(c) => c.req_packed_command(cmd),
+            Conn::Cluster(c) => c.req_packed_command(cmd),
+        }
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        cmd: &'a Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> RedisFuture<'a, Vec<Value>> {
+        match self {
+            Conn::Single(c) => c.req_packed_commands(cmd, offset, count),
+            Conn::Cluster(c) => c.req_packed_commands(cmd, offset, count),
+        }
+    }
+
+    fn get_db(&self) -> i64 {
+        match self {
+            Conn::Single(c) => c.get_db(),
+            Conn::Cluster(c) => c.get_db(),
+        }
+    }
+}
+
+/// The connections of one store.
+pub(crate) enum Connections {
+    /// Requests are spread over these connections in turn: each multiplexed connection
+    /// has one task that writes every request and parses every reply, so one connection
+    /// caps throughput at what one core can parse.
+    Single(Box<[ConnectionManager]>, AtomicUsize),
+    /// Connected on first use; a failed attempt is retried by the next call.
+    /// (Boxed: the client is large and lives once per cache.)
+    Cluster(Box<(ClusterClient, tokio::sync::OnceCell<ClusterConnection>)>),
+}
+
+impl std::fmt::Debug for Connections {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Connections::Single(conns, _) => write!(f, "Single({} connections)", conns.len()),
+            Connections::Cluster(_) => f.write_str("Cluster"),
+        }
+    }
+}
+
+impl Connections {
+    /// `count` lazily connected connections to the node at `url`.
+    pub(crate) fn single(
+        url: &str,
+        root_cert: Option<&[u8]>,
+        count: usize,
+        timeouts: Timeouts,
+    ) -> Result<Self, Error> {
+        let conns = (0..count.max(1))
+            .map(|_| connection_manager(url, root_cert, timeouts))
+            .collect::<Result<Box<[_]>, _>>()?;
+        Ok(Connections::Single(conns, AtomicUsize::new(0)))
+    }
+
+    /// A cluster discovered from `urls` (any of its nodes), connected on first use.
+    pub(crate) fn cluster(
+        urls: &[String],
+        root_cert: Option<&[u8]>,
+        timeouts: Timeouts,
+    ) -> Result<Self, Error> {
+        let shown = urls
+            .iter()
+            .map(|u| crate::redact_url(u))
+            .collect::<Vec<_>>()
+            .join(",");
+        let invalid = |source: crate::error::BoxError| Error::InvalidUrl {
+            url: shown.clone(),
+            source,
+        };
+        if urls.is_empty() {
+            return Err(invalid("a cluster needs at least one node URL".into()));
+        }
+        #[cfg(feature = "tls")]
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let builder = ClusterClient::builder(urls.iter().map(String::as_str))
+            .connection_timeout(timeouts.connect)
+            .response_timeout(timeouts.response)
+            .retries(1);
+        #[cfg(feature = "tls")]
+        let builder = match root_cert {
+            Some(pem) => builder.certs(redis::TlsCertificates {
+                client_tls: None,
+                root_cert: Some(pem.to_vec()),
+            }),
+            None => builder,
+        };
+        #[cfg(not(feature = "tls"))]
+        let _ = root_cert;
+        let client = builder.build().map_err(|e| invalid(e.into()))?;
+        Ok(Connections::Cluster(Box::new((
+            client,
+            tokio::sync::OnceCell::new(),
+        ))))
+    }
+
+    /// The connections described by `config`: its cluster if it names one, else its node.
+    #[cfg(feature = "sessions")]
+    pub(crate) fn from_config(
+        config: &crate::RedisConfig,
+        what_needs_it: &str,
+    ) -> Result<Self, Error> {
+        let root_cert = config.root_certificate.as_deref();
+        let timeouts = Timeouts {
+            connect: config.connect_timeout,
+            response: config.response_timeout,
+        };
+        if !config.cluster_urls.is_empty() {
+            return Self::cluster(&config.cluster_urls, root_cert, timeouts);
+        }
+        let url = config.url.as_deref().ok_or_else(|| {
+            Error::config(
+                "REDIS_URL",
+                "",
+                &format!("a Redis URL: {what_needs_it} needs Redis (neither REDIS_URL nor REDIS_CLUSTER_URLS is set)"),
+            )
+        })?;
+        Self::single(url, root_cert, 1, timeouts)
+    }
+
+    pub(crate) fn is_cluster(&self) -> bool {
+        matches!(self, Connections::Cluster(..))
+    }
+
+    /// A connection for one operation.
+    pub(crate) async fn get(&self) -> redis::RedisResult<Conn> {
+        match self {
+            Connections::Single(conns, next) => {
+                let i = next.fetch_add(1, Relaxed);
+                Ok(Conn::Single(conns[i % conns.len()].clone()))
+            }
+            Connections::Cluster(cluster) => {
+                let (client, cell) = &**cluster;
+                let c = cell
+                    .get_or_try_init(|| client.get_async_connection())
+                    .await?;
+                Ok(Conn::Cluster(c.clone()))
+            }
+        }
+    }
+}
+
+/// A lazily connecting single-node connection with the given timeouts.
+fn connection_manager(
+    url: &str,
+    root_cert: Option<&[u8]>,
+    timeouts: Timeouts,
+) -> Result<ConnectionManager, Error> {
+    let config = redis::aio::ConnectionManagerConfig::new()
+        .set_connection_timeout(Some(timeouts.connect))
+        .set_response_timeout(Some(timeouts.response))
+        .set_number_of_retries(1)
+        .set_max_delay(timeouts.response);
+    ConnectionManager::new_lazy_with_config(client(url, false, root_cert)?, config)
+        .map_err(|e| Error::invalid_url(url, e))
+}
+
+/// A client for `url`, speaking RESP3 when `resp3` (client-side caching needs it).
+pub(crate) fn client(
+    url: &str,
+    resp3: bool,
+    root_cert: Option<&[u8]>,
+) -> Result<redis::Client, Error> {
+    let invalid = |e: redis::RedisError| Error::invalid_url(url, e);
+    #[cfg(not(feature = "tls"))]
+    if url.starts_with("rediss://") {
+        return Err(invalid(redis::RedisError::from((
+            redis::ErrorKind::InvalidClientConfig,
+            "rediss:// URLs need the `tls` feature of cached-query",
+        ))));
+    }
+    let mut info = redis::IntoConnectionInfo::into_connection_info(url).map_err(invalid)?;
+    if resp3 {
+        let settings = info
+            .redis_settings()
+            .clone()
+            .set_protocol(redis::ProtocolVersion::RESP3);
+        info = info.set_redis_settings(settings);
+    }
+    open(info, root_cert).map_err(invalid)
+}
+
+/// Opens a client, trusting `root_cert` (PEM) for `rediss://` when given.
+#[cfg(feature = "tls")]
+fn open(
+    info: redis::ConnectionInfo,
+    root_cert: Option<&[u8]>,
+) -> redis::RedisResult<redis::Client> {
+    // rustls needs a process-wide crypto provider; keep one the application installed.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    match root_cert {
+        Some(pem) => redis::Client::build_with_tls(
+            info,
+            redis::TlsCertificates {
+                client_tls: None,
+                root_cert: Some(pem.to_vec()),
+            },
+        ),
+        None => redis::Client::open(info),
+    }
+}
+
+#[cfg(not(feature = "tls"))]
+fn open(
+    info: redis::ConnectionInfo,
+    _root_cert: Option<&[u8]>,
+) -> redis::RedisResult<redis::Client> {
+    redis::Client::open(info)
+}

@@ -1,0 +1,305 @@
+//! The read path of one `#[cached_query]` call, top to bottom:
+//!
+//! 1. **near layer**: an entry held in process and checked against its stamps since the
+//!    last stamp change is served at once; otherwise the entry and its stamps, if all held
+//!    in process, stand in for a Redis read (no round trip: the breaker never sees it);
+//! 2. **Redis round trip**: one read of the entry and its stamps, after delivering pending
+//!    invalidations and only while the breaker lets calls through;
+//! 3. **freshness**: the entry is served if it was computed under exactly these stamps;
+//! 4. **single-flight**: callers that missed the same entry under the same stamps share one
+//!    query;
+//! 5. **query**: the function body runs;
+//! 6. **store**: the result is written with the stamps read in step 1 or 2, so a result
+//!    computed before an invalidation is never served after it.
+
+use super::Cache;
+use super::digest::KeyBuilder;
+use super::envelope::{self, Decoded};
+use super::flights::Role;
+use super::stats::Recorder;
+use crate::backend::near::NearCache;
+use crate::backend::{Read, StampKey, Store, StoreError};
+use crate::keyspace::entry_key;
+use crate::timing::calls;
+use bytes::Bytes;
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use std::future::Future;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+/// The static description of one `#[cached_query]` function.
+#[derive(Debug)]
+pub struct Site {
+    /// Stats name and part of the key.
+    pub name: &'static str,
+    /// `version = …`, part of the key.
+    pub version: u32,
+    /// `ttl = …` in seconds; 0 means the cache's default.
+    pub ttl_secs: u64,
+    /// Whether `Ok(None)` is stored.
+    pub cache_none: bool,
+}
+
+impl Site {
+    fn ttl(&self) -> Option<Duration> {
+        (self.ttl_secs > 0).then(|| Duration::from_secs(self.ttl_secs))
+    }
+}
+
+/// A new key for a call of `site`.
+pub fn key(site: &'static Site) -> KeyBuilder {
+    KeyBuilder::new(site.name, site.version)
+}
+
+/// Runs one `#[cached_query]` call on `cache` (uncached, with one warning per process, when
+/// there is none).
+pub async fn cached<T, E, F>(
+    cache: Option<&Cache>,
+    site: &'static Site,
+    key: KeyBuilder,
+    tags: Vec<String>,
+    fut: F,
+) -> Result<T, E>
+where
+    T: Serialize + DeserializeOwned,
+    F: Future<Output = Result<T, E>>,
+{
+    match cache {
+        Some(cache) => cache.get_or_run(site, key, tags, fut).await,
+        None => {
+            super::global::warn_no_cache(site.name);
+            calls::execute(fut).await
+        }
+    }
+}
+
+impl Cache {
+    /// Serves `fut`'s result from the cache or runs it (see the module documentation).
+    pub(crate) async fn get_or_run<T, E, F>(
+        &self,
+        site: &'static Site,
+        key: KeyBuilder,
+        tags: Vec<String>,
+        fut: F,
+    ) -> Result<T, E>
+    where
+        T: Serialize + DeserializeOwned,
+        F: Future<Output = Result<T, E>>,
+    {
+        let inner = &*self.inner;
+        let rec = inner.stats.recorder(site.name);
+        let Some(store) = &inner.store else {
+            rec.miss();
+            return calls::execute(fut).await;
+        };
+        let digest = match key.digest() {
+            Ok(d) => d,
+            Err(e) => {
+                rec.error();
+                self.warn("an argument could not be serialised into the cache key", &e);
+                rec.miss();
+                return calls::execute(fut).await;
+            }
+        };
+        let entry = entry_key(&inner.settings.namespace, &digest);
+
+        // 1. Near layer, checked entry: nothing to compare.
+        let near = self.near_layer();
+        if let Some(bytes) = near.and_then(|n| n.checked(&entry))
+            && let Some(Ok(value)) = envelope::payload(&bytes).map(serde_json::from_slice::<T>)
+        {
+            record_hit(&rec, true);
+            return Ok(value);
+        }
+        let ttl = site.ttl().unwrap_or(inner.settings.default_ttl);
+        let mut stamp_keys = Vec::with_capacity(tags.len() + 1);
+        stamp_keys.push(self.generation_stamp());
+        stamp_keys.extend(tags.iter().map(|t| self.tag_stamp(t, Some(ttl))));
+        let epoch = inner.epoch.load(Ordering::SeqCst);
+        // Before the read: a result stored after this point must be visible to it.
+        let ticket = inner.flights.ticket();
+
+        // 1–2. Entry and stamps from the near layer, else one Redis round trip.
+        let read = match near.and_then(|n| n.lookup(&entry, &stamp_keys)) {
+            Some(local) => Ok(local),
+            None => self.round_trip(store, &entry, ttl, &stamp_keys, near).await,
+        };
+        // 3. Freshness.
+        let stamps = match read {
+            Ok(read) => {
+                if let Some(value) = self.fresh(&rec, &entry, &read) {
+                    record_hit(&rec, read.near.is_some());
+                    return Ok(value);
+                }
+                Some(read.stamps)
+            }
+            Err(e) => {
+                rec.error();
+                self.warn("Redis read failed", &e);
+                None
+            }
+        };
+
+        // 4. Single-flight.
+        let leader = match inner.flights.join(flight_key(&entry, epoch, stamps.as_deref()), ticket) {
+            Role::Leader(leader) => Some(leader),
+            Role::Follower(rx) => {
+                if let Some(payload) = inner.flights.follow(rx).await
+                    && let Ok(value) = serde_json::from_slice::<T>(&payload)
+                {
+                    rec.hit();
+                    calls::cache_hit();
+                    return Ok(value);
+                }
+                None
+            }
+        };
+
+        // 5. Query.
+        let result = calls::execute(fut).await;
+        rec.miss();
+        let Ok(value) = &result else {
+            return result;
+        };
+
+        // 6. Store.
+        let payload = match serde_json::to_vec(value) {
+            Ok(p) => p,
+            Err(e) => {
+                rec.error();
+                self.warn("the result could not be serialised", &e);
+                return result;
+            }
+        };
+        let stored = match stamps {
+            Some(stamps) => {
+                self.store_payload(store, &rec, site, &entry, &stamps, &payload, ttl)
+                    .await
+            }
+            None => false,
+        };
+        if let Some(leader) = leader {
+            leader.publish(payload.into(), stored);
+        }
+        result
+    }
+
+    /// The near cache, unless invalidations are pending: then nothing is served from
+    /// process memory until they are delivered.
+    fn near_layer(&self) -> Option<&NearCache> {
+        self.inner
+            .near
+            .as_ref()
+            .filter(|_| !self.inner.pending.any())
+    }
+
+    /// A Redis read, after delivering pending invalidations and only while the breaker
+    /// allows it; the breaker observes its outcome.
+    async fn round_trip(
+        &self,
+        store: &Store,
+        entry: &str,
+        entry_ttl: Duration,
+        stamps: &[StampKey],
+        near: Option<&NearCache>,
+    ) -> Result<Read, StoreError> {
+        if store.is_remote() {
+            if self.inner.pending.any() {
+                self.deliver_pending(store, false).await?;
+            }
+            if !self.inner.breaker.allow() {
+                return Err(StoreError::CircuitOpen);
+            }
+        }
+        let r = store.read(entry, entry_ttl, stamps, near).await;
+        self.observe(&r);
+        r
+    }
+
+    /// The value in `read`'s entry if it is fresh and decodes (a corrupt entry or one that
+    /// does not decode as `T` is counted); a near-cache entry is then marked checked.
+    fn fresh<T: DeserializeOwned>(
+        &self,
+        rec: &Recorder<'_>,
+        entry: &str,
+        read: &Read,
+    ) -> Option<T> {
+        let bytes = read.entry.as_ref()?;
+        let payload = match envelope::decode(bytes, &read.stamps) {
+            Decoded::Fresh(payload) => payload,
+            Decoded::Stale => return None,
+            Decoded::Corrupt => {
+                rec.decode_error();
+                return None;
+            }
+        };
+        let Ok(value) = serde_json::from_slice(payload) else {
+            rec.decode_error();
+            return None;
+        };
+        if let (Some(seq), Some(near)) = (read.near, &self.inner.near) {
+            near.mark_checked(entry, bytes, seq);
+        }
+        Some(value)
+    }
+
+    /// Writes `payload` under the stamps it was computed with; whether it was stored.
+    #[allow(clippy::too_many_arguments)]
+    async fn store_payload(
+        &self,
+        store: &Store,
+        rec: &Recorder<'_>,
+        site: &Site,
+        entry: &str,
+        stamps: &[Bytes],
+        payload: &[u8],
+        ttl: Duration,
+    ) -> bool {
+        if !site.cache_none && payload == b"null" {
+            return false;
+        }
+        if payload.len() > self.inner.settings.max_value_size {
+            rec.oversized();
+            return false;
+        }
+        if store.is_remote() && !self.inner.breaker.allow() {
+            return false;
+        }
+        let r = store
+            .write(entry, envelope::encode(stamps, payload), ttl)
+            .await;
+        self.observe(&r);
+        if let Err(e) = &r {
+            rec.error();
+            self.warn("Redis write failed", e);
+        }
+        r.is_ok()
+    }
+}
+
+/// The single-flight key: the entry, this process's invalidation epoch, and the stamps the
+/// caller saw (`None`: Redis was unreadable).
+fn flight_key(entry: &str, epoch: u64, stamps: Option<&[Bytes]>) -> Vec<u8> {
+    let n = stamps.map_or(1, <[Bytes]>::len);
+    let mut flight = Vec::with_capacity(entry.len() + 9 + 17 * n);
+    flight.extend_from_slice(entry.as_bytes());
+    flight.extend_from_slice(&epoch.to_le_bytes());
+    match stamps {
+        Some(stamps) => stamps.iter().for_each(|s| {
+            flight.push(u8::try_from(s.len()).unwrap_or(u8::MAX));
+            flight.extend_from_slice(s);
+        }),
+        None => flight.push(0xFF),
+    }
+    flight
+}
+
+/// Counts a call answered from the cache (`near`: without a Redis round trip).
+fn record_hit(rec: &Recorder<'_>, near: bool) {
+    rec.hit();
+    if near {
+        rec.near_hit();
+    }
+    calls::cache_hit();
+}

@@ -1,0 +1,228 @@
+//! The cache: its public API ([`Cache`], [`CacheBuilder`]), the read path of a cached call
+//! (`call`), the write side (`invalidate`, `pending`), and what they use: single-flight,
+//! the circuit breaker, stats, the stored envelope and the argument digest.
+
+pub(crate) mod breaker;
+pub(crate) mod builder;
+pub(crate) mod call;
+pub(crate) mod digest;
+pub(crate) mod envelope;
+pub(crate) mod flights;
+pub(crate) mod global;
+pub(crate) mod invalidate;
+pub(crate) mod pending;
+pub(crate) mod stats;
+
+use crate::backend::near::NearCache;
+use crate::backend::{StampKey, Store, StoreError};
+use crate::keyspace::{generation_key, tag_key};
+use crate::{CacheBuilder, Error};
+use breaker::{Breaker, WarnLimiter};
+use flights::Flights;
+use pending::Pending;
+use stats::{CacheStats, Stats};
+use std::sync::Arc;
+use std::sync::atomic::AtomicU64;
+use std::time::Duration;
+
+/// A query-result cache: Redis, in-memory, or pass-through. Cheap to clone (one `Arc`);
+/// clones share their connection, counters and in-flight queries.
+#[derive(Clone)]
+pub struct Cache {
+    inner: Arc<Inner>,
+}
+
+pub(crate) struct Settings {
+    pub(crate) namespace: String,
+    pub(crate) default_ttl: Duration,
+    pub(crate) tag_ttl: Duration,
+    pub(crate) max_value_size: usize,
+    pub(crate) breaker_failures: u32,
+    pub(crate) breaker_cooldown: Duration,
+}
+
+struct Inner {
+    /// `None`: pass-through.
+    store: Option<Store>,
+    /// In front of a single-node Redis, when asked for.
+    near: Option<NearCache>,
+    settings: Settings,
+    generation_key: String,
+    stats: Stats,
+    flights: Flights,
+    breaker: Breaker,
+    warnings: WarnLimiter,
+    pending: Pending,
+    /// Bumped by every invalidation of this process; part of the single-flight key so a
+    /// caller never joins a query that started before an invalidation it has seen.
+    epoch: AtomicU64,
+}
+
+impl std::fmt::Debug for Cache {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let backend = self.inner.store.as_ref().map_or("disabled", Store::kind);
+        f.debug_struct("Cache")
+            .field("backend", &backend)
+            .field("near_cache", &self.inner.near.is_some())
+            .field("namespace", &self.inner.settings.namespace)
+            .field("default_ttl", &self.inner.settings.default_ttl)
+            .finish_non_exhaustive()
+    }
+}
+
+impl AsRef<Cache> for Cache {
+    fn as_ref(&self) -> &Cache {
+        self
+    }
+}
+
+impl Cache {
+    /// Starts configuring a cache (in-memory by default).
+    pub fn builder() -> CacheBuilder {
+        CacheBuilder::default()
+    }
+
+    /// Builds a cache from the process environment; see [`Cache::from_lookup`].
+    pub async fn from_env() -> Result<Cache, Error> {
+        Self::from_lookup(|name| std::env::var(name).ok()).await
+    }
+
+    /// Builds a cache from any variable source, with the rules of [`Cache::from_env`]:
+    /// [`RedisConfig`](crate::RedisConfig)'s variables (`REDIS_URL`, `REDIS_CLUSTER_URLS`,
+    /// `REDIS_PASSWORD`, timeouts, `REDIS_CA_CERT`), `CACHE_NAMESPACE`, `CACHE_DEFAULT_TTL`
+    /// (whole seconds), `CACHE_NEAR_CAPACITY` and `CACHE_ENABLED` (`false` gives a
+    /// pass-through cache). Without a Redis URL the in-memory backend is used.
+    pub async fn from_lookup<F>(lookup: F) -> Result<Cache, Error>
+    where
+        F: Fn(&str) -> Option<String>,
+    {
+        CacheBuilder::from_lookup(lookup)?.build().await
+    }
+
+    pub(crate) fn new(store: Option<Store>, near: Option<NearCache>, settings: Settings) -> Self {
+        Cache {
+            inner: Arc::new(Inner {
+                store,
+                near,
+                generation_key: generation_key(&settings.namespace),
+                breaker: Breaker::new(settings.breaker_failures, settings.breaker_cooldown),
+                settings,
+                stats: Stats::default(),
+                flights: Flights::default(),
+                warnings: WarnLimiter::new(Duration::from_secs(10)),
+                pending: Pending::default(),
+                epoch: AtomicU64::new(0),
+            }),
+        }
+    }
+
+    /// The namespace prefixing every key of this cache.
+    pub fn namespace(&self) -> &str {
+        &self.inner.settings.namespace
+    }
+
+    /// Counters since the cache was built, in total and per query name.
+    pub fn stats(&self) -> CacheStats {
+        let (invalidations, resets) = self
+            .inner
+            .near
+            .as_ref()
+            .map_or((0, 0), NearCache::counters);
+        self.inner.stats.snapshot(invalidations, resets)
+    }
+
+    /// Entries held in this process: by the in-memory backend, or by the near cache in front
+    /// of Redis (at most its capacity). `None` when entries live only in Redis (counting
+    /// them would take a scan of the keyspace) or the cache is a pass-through.
+    pub fn entry_count(&self) -> Option<u64> {
+        match &self.inner.near {
+            Some(near) => Some(near.entry_count()),
+            None => self.inner.store.as_ref()?.local_entry_count(),
+        }
+    }
+
+    /// Checks the backend for a health endpoint: a Redis `PING` under the response timeout
+    /// (it does not go through the circuit breaker); always `Ok` in memory or pass-through.
+    pub async fn ping(&self) -> Result<(), Error> {
+        match &self.inner.store {
+            Some(store) => store.ping().await.map_err(|e| Error::Unavailable {
+                source: Box::new(e),
+            }),
+            None => Ok(()),
+        }
+    }
+
+    /// Callers currently waiting for another caller's identical query (single-flight);
+    /// useful on a health page, and to observe a stampede being absorbed.
+    pub fn shared_waiters(&self) -> usize {
+        self.inner.flights.waiting()
+    }
+
+    fn tag_stamp(&self, tag: &str, entry_ttl: Option<Duration>) -> StampKey {
+        let s = &self.inner.settings;
+        StampKey {
+            key: tag_key(&s.namespace, tag),
+            ttl: Some(entry_ttl.map_or(s.tag_ttl, |t| t.max(s.tag_ttl))),
+        }
+    }
+
+    fn generation_stamp(&self) -> StampKey {
+        StampKey {
+            key: self.inner.generation_key.clone(),
+            ttl: None,
+        }
+    }
+
+    /// Feeds the breaker the outcome of a real Redis round trip.
+    fn observe<T>(&self, result: &Result<T, StoreError>) {
+        match result {
+            Ok(_) => self.inner.breaker.success(),
+            Err(StoreError::CircuitOpen | StoreError::PendingBusy) => {}
+            Err(_) => self.inner.breaker.failure(),
+        }
+    }
+
+    fn warn(&self, what: &str, error: &dyn std::fmt::Display) {
+        if let Some(suppressed) = self.inner.warnings.permit() {
+            tracing::warn!(
+                error = %error,
+                suppressed,
+                "cached-query: {what}; the query runs against the database"
+            );
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::near::tests::{fill, key, offline};
+
+    /// Read-your-own-invalidation must not depend on Redis's push message (which usually
+    /// arrives first on loopback): this near cache has no tracking connection at all.
+    #[tokio::test]
+    async fn an_accepted_bump_drops_the_stamps_from_the_near_cache() {
+        let url = std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into());
+        let cache = Cache::builder()
+            .redis(&url)
+            .namespace(&format!("cq-unit-{}", std::process::id()))
+            .build_with_near(offline())
+            .unwrap();
+        let near = cache.inner.near.as_ref().unwrap();
+        let tag = key(&cache.tag_stamp("bump", None).key);
+        fill(near, near.seq(), "e", &tag);
+        assert!(near.lookup("e", std::slice::from_ref(&tag)).is_some());
+        cache.invalidate("bump").await.unwrap();
+        assert!(near.lookup("e", std::slice::from_ref(&tag)).is_none());
+        let mut conn = redis::Client::open(url)
+            .unwrap()
+            .get_multiplexed_async_connection()
+            .await
+            .unwrap();
+        let _: () = redis::cmd("DEL")
+            .arg(&tag.key)
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+    }
+}
