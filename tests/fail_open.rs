@@ -65,17 +65,29 @@ async fn an_unreachable_redis_at_start_is_not_an_error() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_frozen_redis_costs_a_bounded_wait_then_is_skipped() {
     let server = RedisServer::start();
-    let cache = fast_failing_cache(&server.url(), "frozen").await;
+    let cooldown = Duration::from_millis(1000);
+    let cache = common::fail_fast(&server.url(), "frozen")
+        .circuit_breaker(3, cooldown)
+        .build()
+        .await
+        .unwrap();
     let db = Db::default();
     row(&cache, &db, 1).await.unwrap();
+    let mgets = server.command_calls("mget");
+    let stalled = std::time::Instant::now();
     server.freeze();
     for _ in 0..20 {
         assert_eq!(row(&cache, &db, 1).await.unwrap(), 1000);
     }
     server.thaw();
+    let bound = common::breaker_bound(3, cooldown, stalled.elapsed());
     let stats = cache.stats();
     assert_eq!(stats.errors, 20, "{stats:?}");
     assert_eq!(db.queries.load(SeqCst), 21);
+    // What the frozen server received (it runs the queued reads once thawed): three reads
+    // opened the breaker, then at most a probe per cooldown.
+    let sent = server.command_calls("mget") - mgets;
+    assert!(sent >= 3 && sent <= bound, "{sent} reads reached the frozen Redis, bound {bound}");
     until_hits_return(&cache, &db, 1).await;
 }
 

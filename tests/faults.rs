@@ -113,11 +113,15 @@ async fn a_stalled_redis_costs_at_most_the_response_timeout_then_nothing() {
     let pool = PgPool::connect(&database_url()).await.unwrap();
     let table = items_table(&pool, "stall", 8).await;
     let server = RedisServer::start();
+    let cooldown = Duration::from_millis(1000);
     let cache = common::fail_fast(&server.url(), "stall")
+        .circuit_breaker(3, cooldown)
         .build()
         .await
         .unwrap();
     item_value(&pool, &cache, &table, 1).await.unwrap();
+    let mgets = server.command_calls("mget");
+    let stalled = Instant::now();
     server.freeze();
     let mut latencies = Vec::new();
     for i in 0..200 {
@@ -129,6 +133,7 @@ async fn a_stalled_redis_costs_at_most_the_response_timeout_then_nothing() {
         latencies.push(start.elapsed());
     }
     server.thaw();
+    let bound = common::breaker_bound(3, cooldown, stalled.elapsed());
     latencies.sort();
     let p99 = latencies[latencies.len() * 99 / 100];
     let paid = latencies
@@ -145,6 +150,10 @@ async fn a_stalled_redis_costs_at_most_the_response_timeout_then_nothing() {
         200,
         "every call during the stall fell back to the database"
     );
+    // The frozen server runs the queued reads once thawed: three opened the breaker, then
+    // at most a probe per cooldown reached it.
+    let sent = server.command_calls("mget") - mgets;
+    assert!(sent >= 3 && sent <= bound, "{sent} reads reached the frozen Redis, bound {bound}");
     drop_table(&pool, &table).await;
 }
 

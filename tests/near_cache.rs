@@ -338,3 +338,46 @@ async fn no_stale_hit_after_the_message_under_concurrency() {
     assert!(checked > 100, "readers made only {checked} calls");
     assert!(a.stats().near_hits > 0);
 }
+
+/// Near hits are answered in process: they say nothing about Redis's health, so they must not
+/// reset the breaker's failure count while Redis is stalled (nor close it after a probe).
+/// Counted by what the frozen server received: once three calls have failed, no other call
+/// may send it a read, however many near hits happen in between.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn near_hits_do_not_feed_the_circuit_breaker() {
+    let server = RedisServer::start();
+    let cache = Cache::builder()
+        .redis(&server.url())
+        .namespace("breaker")
+        .near_cache(100)
+        .connect_timeout(Duration::from_millis(200))
+        .response_timeout(Duration::from_millis(100))
+        .circuit_breaker(3, Duration::from_secs(3600))
+        .build()
+        .await
+        .unwrap();
+    let runs = AtomicU32::new(0);
+    let mut warm_values = Vec::new();
+    for id in 0..6 {
+        warm_values.push(warm(&cache, &runs, id).await);
+    }
+    // A stamp change (here an unrelated tag) makes every held entry compare its stamps again
+    // on its next near hit: the path that used to report a success to the breaker.
+    cache.invalidate("unrelated").await.unwrap();
+    let near_hits = cache.stats().near_hits;
+    let mgets = server.command_calls("mget");
+    server.freeze();
+    for (id, v) in (0..6).zip(&warm_values) {
+        item(&cache, &runs, 1000 + id).await.unwrap(); // Redis unreadable: runs the query
+        assert_eq!(item(&cache, &runs, id).await.unwrap(), *v, "near hit");
+    }
+    server.thaw();
+    let stats = cache.stats();
+    assert_eq!(stats.near_hits - near_hits, 6, "{stats:?}");
+    assert_eq!(stats.errors, 6, "{stats:?}");
+    assert_eq!(
+        server.command_calls("mget") - mgets,
+        3,
+        "reads sent to the frozen Redis: the breaker opens after three failures"
+    );
+}

@@ -38,6 +38,13 @@ pub fn fail_fast(url: &str, ns: &str) -> cached_query::CacheBuilder {
         .circuit_breaker(3, Duration::from_millis(50))
 }
 
+/// The most reads a closed-then-open breaker lets through in `elapsed`: `failures` before it
+/// opens, then at most one probe per `cooldown` (plus one at the start of the last). A
+/// breaker that never opened lets every call through, far above this when calls outnumber it.
+pub fn breaker_bound(failures: u64, cooldown: Duration, elapsed: Duration) -> u64 {
+    failures + (elapsed.as_micros() / cooldown.as_micros()) as u64 + 1
+}
+
 /// A namespace no other test (or run) uses.
 pub fn unique_ns(test: &str) -> String {
     static N: AtomicU32 = AtomicU32::new(0);
