@@ -167,3 +167,22 @@ async fn from_env_reads_redis_cluster_urls() {
         .sum();
     assert!(keys >= 4, "entry, generation and two tags: {keys}");
 }
+
+/// Sessions are configured like the cache: `REDIS_CLUSTER_URLS` puts them on the cluster.
+#[cfg(feature = "sessions")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sessions_use_redis_cluster_urls() {
+    let cluster = Cluster::start();
+    let urls = cluster.urls().join(",");
+    let config =
+        cached_query::RedisConfig::from_lookup(common::lookup(&[("REDIS_CLUSTER_URLS", &urls)]))
+            .unwrap();
+    let store = cached_query::RedisSessionStore::new(&config, "cluster-sessions").unwrap();
+    let sets = cluster.command_calls("set");
+    common::session_round_trip(&store).await;
+    assert_eq!(
+        cluster.command_calls("set") - sets,
+        1,
+        "stored on the cluster"
+    );
+}

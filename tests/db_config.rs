@@ -359,6 +359,28 @@ async fn the_builder_takes_a_redis_config() {
     assert_eq!((cache.stats().hits, cache.stats().errors), (1, 0));
 }
 
+/// redis-rs reads a unix socket's password from `?pass=`: `REDIS_PASSWORD` goes there, and
+/// stays out of messages.
+#[tokio::test]
+async fn redis_password_reaches_a_unix_socket_server() {
+    let socket = std::env::temp_dir().join(format!("cq-{}.sock", unique_ns("unix")));
+    let socket = socket.to_str().unwrap().replace(':', "-");
+    let server =
+        common::RedisServer::start_with(&["--unixsocket", &socket, "--requirepass", "s3cret"]);
+    let url = format!("unix://{socket}");
+    let vars = lookup(&[("REDIS_URL", &url), ("REDIS_PASSWORD", "s3cret")]);
+    let config = RedisConfig::from_lookup(&vars).unwrap();
+    assert!(!format!("{config:?}").contains("s3cret"), "{config:?}");
+    let cache = Cache::from_lookup(vars).await.unwrap();
+    cache.ping().await.unwrap();
+    triple(&cache, 7).await.unwrap();
+    assert_eq!(triple(&cache, 7).await.unwrap(), 21);
+    assert_eq!((cache.stats().hits, cache.stats().errors), (1, 0));
+    assert!(server.cli(&["DBSIZE"]).trim().parse::<u32>().unwrap() >= 2);
+    drop(server);
+    let _ = std::fs::remove_file(&socket);
+}
+
 #[tokio::test(flavor = "current_thread")]
 async fn echo_and_slow_statement_logging_reach_tracing() {
     let logs = Logs::capture();

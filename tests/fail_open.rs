@@ -87,7 +87,10 @@ async fn a_frozen_redis_costs_a_bounded_wait_then_is_skipped() {
     // What the frozen server received (it runs the queued reads once thawed): three reads
     // opened the breaker, then at most a probe per cooldown.
     let sent = server.command_calls("mget") - mgets;
-    assert!(sent >= 3 && sent <= bound, "{sent} reads reached the frozen Redis, bound {bound}");
+    assert!(
+        sent >= 3 && sent <= bound,
+        "{sent} reads reached the frozen Redis, bound {bound}"
+    );
     until_hits_return(&cache, &db, 1).await;
 }
 

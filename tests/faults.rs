@@ -153,7 +153,10 @@ async fn a_stalled_redis_costs_at_most_the_response_timeout_then_nothing() {
     // The frozen server runs the queued reads once thawed: three opened the breaker, then
     // at most a probe per cooldown reached it.
     let sent = server.command_calls("mget") - mgets;
-    assert!(sent >= 3 && sent <= bound, "{sent} reads reached the frozen Redis, bound {bound}");
+    assert!(
+        sent >= 3 && sent <= bound,
+        "{sent} reads reached the frozen Redis, bound {bound}"
+    );
     drop_table(&pool, &table).await;
 }
 

@@ -282,7 +282,10 @@ async fn near_cache_settings_are_checked() {
         .build()
         .await
         .unwrap();
-    assert!(format!("{memory:?}").contains("near_cache: false"), "{memory:?}");
+    assert!(
+        format!("{memory:?}").contains("near_cache: false"),
+        "{memory:?}"
+    );
 }
 
 /// Readers hammer one key while another process invalidates it. A call that starts after the

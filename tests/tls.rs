@@ -132,3 +132,40 @@ async fn rediss_works_with_the_right_ca_and_fails_open_with_a_clear_error_otherw
     drop(server);
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// `REDIS_CA_CERT` configures the cache and the session store alike.
+#[cfg(feature = "sessions")]
+#[tokio::test]
+async fn sessions_and_the_cache_trust_the_ca_named_by_redis_ca_cert() {
+    let dir = std::env::temp_dir().join(format!("cq-tls-sessions-{}", std::process::id()));
+    let (cert, key, ca) = certificates(&dir, "cq-session-ca");
+    let server = RedisServer::start_tls(&cert, &key, &ca);
+    let url = format!("rediss://127.0.0.1:{}", server.port);
+    let vars = common::lookup(&[
+        ("REDIS_URL", &url),
+        ("REDIS_CA_CERT", ca.to_str().unwrap()),
+        ("CACHE_NAMESPACE", "tls-env"),
+    ]);
+    let config = cached_query::RedisConfig::from_lookup(&vars).unwrap();
+    let store = cached_query::RedisSessionStore::new(&config, "tls-sessions").unwrap();
+    common::session_round_trip(&store).await;
+
+    let cache = Cache::from_lookup(vars).await.unwrap();
+    cache.ping().await.unwrap();
+    assert_eq!(value(&cache, 5).await.unwrap(), 6);
+    assert_eq!(value(&cache, 5).await.unwrap(), 6);
+    assert_eq!(cache.stats().errors, 0);
+
+    let missing = cached_query::RedisConfig::from_lookup(common::lookup(&[(
+        "REDIS_CA_CERT",
+        "/nonexistent/ca.pem",
+    )]))
+    .unwrap_err()
+    .to_string();
+    assert!(
+        missing.starts_with("REDIS_CA_CERT=\"/nonexistent/ca.pem\""),
+        "{missing}"
+    );
+    drop(server);
+    std::fs::remove_dir_all(&dir).unwrap();
+}

@@ -392,3 +392,21 @@ impl Cluster {
         }
     }
 }
+
+/// Creates a session in `store`, loads it back, deletes it: what tower-sessions does.
+#[cfg(feature = "sessions")]
+pub async fn session_round_trip(store: &cached_query::RedisSessionStore) {
+    use tower_sessions::cookie::time::{Duration as TimeDuration, OffsetDateTime};
+    use tower_sessions::session::{Id, Record};
+    use tower_sessions::session_store::SessionStore;
+    let mut record = Record {
+        id: Id::default(),
+        data: [("user".to_owned(), serde_json::json!(42))].into(),
+        expiry_date: OffsetDateTime::now_utc() + TimeDuration::minutes(5),
+    };
+    store.create(&mut record).await.expect("session created");
+    let loaded = store.load(&record.id).await.expect("session loaded");
+    assert_eq!(loaded, Some(record.clone()));
+    store.delete(&record.id).await.expect("session deleted");
+    assert_eq!(store.load(&record.id).await.unwrap(), None);
+}

@@ -142,7 +142,10 @@ impl Cache {
         };
 
         // 4. Single-flight.
-        let leader = match inner.flights.join(flight_key(&entry, epoch, stamps.as_deref()), ticket) {
+        let leader = match inner
+            .flights
+            .join(flight_key(&entry, epoch, stamps.as_deref()), ticket)
+        {
             Role::Leader(leader) => Some(leader),
             Role::Follower(rx) => {
                 if let Some(payload) = inner.flights.follow(rx).await

@@ -37,5 +37,8 @@ pub fn install(cache: Cache) {
 /// Invalidates `tag` in the installed default cache; `Err` when none is installed or the
 /// invalidation is pending (see [`Cache::invalidate_many`]).
 pub async fn invalidate(tag: &str) -> Result<(), Error> {
-    default_cache().ok_or(Error::NoDefaultCache)?.invalidate(tag).await
+    default_cache()
+        .ok_or(Error::NoDefaultCache)?
+        .invalidate(tag)
+        .await
 }

@@ -123,11 +123,7 @@ impl Cache {
 
     /// Counters since the cache was built, in total and per query name.
     pub fn stats(&self) -> CacheStats {
-        let (invalidations, resets) = self
-            .inner
-            .near
-            .as_ref()
-            .map_or((0, 0), NearCache::counters);
+        let (invalidations, resets) = self.inner.near.as_ref().map_or((0, 0), NearCache::counters);
         self.inner.stats.snapshot(invalidations, resets)
     }
 

@@ -2,9 +2,9 @@
 //! (size, overflow, timeouts, recycling, pre-ping, echo), mapped onto sqlx.
 
 use super::env::{non_empty, parse_bool, parse_secs, parse_u64};
+use super::url::redact_url;
 #[cfg(any(feature = "postgres", feature = "sqlite"))]
 use super::url::scrub_password;
-use super::url::redact_url;
 use crate::Error;
 use std::time::Duration;
 

@@ -134,7 +134,10 @@ mod tests {
             (p95, 95_000_000.0),
             (p99, 99_000_000.0),
         ] {
-            assert!((got as f64 - want).abs() / want <= 1.0 / 128.0, "{got} vs {want}");
+            assert!(
+                (got as f64 - want).abs() / want <= 1.0 / 128.0,
+                "{got} vs {want}"
+            );
         }
         assert!(p50 <= p95 && p95 <= p99 && p99 <= h.max());
         assert_eq!(h.max(), 100_000_000);

@@ -17,11 +17,11 @@
 mod shards;
 
 use super::{Read, StampKey};
-use shards::Shards;
 use crate::keyspace::is_entry_key;
 use bytes::Bytes;
 use redis::aio::MultiplexedConnection;
 use redis::{AsyncConnectionConfig, Client, PushInfo, PushKind, Value};
+use shards::Shards;
 use std::sync::atomic::{AtomicU64, Ordering::SeqCst};
 use std::sync::{Arc, Mutex, RwLock, Weak};
 use std::time::Duration;
