@@ -230,6 +230,7 @@ impl CacheBuilder {
     /// Trusts this CA certificate (PEM) for `rediss://` instead of the system's roots, e.g. a
     /// private CA or a self-signed server certificate. Needs the `tls` feature.
     #[cfg(feature = "tls")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "tls")))]
     #[must_use]
     pub fn redis_root_certificate(mut self, pem: impl Into<Vec<u8>>) -> Self {
         self.root_certificate = Some(pem.into());

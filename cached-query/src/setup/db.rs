@@ -253,6 +253,7 @@ impl DbConfig {
     /// Opens a PostgreSQL pool, failing within `connect_timeout` with an error that names
     /// the host and port.
     #[cfg(feature = "postgres")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "postgres")))]
     pub async fn connect_postgres(&self) -> Result<sqlx::PgPool, Error> {
         use std::str::FromStr;
         self.check_scheme(Scheme::Postgres)?;
@@ -277,6 +278,7 @@ impl DbConfig {
     /// Opens a SQLite pool: WAL journal, `busy_timeout = pool_timeout`, the file created if
     /// missing, foreign keys enforced.
     #[cfg(feature = "sqlite")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "sqlite")))]
     pub async fn connect_sqlite(&self) -> Result<sqlx::SqlitePool, Error> {
         use std::str::FromStr;
         self.check_scheme(Scheme::Sqlite)?;
