@@ -1,10 +1,11 @@
-//! What the macros need to know about the annotated function's signature.
+//! What the macros need to know about the annotated function's signature: which parameters
+//! are executors (left out of the key), and whether and what it returns as a `Result`.
 
 use proc_macro2::Span;
 use syn::spanned::Spanned;
 use syn::{
-    FnArg, GenericArgument, Generics, Ident, Pat, PathArguments, ReturnType, Signature, Type,
-    TypeParamBound, WherePredicate,
+    FnArg, GenericArgument, Generics, Ident, Pat, PathArguments, PathSegment, ReturnType,
+    Signature, Type, TypeParamBound, WherePredicate,
 };
 
 /// Types (last path segment, through references) that never belong in a cache key.
@@ -142,6 +143,24 @@ fn is_executor(ty: &Type, generics: &Generics) -> bool {
     inline || in_where
 }
 
+/// The last path segment of `ty` when it is written as a `…Result` type: `Result<T, E>`,
+/// `sqlx::Result<T>`, `fmt::Result`, `anyhow::Result<T>`, a project alias like `DbResult<T>`.
+/// The one place that decides what counts as a `Result`.
+fn result_segment(ty: &Type) -> Option<&PathSegment> {
+    let Type::Path(tp) = ty else {
+        return None;
+    };
+    tp.path
+        .segments
+        .last()
+        .filter(|s| s.ident.to_string().ends_with("Result"))
+}
+
+/// Whether `ty` is a `Result` (see [`result_segment`]).
+pub(crate) fn is_result(ty: &Type) -> bool {
+    result_segment(ty).is_some()
+}
+
 /// The return type, checked to be `…Result<T, …>`; yields `T` (the Ok type).
 pub(crate) fn ok_type<'a>(sig: &'a Signature, macro_name: &str) -> syn::Result<&'a Type> {
     let not_result = |span: Span| {
@@ -156,29 +175,20 @@ pub(crate) fn ok_type<'a>(sig: &'a Signature, macro_name: &str) -> syn::Result<&
         ReturnType::Type(_, ty) => ty,
         ReturnType::Default => return Err(not_result(sig.paren_token.span.join())),
     };
-    let Type::Path(tp) = &**ty else {
+    let Some(last) = result_segment(ty) else {
         return Err(not_result(ty.span()));
     };
-    // `Result`, `sqlx::Result`, `anyhow::Result`, and project aliases like `DbResult<T>`.
-    let Some(last) = tp
-        .path
-        .segments
-        .last()
-        .filter(|s| s.ident.to_string().ends_with("Result"))
-    else {
-        return Err(not_result(ty.span()));
+    first_type_arg(last).ok_or_else(|| not_result(ty.span()))
+}
+
+fn first_type_arg(segment: &PathSegment) -> Option<&Type> {
+    let PathArguments::AngleBracketed(ab) = &segment.arguments else {
+        return None;
     };
-    match &last.arguments {
-        PathArguments::AngleBracketed(ab) => ab
-            .args
-            .iter()
-            .find_map(|a| match a {
-                GenericArgument::Type(t) => Some(t),
-                _ => None,
-            })
-            .ok_or_else(|| not_result(ty.span())),
-        _ => Err(not_result(ty.span())),
-    }
+    ab.args.iter().find_map(|a| match a {
+        GenericArgument::Type(t) => Some(t),
+        _ => None,
+    })
 }
 
 /// Whether `ty` is written as `Option<…>`.
