@@ -4,10 +4,12 @@
 //! [`each`] walks the comma-separated list and offers every argument to the attribute's keys in
 //! turn, so an attribute's `Parse` impl is just its list of keys and how to read each value.
 
-use proc_macro2::TokenTree;
+use proc_macro2::{Span, TokenStream, TokenTree};
+use quote::{ToTokens, quote_spanned};
+use syn::ext::IdentExt;
 use syn::parse::{Lookahead1, Parse, ParseStream, Peek};
 use syn::punctuated::Punctuated;
-use syn::{Expr, Ident, LitBool, LitInt, LitStr, Token, bracketed, parenthesized};
+use syn::{Expr, Ident, LitBool, LitInt, LitStr, Path, Token, bracketed, parenthesized};
 
 mod kw {
     syn::custom_keyword!(ttl);
@@ -103,6 +105,27 @@ impl Arg<'_> {
     }
 }
 
+/// Where generated code finds the runtime crate: `crate = path`, by default `::cached_query`.
+#[derive(Default)]
+pub(crate) struct Krate(Option<Path>);
+
+impl Krate {
+    /// The path for code spanned at `span`: the default is written there, so that errors in
+    /// that code keep pointing at the user's tokens; a given path keeps its own spans.
+    pub(crate) fn at(&self, span: Span) -> TokenStream {
+        match &self.0 {
+            Some(path) => path.to_token_stream(),
+            None => quote_spanned!(span=> ::cached_query),
+        }
+    }
+}
+
+impl ToTokens for Krate {
+    fn to_tokens(&self, tokens: &mut TokenStream) {
+        tokens.extend(self.at(Span::call_site()));
+    }
+}
+
 /// `#[cached_query(...)]`.
 #[derive(Default)]
 pub(crate) struct CachedArgs {
@@ -114,6 +137,7 @@ pub(crate) struct CachedArgs {
     pub(crate) cache_none: Option<LitBool>,
     pub(crate) name: Option<LitStr>,
     pub(crate) version: Option<u32>,
+    pub(crate) krate: Krate,
 }
 
 impl Parse for CachedArgs {
@@ -127,25 +151,29 @@ impl Parse for CachedArgs {
                 || arg.list(kw::skip, &mut a.skip)?
                 || arg.value(kw::key, &mut a.key, Expr::parse)?
                 || arg.value(kw::name, &mut a.name, name)?
-                || arg.value(kw::version, &mut a.version, version)?)
+                || arg.value(kw::version, &mut a.version, version)?
+                || arg.value(Token![crate], &mut a.krate.0, crate_path)?)
         })?;
         Ok(a)
     }
 }
 
-/// `#[invalidates("tmpl", ..., cache = expr)]`.
+/// `#[invalidates("tmpl", ..., cache = expr, crate = path)]`.
 pub(crate) struct InvalidatesArgs {
     pub(crate) templates: Vec<LitStr>,
     pub(crate) cache: Option<Expr>,
+    pub(crate) krate: Krate,
 }
 
 impl Parse for InvalidatesArgs {
     fn parse(input: ParseStream<'_>) -> syn::Result<Self> {
         let mut templates = Vec::new();
-        let mut cache = None;
+        let (mut cache, mut krate) = (None, Krate::default());
         each(input, |arg| {
-            Ok(arg.literal(&mut templates, cache.is_none())?
-                || arg.value(kw::cache, &mut cache, Expr::parse)?)
+            let open = cache.is_none() && krate.0.is_none();
+            Ok(arg.literal(&mut templates, open)?
+                || arg.value(kw::cache, &mut cache, Expr::parse)?
+                || arg.value(Token![crate], &mut krate.0, crate_path)?)
         })?;
         if templates.is_empty() {
             return Err(syn::Error::new(
@@ -153,17 +181,22 @@ impl Parse for InvalidatesArgs {
                 r#"expected at least one tag template, e.g. #[invalidates("user:<id>")]"#,
             ));
         }
-        Ok(InvalidatesArgs { templates, cache })
+        Ok(InvalidatesArgs {
+            templates,
+            cache,
+            krate,
+        })
     }
 }
 
-/// `#[timed(threshold_ms = 50, name = "…", level = "warn")]`.
+/// `#[timed(threshold_ms = 50, name = "…", level = "warn", crate = path)]`.
 #[derive(Default)]
 pub(crate) struct TimedArgs {
     pub(crate) threshold_ms: Option<u64>,
     pub(crate) name: Option<LitStr>,
     /// The `SlowLevel` variant: `Error`, `Warn`, `Info`, `Debug` or `Trace`.
     pub(crate) level: Option<Ident>,
+    pub(crate) krate: Krate,
 }
 
 impl Parse for TimedArgs {
@@ -173,7 +206,8 @@ impl Parse for TimedArgs {
             Ok(
                 arg.value(kw::threshold_ms, &mut a.threshold_ms, threshold_ms)?
                     || arg.value(kw::name, &mut a.name, name)?
-                    || arg.value(kw::level, &mut a.level, level)?,
+                    || arg.value(kw::level, &mut a.level, level)?
+                    || arg.value(Token![crate], &mut a.krate.0, crate_path)?,
             )
         })?;
         Ok(a)
@@ -253,4 +287,19 @@ fn level(input: ParseStream<'_>) -> syn::Result<Ident> {
         }
     };
     Ok(Ident::new(variant, lit.span()))
+}
+
+/// A path such as `my_crate::reexports::cached_query` (no generic arguments).
+fn crate_path(input: ParseStream<'_>) -> syn::Result<Path> {
+    if input.peek(Ident::peek_any) || input.peek(Token![::]) {
+        return Path::parse_mod_style(input);
+    }
+    let not = if input.peek(LitStr) {
+        ", not a string"
+    } else {
+        ""
+    };
+    Err(input.error(format!(
+        "`crate` takes a path{not}: e.g. `crate = my_crate::cached_query`"
+    )))
 }

@@ -1,7 +1,7 @@
 //! `#[cached_query]` and `#[invalidates]`: the body becomes a call into
-//! `::cached_query::__private` that receives the original body as a future.
+//! `<crate>::__private` that receives the original body as a future.
 
-use crate::args::{CachedArgs, InvalidatesArgs};
+use crate::args::{CachedArgs, InvalidatesArgs, Krate};
 use crate::item::{
     body_future, expand_with, query_name, replace_body, require_async, resolve_cache,
 };
@@ -82,24 +82,25 @@ pub(crate) fn block(
         }
     }
 
+    let krate = &args.krate;
     let name = query_name(args.name.as_ref(), item);
     let ttl = args.ttl.unwrap_or(0);
     let version = args.version.unwrap_or(0);
     let cache_none = args.cache_none.as_ref().is_none_or(|l| l.value);
-    let cache = resolve_cache(args.cache.as_ref());
+    let cache = resolve_cache(krate, args.cache.as_ref());
     let tags = compile_tags(args.invalidate.as_deref().unwrap_or_default(), &info)?;
     Ok(quote! {
-        static __CQ_SITE: ::cached_query::__private::Site = ::cached_query::__private::Site {
+        static __CQ_SITE: #krate::__private::Site = #krate::__private::Site {
             name: #name,
             version: #version,
             ttl_secs: #ttl,
             cache_none: #cache_none,
         };
         #cache
-        let mut __cq_key = ::cached_query::__private::key(&__CQ_SITE);
+        let mut __cq_key = #krate::__private::key(&__CQ_SITE);
         #(#key_parts)*
         #tags
-        ::cached_query::__private::cached(__cq_cache, &__CQ_SITE, __cq_key, __cq_tags, #body).await
+        #krate::__private::cached(__cq_cache, &__CQ_SITE, __cq_key, __cq_tags, #body).await
     })
 }
 
@@ -122,7 +123,8 @@ fn expand_invalidates(args: &InvalidatesArgs, item: &ItemFn) -> syn::Result<Toke
         ));
     }
     sig::ok_type(&item.sig, "invalidates")?;
-    let cache = resolve_cache(args.cache.as_ref());
+    let krate: &Krate = &args.krate;
+    let cache = resolve_cache(krate, args.cache.as_ref());
     let tags = compile_tags(&args.templates, &info)?;
     let body = body_future(item);
     Ok(replace_body(
@@ -130,7 +132,7 @@ fn expand_invalidates(args: &InvalidatesArgs, item: &ItemFn) -> syn::Result<Toke
         quote! {
             #cache
             #tags
-            ::cached_query::__private::invalidating(__cq_cache, __cq_tags, #body).await
+            #krate::__private::invalidating(__cq_cache, __cq_tags, #body).await
         },
     ))
 }

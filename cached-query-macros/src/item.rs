@@ -1,6 +1,7 @@
 //! What every expansion shares: reading the item (and recovering from errors), and rebuilding
 //! the function with its signature verbatim around a new body.
 
+use crate::args::Krate;
 use proc_macro2::TokenStream;
 use quote::{ToTokens, quote, quote_spanned};
 use syn::spanned::Spanned;
@@ -73,20 +74,21 @@ pub(crate) fn replace_body(item: &ItemFn, body: TokenStream) -> TokenStream {
 }
 
 /// `let __cq_cache: Option<&Cache> = …;` from `cache = expr`, or the installed default.
-pub(crate) fn resolve_cache(cache: Option<&Expr>) -> TokenStream {
+pub(crate) fn resolve_cache(krate: &Krate, cache: Option<&Expr>) -> TokenStream {
     match cache {
         Some(expr) => {
             let span = expr.span();
+            let krate = krate.at(span);
             // `let x = &(expr);` extends the lifetime of temporaries such as `&self.cache`.
             quote_spanned! {span=>
                 let __cq_cache_ref = &(#expr);
                 let __cq_cache = ::core::option::Option::Some(
-                    ::cached_query::__private::as_cache(__cq_cache_ref),
+                    #krate::__private::as_cache(__cq_cache_ref),
                 );
             }
         }
         None => quote! {
-            let __cq_default = ::cached_query::__private::default_cache();
+            let __cq_default = #krate::__private::default_cache();
             let __cq_cache = ::core::option::Option::as_ref(&__cq_default);
         },
     }

@@ -1,5 +1,6 @@
 //! Procedural macros of `cached-query`. Depend on `cached-query`, which re-exports them with
-//! documentation; generated code names only `::cached_query::__private`, `::core` and `::std`.
+//! documentation; generated code names only `<crate>::__private` (`crate = path`, by default
+//! `::cached_query`), `::core` and `::std`.
 //!
 //! `stack` decides how `#[timed]` and `#[cached_query]` nest and calls `cached` or `timed`,
 //! which expand one attribute each with the helpers of `item`, `sig` and `template`, from the

@@ -111,3 +111,63 @@ fn mark_used(attr: &syn::Attribute) -> TokenStream {
     let path = attr.path();
     quote!(#[allow(unused_imports)] use #path as _;)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn get() -> TokenStream {
+        quote!(
+            async fn get(id: i64) -> Result<i64, String> {
+                Ok(id)
+            }
+        )
+    }
+
+    /// Every path into the runtime crate goes through `crate = my::cq`.
+    fn assert_through_my_cq(out: &TokenStream) {
+        let out = out.to_string();
+        let through = out.matches("my :: cq :: __private ::").count();
+        assert!(through > 0, "{out}");
+        assert_eq!(through, out.matches("__private").count(), "{out}");
+        assert!(!out.contains("cached_query ::"), "{out}");
+        assert!(!out.contains("compile_error"), "{out}");
+    }
+
+    #[test]
+    fn crate_path_is_used_by_every_generated_path() {
+        let f = get();
+        for out in [
+            cached_query(
+                quote!(crate = my::cq, ttl = 5, invalidate = "t:<id>"),
+                f.clone(),
+            ),
+            cached_query(quote!(crate = my::cq, cache = c), f.clone()),
+            crate::cached::invalidates(quote!("t:<id>", crate = my::cq), f.clone()),
+            timed(quote!(crate = my::cq), f.clone()),
+            timed(
+                quote!(crate = my::cq),
+                quote!(
+                    fn sync(n: u8) -> Result<u8, ()> {
+                        Ok(n)
+                    }
+                ),
+            ),
+            timed(
+                quote!(crate = my::cq),
+                quote!(
+                    fn boxed(&self) -> Pin<Box<dyn Future<Output = u8> + Send + 'async_trait>> {
+                        Box::pin(async move { 1 })
+                    }
+                ),
+            ),
+            cached_query(quote!(crate = my::cq), quote!(#[timed(crate = my::cq)] #f)),
+            timed(
+                quote!(crate = my::cq),
+                quote!(#[cached_query(crate = my::cq)] #f),
+            ),
+        ] {
+            assert_through_my_cq(&out);
+        }
+    }
+}

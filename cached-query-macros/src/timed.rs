@@ -53,12 +53,13 @@ fn timed_await(
     fut: TokenStream,
     output: Option<&Type>,
 ) -> TokenStream {
+    let krate = &args.krate;
     let timer = timer(args, item);
     let is_err = is_err(output);
     quote! {
         #timer
-        let __cq_start = ::cached_query::__private::Instant::now();
-        let __cq_out = ::cached_query::__private::timed_body(#fut).await;
+        let __cq_start = #krate::__private::Instant::now();
+        let __cq_out = #krate::__private::timed_body(#fut).await;
         __CQ_TIMER.finish(__cq_start, #is_err);
         __cq_out
     }
@@ -66,6 +67,7 @@ fn timed_await(
 
 /// The body of a synchronous function, run in a closure between two clock reads.
 fn timed_sync(args: &TimedArgs, item: &ItemFn) -> TokenStream {
+    let krate = &args.krate;
     let timer = timer(args, item);
     let is_err = is_err(declared_output(item));
     let stmts = &item.block.stmts;
@@ -77,9 +79,9 @@ fn timed_sync(args: &TimedArgs, item: &ItemFn) -> TokenStream {
     };
     quote! {
         #timer
-        let __cq_start = ::cached_query::__private::Instant::now();
+        let __cq_start = #krate::__private::Instant::now();
         #[allow(clippy::redundant_closure_call)]
-        let __cq_out = ::cached_query::__private::timed_body_sync(#closure);
+        let __cq_out = #krate::__private::timed_body_sync(#closure);
         __CQ_TIMER.finish(__cq_start, #is_err);
         __cq_out
     }
@@ -87,6 +89,7 @@ fn timed_sync(args: &TimedArgs, item: &ItemFn) -> TokenStream {
 
 /// The `static __CQ_TIMER` item.
 fn timer(args: &TimedArgs, item: &ItemFn) -> TokenStream {
+    let krate = &args.krate;
     let name = query_name(args.name.as_ref(), item);
     let threshold = match args.threshold_ms {
         Some(ms) => quote!(::core::option::Option::Some(#ms)),
@@ -97,10 +100,10 @@ fn timer(args: &TimedArgs, item: &ItemFn) -> TokenStream {
         .clone()
         .unwrap_or_else(|| syn::Ident::new("Warn", proc_macro2::Span::call_site()));
     quote! {
-        static __CQ_TIMER: ::cached_query::__private::Timer = ::cached_query::__private::Timer::new(
+        static __CQ_TIMER: #krate::__private::Timer = #krate::__private::Timer::new(
             #name,
             #threshold,
-            ::cached_query::__private::SlowLevel::#level,
+            #krate::__private::SlowLevel::#level,
         );
     }
 }
