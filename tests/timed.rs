@@ -249,6 +249,40 @@ async fn timed_and_cached_compose_in_either_order() {
     );
 }
 
+// --- Another crate's attribute named `timed` ----------------------------------------------
+
+/// `tracing`'s `#[instrument]` imported as `timed`: another crate's attribute that only its name
+/// makes look like ours.
+mod foreign_timed {
+    use cached_query::{Cache, cached_query};
+    use tracing::instrument as timed;
+
+    #[cached_query(cache = cache)]
+    #[timed(name = "foreign.instrumented")]
+    pub async fn lookup(cache: &Cache, id: i64) -> Result<i64, String> {
+        tracing::info!("the foreign attribute's body ran");
+        Ok(id)
+    }
+}
+
+#[tokio::test]
+async fn a_foreign_timed_below_cached_query_runs_inside_it() {
+    let logs = Logs::capture();
+    let cache = Cache::builder().memory().build().await.unwrap();
+    assert_eq!(foreign_timed::lookup(&cache, 7).await, Ok(7));
+    assert_eq!(foreign_timed::lookup(&cache, 7).await, Ok(7));
+    let ran = logs.mine("the foreign attribute's body ran");
+    assert_eq!(ran.len(), 1, "the second call is a cache hit: {ran:?}");
+    assert!(
+        ran[0].contains("foreign.instrumented{"),
+        "inside the foreign attribute's span: {ran:?}"
+    );
+    assert!(
+        timings().iter().all(|t| t.name != "foreign.instrumented"),
+        "our #[timed] did not take its place"
+    );
+}
+
 // --- N+1 detection on the conversation list -------------------------------------------
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, sqlx::FromRow)]

@@ -103,3 +103,9 @@ pub async fn timed_body<F: Future>(fut: F) -> F::Output {
 pub fn timed_body_sync<T>(f: impl FnOnce() -> T) -> T {
     crate::calls::execute_sync(f)
 }
+
+// --- Re-exports for the attribute macros -----------------------------------------------------
+// A stacked `#[cached_query]` or `#[timed]` hands itself over to the attribute written below it
+// as `#[<crate>::__private::cached_query(__marker, …)]` or `…::timed(…)`: a path no other crate's
+// attribute has, so that attribute, if it is ours, recognises it without guessing by name.
+pub use cached_query_macros::{cached_query, timed};

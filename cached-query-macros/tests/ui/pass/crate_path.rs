@@ -38,8 +38,8 @@ async fn timed_inside(id: i64) -> Result<i64, String> {
     Ok(id)
 }
 
-#[timed(name = "crate_path.outside", crate = deps::cq)]
-#[cached_query(crate = deps::cq, version = 2)]
+#[deps::cq::timed(name = "crate_path.outside", crate = deps::cq)]
+#[deps::cq::cached_query(crate = deps::cq, version = 2)]
 async fn timed_outside(id: i64) -> Result<i64, String> {
     Ok(id)
 }
