@@ -195,6 +195,32 @@ async fn every_function_shape_is_timed() {
     assert!(t.max >= Duration::from_millis(100), "{t:?}");
 }
 
+#[async_trait]
+trait FailingRepo {
+    async fn slow_and_failing(&self, pool: &PgPool) -> Result<i32, sqlx::Error>;
+}
+
+#[async_trait]
+impl FailingRepo for PgRepo {
+    #[timed(name = "t.async_trait_err", threshold_ms = 50)]
+    async fn slow_and_failing(&self, pool: &PgPool) -> Result<i32, sqlx::Error> {
+        sqlx::query("SELECT pg_sleep(0.1)").execute(pool).await?;
+        Err(sqlx::Error::RowNotFound)
+    }
+}
+
+#[tokio::test]
+async fn inside_async_trait_the_slow_event_says_whether_it_failed() {
+    let logs = Logs::capture();
+    let repo: Box<dyn FailingRepo + Send + Sync> = Box::new(PgRepo);
+    assert!(repo.slow_and_failing(&pool().await).await.is_err());
+    let events = logs.mine("t.async_trait_err");
+    assert!(
+        events.len() == 1 && events[0].contains("slow query") && events[0].contains("error=true"),
+        "{events:?}"
+    );
+}
+
 #[tokio::test]
 async fn a_future_that_is_never_awaited_records_nothing() {
     let pool = pool().await;

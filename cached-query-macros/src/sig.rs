@@ -181,6 +181,43 @@ pub(crate) fn ok_type<'a>(sig: &'a Signature, macro_name: &str) -> syn::Result<&
     first_type_arg(last).ok_or_else(|| not_result(ty.span()))
 }
 
+/// `R` in a return type `Pin<Box<dyn Future<Output = R> + …>>`: the output of the boxed
+/// future an `#[async_trait]` method returns in place of its `async fn`.
+pub(crate) fn boxed_future_output(sig: &Signature) -> Option<&Type> {
+    let ReturnType::Type(_, ty) = &sig.output else {
+        return None;
+    };
+    let boxed = type_arg_of(ty, "Pin")?;
+    let Type::TraitObject(object) = type_arg_of(boxed, "Box")? else {
+        return None;
+    };
+    object.bounds.iter().find_map(|bound| {
+        let TypeParamBound::Trait(t) = bound else {
+            return None;
+        };
+        let future = t.path.segments.last().filter(|s| s.ident == "Future")?;
+        let PathArguments::AngleBracketed(ab) = &future.arguments else {
+            return None;
+        };
+        ab.args.iter().find_map(|a| match a {
+            GenericArgument::AssocType(at) if at.ident == "Output" => Some(&at.ty),
+            _ => None,
+        })
+    })
+}
+
+/// The first type argument of `ty` when its last segment is `name`: `Box<T>` gives `T`.
+fn type_arg_of<'a>(ty: &'a Type, name: &str) -> Option<&'a Type> {
+    let Type::Path(tp) = ty else {
+        return None;
+    };
+    tp.path
+        .segments
+        .last()
+        .filter(|s| s.ident == name)
+        .and_then(first_type_arg)
+}
+
 fn first_type_arg(segment: &PathSegment) -> Option<&Type> {
     let PathArguments::AngleBracketed(ab) = &segment.arguments else {
         return None;
@@ -194,4 +231,27 @@ fn first_type_arg(segment: &PathSegment) -> Option<&Type> {
 /// Whether `ty` is written as `Option<…>`.
 pub(crate) fn is_option(ty: &Type) -> bool {
     last_segment(ty).is_some_and(|s| s == "Option")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use quote::ToTokens;
+
+    fn output_of(sig: &str) -> Option<String> {
+        let sig: Signature = syn::parse_str(sig).unwrap();
+        boxed_future_output(&sig).map(|ty| ty.to_token_stream().to_string())
+    }
+
+    #[test]
+    fn the_output_of_an_async_trait_method_is_found() {
+        // What async-trait writes in place of `async fn get(&self) -> Result<u8, E>`.
+        let sig = "fn get<'life0, 'async_trait>(&'life0 self) -> ::core::pin::Pin<Box<\
+                   dyn ::core::future::Future<Output = Result<u8, E>> + ::core::marker::Send + 'async_trait>>";
+        assert_eq!(output_of(sig).as_deref(), Some("Result < u8 , E >"));
+        let sig = "fn get(&self) -> Pin<Box<dyn Future<Output = ()> + Send>>";
+        assert_eq!(output_of(sig).as_deref(), Some("()"));
+        assert_eq!(output_of("fn get(&self) -> Box<u8>"), None);
+        assert_eq!(output_of("fn get(&self)"), None);
+    }
 }

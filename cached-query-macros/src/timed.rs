@@ -20,8 +20,7 @@ pub(crate) fn expand(args: &TimedArgs, item: &ItemFn) -> syn::Result<TokenStream
     if let Some((stmts_before, inner)) = async_trait_body(item) {
         let inner_stmts = &inner.block.stmts;
         let capture = &inner.capture;
-        // The output type is not looked for: no `error` field.
-        let output = None;
+        let output = sig::boxed_future_output(&item.sig);
         let timed = timed_await(
             args,
             item,
