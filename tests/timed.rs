@@ -223,14 +223,31 @@ async fn inside_async_trait_the_slow_event_says_whether_it_failed() {
 
 #[tokio::test]
 async fn a_future_that_is_never_awaited_records_nothing() {
-    let pool = pool().await;
-    drop(never_awaited(&pool));
+    // Polled until it is inside the timed body, then dropped before it completes: a call that
+    // never finished records no timing and logs nothing, even with a zero threshold.
+    let logs = Logs::capture();
+    let entered = std::sync::atomic::AtomicBool::new(false);
+    let (release, gate) = tokio::sync::oneshot::channel();
+    let mut fut = Box::pin(never_awaited(&entered, gate));
+    let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+    assert!(fut.as_mut().poll(&mut cx).is_pending());
+    assert!(
+        entered.load(std::sync::atomic::Ordering::SeqCst),
+        "the timed body is running"
+    );
+    drop(fut);
+    drop(release);
     assert!(timings().iter().all(|t| t.name != "t.never"));
+    assert!(logs.mine("t.never").is_empty());
 }
 
-#[timed(name = "t.never")]
-async fn never_awaited(pool: &PgPool) -> Result<i32, sqlx::Error> {
-    sqlx::query_scalar("SELECT 1").fetch_one(pool).await
+#[timed(name = "t.never", threshold_ms = 0)]
+async fn never_awaited(
+    entered: &std::sync::atomic::AtomicBool,
+    gate: tokio::sync::oneshot::Receiver<()>,
+) -> Result<(), tokio::sync::oneshot::error::RecvError> {
+    entered.store(true, std::sync::atomic::Ordering::SeqCst);
+    gate.await
 }
 
 #[cached_query(cache = cache)]
