@@ -1,5 +1,5 @@
 //! The rule for stacking `#[timed]` and `#[cached_query]`, written once for both: the written
-//! order is the run-time order, whoever owns the attribute.
+//! order is the run-time order, whoever owns the attribute written below ours.
 //!
 //! Attribute macros expand top down and each one wraps the body it is given, so left alone the
 //! attribute written lower would end up outermost. Hence:
@@ -15,6 +15,10 @@
 //!
 //! A marker never hands over again, so expansion always ends. Nothing is absorbed without the
 //! compiler resolving it, so the user's `use cached_query::timed;` is never reported unused.
+//!
+//! Where the rule stops: another crate's attribute written *above* ours has expanded before
+//! ours runs, so ours cannot see it. What it does with the attribute below decides; one that
+//! wraps the body it is given (such as `#[tracing::instrument]`) ends up inside ours.
 
 use crate::args::{CachedArgs, Krate, TimedArgs};
 use crate::cached;
