@@ -195,16 +195,59 @@ async fn every_function_shape_is_timed() {
     assert!(t.max >= Duration::from_millis(100), "{t:?}");
 }
 
-#[tokio::test]
-async fn a_future_that_is_never_awaited_records_nothing() {
-    let pool = pool().await;
-    drop(never_awaited(&pool));
-    assert!(timings().iter().all(|t| t.name != "t.never"));
+#[async_trait]
+trait FailingRepo {
+    async fn slow_and_failing(&self, pool: &PgPool) -> Result<i32, sqlx::Error>;
 }
 
-#[timed(name = "t.never")]
-async fn never_awaited(pool: &PgPool) -> Result<i32, sqlx::Error> {
-    sqlx::query_scalar("SELECT 1").fetch_one(pool).await
+#[async_trait]
+impl FailingRepo for PgRepo {
+    #[timed(name = "t.async_trait_err", threshold_ms = 50)]
+    async fn slow_and_failing(&self, pool: &PgPool) -> Result<i32, sqlx::Error> {
+        sqlx::query("SELECT pg_sleep(0.1)").execute(pool).await?;
+        Err(sqlx::Error::RowNotFound)
+    }
+}
+
+#[tokio::test]
+async fn inside_async_trait_the_slow_event_says_whether_it_failed() {
+    let logs = Logs::capture();
+    let repo: Box<dyn FailingRepo + Send + Sync> = Box::new(PgRepo);
+    assert!(repo.slow_and_failing(&pool().await).await.is_err());
+    let events = logs.mine("t.async_trait_err");
+    assert!(
+        events.len() == 1 && events[0].contains("slow query") && events[0].contains("error=true"),
+        "{events:?}"
+    );
+}
+
+#[tokio::test]
+async fn a_future_that_is_never_awaited_records_nothing() {
+    // Polled until it is inside the timed body, then dropped before it completes: a call that
+    // never finished records no timing and logs nothing, even with a zero threshold.
+    let logs = Logs::capture();
+    let entered = std::sync::atomic::AtomicBool::new(false);
+    let (release, gate) = tokio::sync::oneshot::channel();
+    let mut fut = Box::pin(never_awaited(&entered, gate));
+    let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+    assert!(fut.as_mut().poll(&mut cx).is_pending());
+    assert!(
+        entered.load(std::sync::atomic::Ordering::SeqCst),
+        "the timed body is running"
+    );
+    drop(fut);
+    drop(release);
+    assert!(timings().iter().all(|t| t.name != "t.never"));
+    assert!(logs.mine("t.never").is_empty());
+}
+
+#[timed(name = "t.never", threshold_ms = 0)]
+async fn never_awaited(
+    entered: &std::sync::atomic::AtomicBool,
+    gate: tokio::sync::oneshot::Receiver<()>,
+) -> Result<(), tokio::sync::oneshot::error::RecvError> {
+    entered.store(true, std::sync::atomic::Ordering::SeqCst);
+    gate.await
 }
 
 #[cached_query(cache = cache)]
@@ -246,6 +289,40 @@ async fn timed_and_cached_compose_in_either_order() {
         (calls.queries, calls.cache_hits),
         (2, 2),
         "no double counting"
+    );
+}
+
+// --- Another crate's attribute named `timed` ----------------------------------------------
+
+/// `tracing`'s `#[instrument]` imported as `timed`: another crate's attribute that only its name
+/// makes look like ours.
+mod foreign_timed {
+    use cached_query::{Cache, cached_query};
+    use tracing::instrument as timed;
+
+    #[cached_query(cache = cache)]
+    #[timed(name = "foreign.instrumented")]
+    pub async fn lookup(cache: &Cache, id: i64) -> Result<i64, String> {
+        tracing::info!("the foreign attribute's body ran");
+        Ok(id)
+    }
+}
+
+#[tokio::test]
+async fn a_foreign_timed_below_cached_query_runs_inside_it() {
+    let logs = Logs::capture();
+    let cache = Cache::builder().memory().build().await.unwrap();
+    assert_eq!(foreign_timed::lookup(&cache, 7).await, Ok(7));
+    assert_eq!(foreign_timed::lookup(&cache, 7).await, Ok(7));
+    let ran = logs.mine("the foreign attribute's body ran");
+    assert_eq!(ran.len(), 1, "the second call is a cache hit: {ran:?}");
+    assert!(
+        ran[0].contains("foreign.instrumented{"),
+        "inside the foreign attribute's span: {ran:?}"
+    );
+    assert!(
+        timings().iter().all(|t| t.name != "foreign.instrumented"),
+        "our #[timed] did not take its place"
     );
 }
 

@@ -1,8 +1,15 @@
-//! Parsing of the attribute arguments.
+//! Attribute arguments: one generic parser for `key = value`, `key(a, b)` and bare string
+//! literals, and the keys each attribute accepts.
+//!
+//! [`each`] walks the comma-separated list and offers every argument to the attribute's keys in
+//! turn, so an attribute's `Parse` impl is just its list of keys and how to read each value.
 
-use syn::parse::{Parse, ParseStream};
+use proc_macro2::{Span, TokenStream, TokenTree};
+use quote::{ToTokens, quote_spanned};
+use syn::ext::IdentExt;
+use syn::parse::{Lookahead1, Parse, ParseStream, Peek};
 use syn::punctuated::Punctuated;
-use syn::{Expr, Ident, LitBool, LitInt, LitStr, Token, bracketed, parenthesized};
+use syn::{Expr, Ident, LitBool, LitInt, LitStr, Path, Token, bracketed, parenthesized};
 
 mod kw {
     syn::custom_keyword!(ttl);
@@ -13,230 +20,286 @@ mod kw {
     syn::custom_keyword!(cache_none);
     syn::custom_keyword!(name);
     syn::custom_keyword!(version);
+    syn::custom_keyword!(threshold_ms);
+    syn::custom_keyword!(level);
+}
+
+/// Parses `arg, arg, …` (a trailing comma allowed), offering each argument to `accept`, which
+/// returns whether one of its keys took it. When none did, the error lists every key tried.
+fn each(
+    input: ParseStream<'_>,
+    mut accept: impl FnMut(&Arg<'_>) -> syn::Result<bool>,
+) -> syn::Result<()> {
+    while !input.is_empty() {
+        let arg = Arg {
+            input,
+            look: input.lookahead1(),
+        };
+        if !accept(&arg)? {
+            return Err(arg.look.error());
+        }
+        if !input.is_empty() {
+            input.parse::<Token![,]>()?;
+        }
+    }
+    Ok(())
+}
+
+/// The argument at the head of the input. Each method tries one key: it returns `Ok(false)`
+/// (having only peeked) when the argument is something else.
+struct Arg<'a> {
+    input: ParseStream<'a>,
+    look: Lookahead1<'a>,
+}
+
+impl Arg<'_> {
+    /// `key = value`, the value read by `value` into `slot`.
+    fn value<T>(
+        &self,
+        key: impl Peek,
+        slot: &mut Option<T>,
+        value: impl FnOnce(ParseStream<'_>) -> syn::Result<T>,
+    ) -> syn::Result<bool> {
+        if !self.key(key, slot.is_some())? {
+            return Ok(false);
+        }
+        self.input.parse::<Token![=]>()?;
+        *slot = Some(value(self.input)?);
+        Ok(true)
+    }
+
+    /// `key(a, b, …)`.
+    fn list<T: Parse>(&self, key: impl Peek, slot: &mut Option<Vec<T>>) -> syn::Result<bool> {
+        if !self.key(key, slot.is_some())? {
+            return Ok(false);
+        }
+        let content;
+        parenthesized!(content in self.input);
+        let items = Punctuated::<T, Token![,]>::parse_terminated(&content)?;
+        *slot = Some(items.into_iter().collect());
+        Ok(true)
+    }
+
+    /// A bare string literal, taken only while `open` (positional arguments come first).
+    fn literal(&self, out: &mut Vec<LitStr>, open: bool) -> syn::Result<bool> {
+        if !(self.look.peek(LitStr) && open) {
+            return Ok(false);
+        }
+        out.push(self.input.parse()?);
+        Ok(true)
+    }
+
+    /// Consumes `key` when it comes next; a second occurrence is an error on its span.
+    fn key(&self, key: impl Peek, seen: bool) -> syn::Result<bool> {
+        if !self.look.peek(key) {
+            return Ok(false);
+        }
+        let key: TokenTree = self.input.parse()?;
+        if seen {
+            return Err(syn::Error::new(
+                key.span(),
+                format!("duplicate `{key}` argument"),
+            ));
+        }
+        Ok(true)
+    }
+}
+
+/// Where generated code finds the runtime crate: `crate = path`, by default `::cached_query`.
+#[derive(Default)]
+pub(crate) struct Krate(Option<Path>);
+
+impl Krate {
+    /// The path for code spanned at `span`: the default is written there, so that errors in
+    /// that code keep pointing at the user's tokens; a given path keeps its own spans.
+    pub(crate) fn at(&self, span: Span) -> TokenStream {
+        match &self.0 {
+            Some(path) => path.to_token_stream(),
+            None => quote_spanned!(span=> ::cached_query),
+        }
+    }
+}
+
+impl ToTokens for Krate {
+    fn to_tokens(&self, tokens: &mut TokenStream) {
+        tokens.extend(self.at(Span::call_site()));
+    }
 }
 
 /// `#[cached_query(...)]`.
 #[derive(Default)]
 pub(crate) struct CachedArgs {
     pub(crate) ttl: Option<u64>,
-    pub(crate) invalidate: Vec<LitStr>,
+    pub(crate) invalidate: Option<Vec<LitStr>>,
     pub(crate) cache: Option<Expr>,
-    pub(crate) skip: Vec<Ident>,
+    pub(crate) skip: Option<Vec<Ident>>,
     pub(crate) key: Option<Expr>,
     pub(crate) cache_none: Option<LitBool>,
     pub(crate) name: Option<LitStr>,
-    pub(crate) version: u32,
-}
-
-/// `#[invalidates("tmpl", ..., cache = expr)]`.
-pub(crate) struct InvalidatesArgs {
-    pub(crate) templates: Vec<LitStr>,
-    pub(crate) cache: Option<Expr>,
-}
-
-/// Rejects a second occurrence of an argument, pointing at it.
-fn once<T>(slot: &mut Option<T>, span: proc_macro2::Span, name: &str, value: T) -> syn::Result<()> {
-    if slot.is_some() {
-        return Err(syn::Error::new(
-            span,
-            format!("duplicate `{name}` argument"),
-        ));
-    }
-    *slot = Some(value);
-    Ok(())
+    pub(crate) version: Option<u32>,
+    pub(crate) krate: Krate,
 }
 
 impl Parse for CachedArgs {
     fn parse(input: ParseStream<'_>) -> syn::Result<Self> {
-        let mut args = CachedArgs::default();
-        let mut ttl = None;
-        let mut invalidate = None;
-        let mut skip = None;
-        let mut version = None;
-        while !input.is_empty() {
-            let look = input.lookahead1();
-            if look.peek(kw::ttl) {
-                let k: kw::ttl = input.parse()?;
-                input.parse::<Token![=]>()?;
-                let lit: LitInt = input.parse()?;
-                let secs: u64 = lit.base10_parse().map_err(|_| {
-                    syn::Error::new(lit.span(), "`ttl` must be a whole number of seconds")
-                })?;
-                if secs == 0 {
-                    return Err(syn::Error::new(
-                        lit.span(),
-                        "`ttl = 0` would never cache; remove the attribute or give a TTL of at least 1 second",
-                    ));
-                }
-                once(&mut ttl, k.span, "ttl", secs)?;
-            } else if look.peek(kw::invalidate) {
-                let k: kw::invalidate = input.parse()?;
-                input.parse::<Token![=]>()?;
-                let templates = if input.peek(syn::token::Bracket) {
-                    let content;
-                    bracketed!(content in input);
-                    Punctuated::<LitStr, Token![,]>::parse_terminated(&content)?
-                        .into_iter()
-                        .collect()
-                } else {
-                    vec![input.parse::<LitStr>()?]
-                };
-                once(&mut invalidate, k.span, "invalidate", templates)?;
-            } else if look.peek(kw::cache_none) {
-                let k: kw::cache_none = input.parse()?;
-                input.parse::<Token![=]>()?;
-                let lit: LitBool = input.parse()?;
-                once(&mut args.cache_none, k.span, "cache_none", lit)?;
-            } else if look.peek(kw::cache) {
-                let k: kw::cache = input.parse()?;
-                input.parse::<Token![=]>()?;
-                let expr: Expr = input.parse()?;
-                once(&mut args.cache, k.span, "cache", expr)?;
-            } else if look.peek(kw::skip) {
-                let k: kw::skip = input.parse()?;
-                let content;
-                parenthesized!(content in input);
-                let names = Punctuated::<Ident, Token![,]>::parse_terminated(&content)?;
-                once(&mut skip, k.span, "skip", names.into_iter().collect())?;
-            } else if look.peek(kw::key) {
-                let k: kw::key = input.parse()?;
-                input.parse::<Token![=]>()?;
-                let expr: Expr = input.parse()?;
-                once(&mut args.key, k.span, "key", expr)?;
-            } else if look.peek(kw::name) {
-                let k: kw::name = input.parse()?;
-                input.parse::<Token![=]>()?;
-                let lit: LitStr = input.parse()?;
-                if lit.value().is_empty() {
-                    return Err(syn::Error::new(lit.span(), "`name` must not be empty"));
-                }
-                once(&mut args.name, k.span, "name", lit)?;
-            } else if look.peek(kw::version) {
-                let k: kw::version = input.parse()?;
-                input.parse::<Token![=]>()?;
-                let lit: LitInt = input.parse()?;
-                let v: u32 = lit.base10_parse().map_err(|_| {
-                    syn::Error::new(lit.span(), "`version` must be a whole number (u32)")
-                })?;
-                once(&mut version, k.span, "version", v)?;
-            } else {
-                return Err(look.error());
-            }
-            if !input.is_empty() {
-                input.parse::<Token![,]>()?;
-            }
-        }
-        args.ttl = ttl;
-        args.invalidate = invalidate.unwrap_or_default();
-        args.skip = skip.unwrap_or_default();
-        args.version = version.unwrap_or(0);
-        Ok(args)
+        let mut a = CachedArgs::default();
+        each(input, |arg| {
+            Ok(arg.value(kw::ttl, &mut a.ttl, ttl)?
+                || arg.value(kw::invalidate, &mut a.invalidate, templates)?
+                || arg.value(kw::cache_none, &mut a.cache_none, LitBool::parse)?
+                || arg.value(kw::cache, &mut a.cache, Expr::parse)?
+                || arg.list(kw::skip, &mut a.skip)?
+                || arg.value(kw::key, &mut a.key, Expr::parse)?
+                || arg.value(kw::name, &mut a.name, name)?
+                || arg.value(kw::version, &mut a.version, version)?
+                || arg.value(Token![crate], &mut a.krate.0, crate_path)?)
+        })?;
+        Ok(a)
     }
+}
+
+/// `#[invalidates("tmpl", ..., cache = expr, crate = path)]`.
+pub(crate) struct InvalidatesArgs {
+    pub(crate) templates: Vec<LitStr>,
+    pub(crate) cache: Option<Expr>,
+    pub(crate) krate: Krate,
 }
 
 impl Parse for InvalidatesArgs {
     fn parse(input: ParseStream<'_>) -> syn::Result<Self> {
         let mut templates = Vec::new();
-        let mut cache = None;
-        while !input.is_empty() {
-            let look = input.lookahead1();
-            if look.peek(LitStr) && cache.is_none() {
-                templates.push(input.parse()?);
-            } else if look.peek(kw::cache) {
-                let k: kw::cache = input.parse()?;
-                input.parse::<Token![=]>()?;
-                once(&mut cache, k.span, "cache", input.parse::<Expr>()?)?;
-            } else {
-                return Err(look.error());
-            }
-            if !input.is_empty() {
-                input.parse::<Token![,]>()?;
-            }
-        }
+        let (mut cache, mut krate) = (None, Krate::default());
+        each(input, |arg| {
+            let open = cache.is_none() && krate.0.is_none();
+            Ok(arg.literal(&mut templates, open)?
+                || arg.value(kw::cache, &mut cache, Expr::parse)?
+                || arg.value(Token![crate], &mut krate.0, crate_path)?)
+        })?;
         if templates.is_empty() {
             return Err(syn::Error::new(
                 proc_macro2::Span::call_site(),
                 r#"expected at least one tag template, e.g. #[invalidates("user:<id>")]"#,
             ));
         }
-        Ok(InvalidatesArgs { templates, cache })
+        Ok(InvalidatesArgs {
+            templates,
+            cache,
+            krate,
+        })
     }
 }
 
-mod timed_kw {
-    syn::custom_keyword!(threshold_ms);
-    syn::custom_keyword!(name);
-    syn::custom_keyword!(level);
-}
-
-/// `#[timed(threshold_ms = 50, name = "…", level = "warn")]`.
+/// `#[timed(threshold_ms = 50, name = "…", level = "warn", crate = path)]`.
 #[derive(Default)]
 pub(crate) struct TimedArgs {
     pub(crate) threshold_ms: Option<u64>,
     pub(crate) name: Option<LitStr>,
-    /// One of `error`, `warn`, `info`, `debug`, `trace`.
+    /// The `SlowLevel` variant: `Error`, `Warn`, `Info`, `Debug` or `Trace`.
     pub(crate) level: Option<Ident>,
+    pub(crate) krate: Krate,
 }
 
 impl Parse for TimedArgs {
     fn parse(input: ParseStream<'_>) -> syn::Result<Self> {
-        let mut args = TimedArgs::default();
-        while !input.is_empty() {
-            let look = input.lookahead1();
-            if look.peek(timed_kw::threshold_ms) {
-                let k: timed_kw::threshold_ms = input.parse()?;
-                input.parse::<Token![=]>()?;
-                if input.peek(Token![-]) {
-                    return Err(
-                        input.error("`threshold_ms` must be a whole number of milliseconds ≥ 0")
-                    );
-                }
-                let lit: LitInt = input.parse()?;
-                let ms: u64 = lit.base10_parse().map_err(|_| {
-                    syn::Error::new(
-                        lit.span(),
-                        "`threshold_ms` must be a whole number of milliseconds ≥ 0",
-                    )
-                })?;
-                once(&mut args.threshold_ms, k.span, "threshold_ms", ms)?;
-            } else if look.peek(timed_kw::name) {
-                let k: timed_kw::name = input.parse()?;
-                input.parse::<Token![=]>()?;
-                let lit: LitStr = input.parse()?;
-                if lit.value().is_empty() {
-                    return Err(syn::Error::new(lit.span(), "`name` must not be empty"));
-                }
-                once(&mut args.name, k.span, "name", lit)?;
-            } else if look.peek(timed_kw::level) {
-                let k: timed_kw::level = input.parse()?;
-                input.parse::<Token![=]>()?;
-                let lit: LitStr = input.parse()?;
-                let variant = match lit.value().to_ascii_lowercase().as_str() {
-                    "error" => "Error",
-                    "warn" => "Warn",
-                    "info" => "Info",
-                    "debug" => "Debug",
-                    "trace" => "Trace",
-                    _ => {
-                        return Err(syn::Error::new(
-                            lit.span(),
-                            "`level` must be one of \"error\", \"warn\", \"info\", \"debug\", \"trace\"",
-                        ));
-                    }
-                };
-                once(
-                    &mut args.level,
-                    k.span,
-                    "level",
-                    Ident::new(variant, lit.span()),
-                )?;
-            } else {
-                return Err(look.error());
-            }
-            if !input.is_empty() {
-                input.parse::<Token![,]>()?;
-            }
-        }
-        Ok(args)
+        let mut a = TimedArgs::default();
+        each(input, |arg| {
+            Ok(
+                arg.value(kw::threshold_ms, &mut a.threshold_ms, threshold_ms)?
+                    || arg.value(kw::name, &mut a.name, name)?
+                    || arg.value(kw::level, &mut a.level, level)?
+                    || arg.value(Token![crate], &mut a.krate.0, crate_path)?,
+            )
+        })?;
+        Ok(a)
     }
+}
+
+// --- Values --------------------------------------------------------------------------------
+
+/// An integer literal that fits `T`, or `msg` on it.
+fn whole<T>(input: ParseStream<'_>, msg: &str) -> syn::Result<T>
+where
+    T: std::str::FromStr,
+    T::Err: std::fmt::Display,
+{
+    let lit: LitInt = input.parse()?;
+    lit.base10_parse()
+        .map_err(|_| syn::Error::new(lit.span(), msg))
+}
+
+fn ttl(input: ParseStream<'_>) -> syn::Result<u64> {
+    let span = input.span();
+    let secs = whole(input, "`ttl` must be a whole number of seconds")?;
+    if secs == 0 {
+        return Err(syn::Error::new(
+            span,
+            "`ttl = 0` would never cache; remove the attribute or give a TTL of at least 1 second",
+        ));
+    }
+    Ok(secs)
+}
+
+fn version(input: ParseStream<'_>) -> syn::Result<u32> {
+    whole(input, "`version` must be a whole number (u32)")
+}
+
+fn threshold_ms(input: ParseStream<'_>) -> syn::Result<u64> {
+    const MSG: &str = "`threshold_ms` must be a whole number of milliseconds ≥ 0";
+    if input.peek(Token![-]) {
+        return Err(input.error(MSG));
+    }
+    whole(input, MSG)
+}
+
+/// `"tmpl"` or `["tmpl", …]`.
+fn templates(input: ParseStream<'_>) -> syn::Result<Vec<LitStr>> {
+    if !input.peek(syn::token::Bracket) {
+        return Ok(vec![input.parse()?]);
+    }
+    let content;
+    bracketed!(content in input);
+    let list = Punctuated::<LitStr, Token![,]>::parse_terminated(&content)?;
+    Ok(list.into_iter().collect())
+}
+
+/// A non-empty string.
+fn name(input: ParseStream<'_>) -> syn::Result<LitStr> {
+    let lit: LitStr = input.parse()?;
+    if lit.value().is_empty() {
+        return Err(syn::Error::new(lit.span(), "`name` must not be empty"));
+    }
+    Ok(lit)
+}
+
+fn level(input: ParseStream<'_>) -> syn::Result<Ident> {
+    let lit: LitStr = input.parse()?;
+    let variant = match lit.value().to_ascii_lowercase().as_str() {
+        "error" => "Error",
+        "warn" => "Warn",
+        "info" => "Info",
+        "debug" => "Debug",
+        "trace" => "Trace",
+        _ => {
+            return Err(syn::Error::new(
+                lit.span(),
+                "`level` must be one of \"error\", \"warn\", \"info\", \"debug\", \"trace\"",
+            ));
+        }
+    };
+    Ok(Ident::new(variant, lit.span()))
+}
+
+/// A path such as `my_crate::reexports::cached_query` (no generic arguments).
+fn crate_path(input: ParseStream<'_>) -> syn::Result<Path> {
+    if input.peek(Ident::peek_any) || input.peek(Token![::]) {
+        return Path::parse_mod_style(input);
+    }
+    let not = if input.peek(LitStr) {
+        ", not a string"
+    } else {
+        ""
+    };
+    Err(input.error(format!(
+        "`crate` takes a path{not}: e.g. `crate = my_crate::cached_query`"
+    )))
 }

@@ -1,10 +1,11 @@
-//! What the macros need to know about the annotated function's signature.
+//! What the macros need to know about the annotated function's signature: which parameters
+//! are executors (left out of the key), and whether and what it returns as a `Result`.
 
 use proc_macro2::Span;
 use syn::spanned::Spanned;
 use syn::{
-    FnArg, GenericArgument, Generics, Ident, Pat, PathArguments, ReturnType, Signature, Type,
-    TypeParamBound, WherePredicate,
+    FnArg, GenericArgument, Generics, Ident, Pat, PathArguments, PathSegment, ReturnType,
+    Signature, Type, TypeParamBound, WherePredicate,
 };
 
 /// Types (last path segment, through references) that never belong in a cache key.
@@ -142,6 +143,24 @@ fn is_executor(ty: &Type, generics: &Generics) -> bool {
     inline || in_where
 }
 
+/// The last path segment of `ty` when it is written as a `…Result` type: `Result<T, E>`,
+/// `sqlx::Result<T>`, `fmt::Result`, `anyhow::Result<T>`, a project alias like `DbResult<T>`.
+/// The one place that decides what counts as a `Result`.
+fn result_segment(ty: &Type) -> Option<&PathSegment> {
+    let Type::Path(tp) = ty else {
+        return None;
+    };
+    tp.path
+        .segments
+        .last()
+        .filter(|s| s.ident.to_string().ends_with("Result"))
+}
+
+/// Whether `ty` is a `Result` (see [`result_segment`]).
+pub(crate) fn is_result(ty: &Type) -> bool {
+    result_segment(ty).is_some()
+}
+
 /// The return type, checked to be `…Result<T, …>`; yields `T` (the Ok type).
 pub(crate) fn ok_type<'a>(sig: &'a Signature, macro_name: &str) -> syn::Result<&'a Type> {
     let not_result = |span: Span| {
@@ -156,32 +175,83 @@ pub(crate) fn ok_type<'a>(sig: &'a Signature, macro_name: &str) -> syn::Result<&
         ReturnType::Type(_, ty) => ty,
         ReturnType::Default => return Err(not_result(sig.paren_token.span.join())),
     };
-    let Type::Path(tp) = &**ty else {
+    let Some(last) = result_segment(ty) else {
         return Err(not_result(ty.span()));
     };
-    // `Result`, `sqlx::Result`, `anyhow::Result`, and project aliases like `DbResult<T>`.
-    let Some(last) = tp
-        .path
+    first_type_arg(last).ok_or_else(|| not_result(ty.span()))
+}
+
+/// `R` in a return type `Pin<Box<dyn Future<Output = R> + …>>`: the output of the boxed
+/// future an `#[async_trait]` method returns in place of its `async fn`.
+pub(crate) fn boxed_future_output(sig: &Signature) -> Option<&Type> {
+    let ReturnType::Type(_, ty) = &sig.output else {
+        return None;
+    };
+    let boxed = type_arg_of(ty, "Pin")?;
+    let Type::TraitObject(object) = type_arg_of(boxed, "Box")? else {
+        return None;
+    };
+    object.bounds.iter().find_map(|bound| {
+        let TypeParamBound::Trait(t) = bound else {
+            return None;
+        };
+        let future = t.path.segments.last().filter(|s| s.ident == "Future")?;
+        let PathArguments::AngleBracketed(ab) = &future.arguments else {
+            return None;
+        };
+        ab.args.iter().find_map(|a| match a {
+            GenericArgument::AssocType(at) if at.ident == "Output" => Some(&at.ty),
+            _ => None,
+        })
+    })
+}
+
+/// The first type argument of `ty` when its last segment is `name`: `Box<T>` gives `T`.
+fn type_arg_of<'a>(ty: &'a Type, name: &str) -> Option<&'a Type> {
+    let Type::Path(tp) = ty else {
+        return None;
+    };
+    tp.path
         .segments
         .last()
-        .filter(|s| s.ident.to_string().ends_with("Result"))
-    else {
-        return Err(not_result(ty.span()));
+        .filter(|s| s.ident == name)
+        .and_then(first_type_arg)
+}
+
+fn first_type_arg(segment: &PathSegment) -> Option<&Type> {
+    let PathArguments::AngleBracketed(ab) = &segment.arguments else {
+        return None;
     };
-    match &last.arguments {
-        PathArguments::AngleBracketed(ab) => ab
-            .args
-            .iter()
-            .find_map(|a| match a {
-                GenericArgument::Type(t) => Some(t),
-                _ => None,
-            })
-            .ok_or_else(|| not_result(ty.span())),
-        _ => Err(not_result(ty.span())),
-    }
+    ab.args.iter().find_map(|a| match a {
+        GenericArgument::Type(t) => Some(t),
+        _ => None,
+    })
 }
 
 /// Whether `ty` is written as `Option<…>`.
 pub(crate) fn is_option(ty: &Type) -> bool {
     last_segment(ty).is_some_and(|s| s == "Option")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use quote::ToTokens;
+
+    fn output_of(sig: &str) -> Option<String> {
+        let sig: Signature = syn::parse_str(sig).unwrap();
+        boxed_future_output(&sig).map(|ty| ty.to_token_stream().to_string())
+    }
+
+    #[test]
+    fn the_output_of_an_async_trait_method_is_found() {
+        // What async-trait writes in place of `async fn get(&self) -> Result<u8, E>`.
+        let sig = "fn get<'life0, 'async_trait>(&'life0 self) -> ::core::pin::Pin<Box<\
+                   dyn ::core::future::Future<Output = Result<u8, E>> + ::core::marker::Send + 'async_trait>>";
+        assert_eq!(output_of(sig).as_deref(), Some("Result < u8 , E >"));
+        let sig = "fn get(&self) -> Pin<Box<dyn Future<Output = ()> + Send>>";
+        assert_eq!(output_of(sig).as_deref(), Some("()"));
+        assert_eq!(output_of("fn get(&self) -> Box<u8>"), None);
+        assert_eq!(output_of("fn get(&self)"), None);
+    }
 }

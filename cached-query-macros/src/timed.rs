@@ -1,61 +1,94 @@
-//! `#[timed]` expansion: time the body's execution (the `.await`, not the creation of the
-//! future), record it, and log it when slow.
+//! `#[timed]`: time the body's execution (from its first poll to its completion, not the
+//! creation of the future), record it, and log it when slow.
 
-use crate::args::{CachedArgs, TimedArgs};
-use crate::expand::{
-    body_future, cached_block, mark_used, parse_attr_args, query_name, replace_body, take_attr,
-};
+use crate::args::TimedArgs;
+use crate::item::{body_future, query_name, replace_body};
+use crate::sig;
 use proc_macro2::TokenStream;
 use quote::quote;
 use syn::visit::Visit;
 use syn::{Expr, ItemFn, ReturnType, Stmt, Type};
 
-pub(crate) fn expand(args: TimedArgs, item: &ItemFn) -> syn::Result<TokenStream> {
-    // `#[cached_query]` written below `#[timed]`: time what the caller waits, hits included.
-    // Its own expansion would put the timing inside the cache, so build both layers here.
+/// `#[timed]` on its own.
+pub(crate) fn expand(args: &TimedArgs, item: &ItemFn) -> syn::Result<TokenStream> {
     if item.sig.asyncness.is_some() {
-        let mut item = item.clone();
-        if let Some(attr) = take_attr(&mut item, "cached_query") {
-            let cached = cached_block(parse_attr_args::<CachedArgs>(&attr)?, &item, None)?;
-            let timed = wrap_future(&args, &item, quote!(async { #cached }));
-            let used = mark_used(&attr);
-            return Ok(replace_body(&item, quote!(#used #timed.await)));
-        }
+        let timed = timed_await(args, item, body_future(item), declared_output(item));
+        return Ok(replace_body(item, timed));
     }
-    let (timer, is_err) = timer_parts(&args, item);
-
-    if item.sig.asyncness.is_some() {
-        let body = body_future(item);
+    // `#[async_trait]` turns `async fn` into `fn … { Box::pin(async move { … }) }`: time the
+    // inner future, not its allocation.
+    if let Some((stmts_before, inner)) = async_trait_body(item) {
+        let inner_stmts = &inner.block.stmts;
+        let capture = &inner.capture;
+        let output = sig::boxed_future_output(&item.sig);
+        let timed = timed_await(
+            args,
+            item,
+            quote!(async #capture { #(#inner_stmts)* }),
+            output,
+        );
         return Ok(replace_body(
             item,
             quote! {
-                #timer
-                let __cq_start = ::cached_query::__private::Instant::now();
-                let __cq_out = ::cached_query::__private::timed_body(#body).await;
-                __CQ_TIMER.finish(__cq_start, #is_err);
-                __cq_out
+                #(#stmts_before)*
+                ::std::boxed::Box::pin(async #capture { #timed })
             },
         ));
     }
-    expand_sync(timer, is_err, item)
+    Ok(replace_body(item, timed_sync(args, item)))
 }
 
-/// `fut` (a future expression producing the function's output) with timing around it.
+/// `fut` (a future producing the function's output) with timing around it, as a future:
+/// the inner layer of a stacked `#[cached_query]`, or the outer one around it.
 pub(crate) fn wrap_future(args: &TimedArgs, item: &ItemFn, fut: TokenStream) -> TokenStream {
-    let (timer, is_err) = timer_parts(args, item);
+    let timed = timed_await(args, item, fut, declared_output(item));
+    quote!(async { #timed })
+}
+
+/// Statements that await `fut` timed and end in its output, whose type is `output`.
+fn timed_await(
+    args: &TimedArgs,
+    item: &ItemFn,
+    fut: TokenStream,
+    output: Option<&Type>,
+) -> TokenStream {
+    let krate = &args.krate;
+    let timer = timer(args, item);
+    let is_err = is_err(output);
     quote! {
-        async {
-            #timer
-            let __cq_start = ::cached_query::__private::Instant::now();
-            let __cq_out = ::cached_query::__private::timed_body(#fut).await;
-            __CQ_TIMER.finish(__cq_start, #is_err);
-            __cq_out
-        }
+        #timer
+        let __cq_start = #krate::__private::Instant::now();
+        let __cq_out = #krate::__private::timed_body(#fut).await;
+        __CQ_TIMER.finish(__cq_start, #is_err);
+        __cq_out
     }
 }
 
-/// The `static __CQ_TIMER` item and the expression telling whether `__cq_out` is an `Err`.
-fn timer_parts(args: &TimedArgs, item: &ItemFn) -> (TokenStream, TokenStream) {
+/// The body of a synchronous function, run in a closure between two clock reads.
+fn timed_sync(args: &TimedArgs, item: &ItemFn) -> TokenStream {
+    let krate = &args.krate;
+    let timer = timer(args, item);
+    let is_err = is_err(declared_output(item));
+    let stmts = &item.block.stmts;
+    let closure = match &item.sig.output {
+        ReturnType::Type(_, ty) if nameable(ty) => quote!(|| -> #ty { #(#stmts)* }),
+        ReturnType::Default => quote!(|| { #(#stmts)* }),
+        // `impl Trait` or elided references cannot be written on a closure: leave it inferred.
+        ReturnType::Type(..) => quote!(|| { #(#stmts)* }),
+    };
+    quote! {
+        #timer
+        let __cq_start = #krate::__private::Instant::now();
+        #[allow(clippy::redundant_closure_call)]
+        let __cq_out = #krate::__private::timed_body_sync(#closure);
+        __CQ_TIMER.finish(__cq_start, #is_err);
+        __cq_out
+    }
+}
+
+/// The `static __CQ_TIMER` item.
+fn timer(args: &TimedArgs, item: &ItemFn) -> TokenStream {
+    let krate = &args.krate;
     let name = query_name(args.name.as_ref(), item);
     let threshold = match args.threshold_ms {
         Some(ms) => quote!(::core::option::Option::Some(#ms)),
@@ -65,75 +98,31 @@ fn timer_parts(args: &TimedArgs, item: &ItemFn) -> (TokenStream, TokenStream) {
         .level
         .clone()
         .unwrap_or_else(|| syn::Ident::new("Warn", proc_macro2::Span::call_site()));
-    let timer = quote! {
-        static __CQ_TIMER: ::cached_query::__private::Timer = ::cached_query::__private::Timer::new(
+    quote! {
+        static __CQ_TIMER: #krate::__private::Timer = #krate::__private::Timer::new(
             #name,
             #threshold,
-            ::cached_query::__private::SlowLevel::#level,
+            #krate::__private::SlowLevel::#level,
         );
-    };
-    let is_err = if returns_result(&item.sig.output) {
+    }
+}
+
+/// Whether `__cq_out` is an `Err`, when its type `output` is a `Result`.
+fn is_err(output: Option<&Type>) -> TokenStream {
+    if output.is_some_and(sig::is_result) {
         quote!(::core::option::Option::Some(
             ::core::result::Result::is_err(&__cq_out)
         ))
     } else {
         quote!(::core::option::Option::None)
-    };
-    (timer, is_err)
-}
-
-fn expand_sync(timer: TokenStream, is_err: TokenStream, item: &ItemFn) -> syn::Result<TokenStream> {
-    // `#[async_trait]` turns `async fn` into `fn … { Box::pin(async move { … }) }`: time the
-    // inner future, not its allocation.
-    if let Some((stmts_before, inner)) = async_trait_body(item) {
-        let inner_stmts = &inner.block.stmts;
-        let capture = &inner.capture;
-        return Ok(replace_body(
-            item,
-            quote! {
-                #timer
-                #(#stmts_before)*
-                ::std::boxed::Box::pin(async #capture {
-                    let __cq_start = ::cached_query::__private::Instant::now();
-                    let __cq_out = ::cached_query::__private::timed_body(async #capture { #(#inner_stmts)* }).await;
-                    __CQ_TIMER.finish(__cq_start, ::core::option::Option::None);
-                    __cq_out
-                })
-            },
-        ));
     }
-
-    let stmts = &item.block.stmts;
-    let closure = match &item.sig.output {
-        ReturnType::Type(_, ty) if nameable(ty) => quote!(|| -> #ty { #(#stmts)* }),
-        ReturnType::Default => quote!(|| { #(#stmts)* }),
-        // `impl Trait` or elided references cannot be written on a closure: leave it inferred.
-        ReturnType::Type(..) => quote!(|| { #(#stmts)* }),
-    };
-    Ok(replace_body(
-        item,
-        quote! {
-            #timer
-            let __cq_start = ::cached_query::__private::Instant::now();
-            #[allow(clippy::redundant_closure_call)]
-            let __cq_out = ::cached_query::__private::timed_body_sync(#closure);
-            __CQ_TIMER.finish(__cq_start, #is_err);
-            __cq_out
-        },
-    ))
 }
 
-fn returns_result(output: &ReturnType) -> bool {
-    match output {
-        ReturnType::Type(_, ty) => match &**ty {
-            Type::Path(tp) => tp
-                .path
-                .segments
-                .last()
-                .is_some_and(|s| s.ident.to_string().ends_with("Result")),
-            _ => false,
-        },
-        ReturnType::Default => false,
+/// The return type as written (`None` for `()`).
+fn declared_output(item: &ItemFn) -> Option<&Type> {
+    match &item.sig.output {
+        ReturnType::Type(_, ty) => Some(ty),
+        ReturnType::Default => None,
     }
 }
 

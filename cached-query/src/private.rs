@@ -8,3 +8,8 @@ pub use crate::cache::global::{as_cache, default_cache};
 pub use crate::cache::invalidate::invalidating;
 pub use crate::timing::{SlowLevel, Timer, timed_body, timed_body_sync};
 pub use std::time::Instant;
+
+// A stacked `#[cached_query]` or `#[timed]` hands itself over to the attribute written below it
+// as `#[<crate>::__private::cached_query(__marker, …)]` or `…::timed(…)`: a path no other crate's
+// attribute has, so that attribute, if it is ours, recognises it without guessing by name.
+pub use cached_query_macros::{cached_query, timed};

@@ -1,0 +1,148 @@
+//! `#[cached_query]` and `#[invalidates]`: the body becomes a call into
+//! `<crate>::__private` that receives the original body as a future.
+
+use crate::args::{CachedArgs, InvalidatesArgs, Krate};
+use crate::item::{
+    body_future, expand_with, query_name, replace_body, require_async, resolve_cache,
+};
+use crate::sig::{self, FnInfo};
+use crate::template;
+use proc_macro2::TokenStream;
+use quote::{quote, quote_spanned};
+use syn::spanned::Spanned;
+use syn::{ItemFn, LitStr};
+
+/// `#[cached_query]` on its own.
+pub(crate) fn expand(args: &CachedArgs, item: &ItemFn) -> syn::Result<TokenStream> {
+    let block = block(args, item, body_future(item))?;
+    Ok(replace_body(item, block))
+}
+
+/// The body of a `#[cached_query]` function whose query, run on a miss, is `body`: the
+/// original body as a future, possibly inside an inner layer.
+pub(crate) fn block(
+    args: &CachedArgs,
+    item: &ItemFn,
+    body: TokenStream,
+) -> syn::Result<TokenStream> {
+    require_async(item, "cached_query")?;
+    let ok_ty = sig::ok_type(&item.sig, "cached_query")?;
+    let info = FnInfo::new(&item.sig);
+    let skip = args.skip.as_deref().unwrap_or_default();
+
+    if let Some(lit) = &args.cache_none
+        && !lit.value
+        && !sig::is_option(ok_ty)
+    {
+        return Err(syn::Error::new(
+            lit.span(),
+            "`cache_none = false` needs the Ok type to be written as `Option<…>`",
+        ));
+    }
+    for name in skip {
+        if !info.params.iter().any(|p| p.ident == Some(name)) {
+            return Err(syn::Error::new(
+                name.span(),
+                format!("`skip({name})`: this function has no parameter named `{name}`"),
+            ));
+        }
+    }
+
+    let mut key_parts = Vec::new();
+    for tp in item.sig.generics.type_params() {
+        let ident = &tp.ident;
+        key_parts.push(quote!(__cq_key.type_name::<#ident>();));
+    }
+    if let syn::ReturnType::Type(_, ret) = &item.sig.output {
+        key_parts.push(quote!(__cq_key.type_name::<#ret>();));
+    }
+    if info.has_self {
+        key_parts.push(quote!(__cq_key.type_name::<Self>();));
+    }
+    match &args.key {
+        Some(expr) => {
+            let span = expr.span();
+            key_parts.push(quote_spanned!(span=> __cq_key.custom(&(#expr));));
+        }
+        None => {
+            for p in &info.params {
+                if p.executor || p.ident.is_some_and(|i| skip.contains(i)) {
+                    continue;
+                }
+                let Some(ident) = p.ident else {
+                    return Err(syn::Error::new_spanned(
+                        p.pat,
+                        "#[cached_query] needs a plain parameter name to put this argument in the key; \
+                         destructure it inside the body, or use `key = …`",
+                    ));
+                };
+                let span = p.ty.span();
+                key_parts.push(quote_spanned!(span=> __cq_key.arg(&#ident);));
+            }
+        }
+    }
+
+    let krate = &args.krate;
+    let name = query_name(args.name.as_ref(), item);
+    let ttl = args.ttl.unwrap_or(0);
+    let version = args.version.unwrap_or(0);
+    let cache_none = args.cache_none.as_ref().is_none_or(|l| l.value);
+    let cache = resolve_cache(krate, args.cache.as_ref());
+    let tags = compile_tags(args.invalidate.as_deref().unwrap_or_default(), &info)?;
+    Ok(quote! {
+        static __CQ_SITE: #krate::__private::Site = #krate::__private::Site {
+            name: #name,
+            version: #version,
+            ttl_secs: #ttl,
+            cache_none: #cache_none,
+        };
+        #cache
+        let mut __cq_key = #krate::__private::key(&__CQ_SITE);
+        #(#key_parts)*
+        #tags
+        #krate::__private::cached(__cq_cache, &__CQ_SITE, __cq_key, __cq_tags, #body).await
+    })
+}
+
+/// The `#[invalidates]` entry point.
+pub(crate) fn invalidates(args: TokenStream, input: TokenStream) -> TokenStream {
+    expand_with(input, |item| {
+        let args: InvalidatesArgs = syn::parse2(args)?;
+        expand_invalidates(&args, item)
+    })
+}
+
+fn expand_invalidates(args: &InvalidatesArgs, item: &ItemFn) -> syn::Result<TokenStream> {
+    require_async(item, "invalidates")?;
+    let info = FnInfo::new(&item.sig);
+    if let Some(p) = info.transaction_param() {
+        return Err(syn::Error::new_spanned(
+            p.ty,
+            "#[invalidates] would invalidate before this transaction commits, so a concurrent read \
+             could cache the old rows again; commit with `cache.commit_and_invalidate(tx, tags)` instead",
+        ));
+    }
+    sig::ok_type(&item.sig, "invalidates")?;
+    let krate: &Krate = &args.krate;
+    let cache = resolve_cache(krate, args.cache.as_ref());
+    let tags = compile_tags(&args.templates, &info)?;
+    let body = body_future(item);
+    Ok(replace_body(
+        item,
+        quote! {
+            #cache
+            #tags
+            #krate::__private::invalidating(__cq_cache, __cq_tags, #body).await
+        },
+    ))
+}
+
+/// `let __cq_tags: Vec<String> = vec![format!(…), …];`
+fn compile_tags(templates: &[LitStr], info: &FnInfo<'_>) -> syn::Result<TokenStream> {
+    let names = info.names();
+    let tags = templates
+        .iter()
+        .map(|t| template::compile(t, &names, info.has_self))
+        .collect::<syn::Result<Vec<_>>>()?;
+    Ok(quote!(let __cq_tags: ::std::vec::Vec<::std::string::String> = ::std::vec![#(#tags),*];))
+}

@@ -1,0 +1,17 @@
+use cached_query::{cached_query, invalidates, timed};
+
+#[cached_query(crate = "not a path")]
+async fn get(id: i64) -> Result<i64, String> {
+    Ok(id)
+}
+
+#[invalidates("user:<id>", crate = "cached_query")]
+async fn touch(id: i64) -> Result<(), String> {
+    let _ = id;
+    Ok(())
+}
+
+#[timed(crate = 42)]
+fn sync() {}
+
+fn main() {}
