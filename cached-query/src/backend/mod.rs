@@ -29,6 +29,8 @@ pub(crate) struct Read {
     pub(crate) near: Option<u64>,
 }
 
+/// Why a store operation failed. Crosses the public API as an [`Error`](crate::Error)'s
+/// source via [`into_source`](Self::into_source).
 #[derive(Debug, thiserror::Error)]
 pub(crate) enum StoreError {
     #[error("{0}")]
@@ -39,6 +41,17 @@ pub(crate) enum StoreError {
     CircuitOpen,
     #[error("pending invalidations are being delivered by another call")]
     PendingBusy,
+}
+
+impl StoreError {
+    /// The cause as a public error source: the `redis::RedisError` itself (so callers can
+    /// downcast to it), or this error for timeouts and an open breaker.
+    pub(crate) fn into_source(self) -> crate::BoxError {
+        match self {
+            StoreError::Redis(e) => Box::new(e),
+            other => Box::new(other),
+        }
+    }
 }
 
 #[derive(Debug)]

@@ -77,7 +77,8 @@ impl Breaker {
         }
     }
 
-    #[cfg(test)]
+    /// Whether Redis is being skipped (open or waiting for a probe's outcome); unlike
+    /// [`allow`](Self::allow) it never claims the probe.
     pub(crate) fn is_open(&self) -> bool {
         self.failures.load(Relaxed) >= self.threshold
     }

@@ -120,10 +120,18 @@ impl Cache {
         // Before the read: a result stored after this point must be visible to it.
         let ticket = inner.flights.ticket();
 
-        // 1–2. Entry and stamps from the near layer, else one Redis round trip.
-        let read = match near.and_then(|n| n.lookup(&entry, &stamp_keys)) {
+        // 1–2. Entry and stamps from the near layer (not while the breaker is open: held
+        // stamps are only as current as a connection Redis may no longer answer on), else one
+        // Redis round trip, which fills the near cache.
+        let local = near
+            .filter(|_| !inner.breaker.is_open())
+            .and_then(|n| n.lookup(&entry, &stamp_keys));
+        let read = match local {
             Some(local) => Ok(local),
-            None => self.round_trip(store, &entry, ttl, &stamp_keys, near).await,
+            None => {
+                let fill = inner.near.as_ref();
+                self.round_trip(store, &entry, ttl, &stamp_keys, fill).await
+            }
         };
         // 3. Freshness.
         let stamps = match read {
@@ -189,7 +197,8 @@ impl Cache {
     }
 
     /// The near cache, unless invalidations are pending: then nothing is served from
-    /// process memory until they are delivered.
+    /// process memory until they are delivered. (A round trip delivers them first, so it may
+    /// still fill the near cache.)
     fn near_layer(&self) -> Option<&NearCache> {
         self.inner
             .near

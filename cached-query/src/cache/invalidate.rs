@@ -118,7 +118,7 @@ impl Cache {
             r
         };
         result.map_err(|e| Error::InvalidationPending {
-            source: Box::new(e),
+            source: e.into_source(),
         })
     }
 

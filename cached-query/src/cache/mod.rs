@@ -142,7 +142,7 @@ impl Cache {
     pub async fn ping(&self) -> Result<(), Error> {
         match &self.inner.store {
             Some(store) => store.ping().await.map_err(|e| Error::Unavailable {
-                source: Box::new(e),
+                source: e.into_source(),
             }),
             None => Ok(()),
         }

@@ -321,10 +321,10 @@ impl DbConfig {
     }
 }
 
-/// A database error whose message is shown with the URL's passwords removed; its own
-/// `source()` (an I/O error, a TLS error…) stays reachable.
+/// A database error whose message is shown with the URL's passwords removed (in `Display`
+/// and `Debug`); its I/O cause (connection refused, reset…) stays reachable as `source()`,
+/// other causes (which may quote the URL) do not.
 #[cfg(any(feature = "postgres", feature = "sqlite"))]
-#[derive(Debug)]
 struct Scrubbed {
     message: String,
     error: sqlx::Error,
@@ -348,8 +348,18 @@ impl std::fmt::Display for Scrubbed {
 }
 
 #[cfg(any(feature = "postgres", feature = "sqlite"))]
+impl std::fmt::Debug for Scrubbed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_tuple("Scrubbed").field(&self.message).finish()
+    }
+}
+
+#[cfg(any(feature = "postgres", feature = "sqlite"))]
 impl std::error::Error for Scrubbed {
     fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
-        std::error::Error::source(&self.error)
+        match &self.error {
+            sqlx::Error::Io(e) => Some(e),
+            _ => None,
+        }
     }
 }

@@ -16,23 +16,31 @@ fn split_authority(url: &str) -> Option<(&str, Option<&str>, &str)> {
     }
 }
 
-/// Whether the scheme addresses a unix socket, whose credentials go in the query.
-fn is_unix(scheme: &str) -> bool {
-    let scheme = scheme.to_ascii_lowercase();
-    scheme == "unix" || scheme.ends_with("+unix")
+/// Whether `url` addresses a unix socket (`unix:`, `redis+unix:`…), whose credentials go in
+/// the query.
+fn is_unix(url: &str) -> bool {
+    url.split_once(':').is_some_and(|(scheme, _)| {
+        let scheme = scheme.to_ascii_lowercase();
+        scheme == "unix" || scheme.ends_with("+unix")
+    })
 }
 
-/// The `(start, end)` byte ranges of the values of password query parameters.
-fn secret_values(url: &str) -> Vec<(usize, usize)> {
-    let Some(q) = url.find('?') else {
+/// Where the fragment starts (or the end).
+fn fragment_start(url: &str) -> usize {
+    url.find('#').unwrap_or(url.len())
+}
+
+/// The `(start, end)` byte ranges of the values of query parameters named in `keys`.
+fn query_values(url: &str, keys: &[&str]) -> Vec<(usize, usize)> {
+    let end = fragment_start(url);
+    let Some(q) = url[..end].find('?') else {
         return Vec::new();
     };
-    let end = url[q..].find('#').map_or(url.len(), |f| q + f);
     let mut ranges = Vec::new();
     let mut at = q + 1;
     for pair in url[q + 1..end].split('&') {
         if let Some((key, value)) = pair.split_once('=')
-            && SECRET_PARAMS.contains(&key)
+            && keys.contains(&key)
             && !value.is_empty()
         {
             let start = at + key.len() + 1;
@@ -43,16 +51,24 @@ fn secret_values(url: &str) -> Vec<(usize, usize)> {
     ranges
 }
 
+/// The `(start, end)` byte ranges of the values of password query parameters.
+fn secret_values(url: &str) -> Vec<(usize, usize)> {
+    query_values(url, SECRET_PARAMS)
+}
+
 /// The URL with its password (if any) replaced by `***`, safe for logs and errors: the
 /// userinfo password and `pass=`/`password=` query values.
 pub fn redact_url(url: &str) -> String {
-    let Some((scheme, userinfo, rest)) = split_authority(url) else {
+    let mut out = match split_authority(url) {
+        Some((scheme, Some(userinfo), rest)) if userinfo.contains(':') => {
+            let user = userinfo.split_once(':').map_or("", |(user, _)| user);
+            format!("{scheme}://{user}:***@{rest}")
+        }
+        Some(_) => url.to_owned(),
+        // `unix:/path?pass=…` has no authority, and its secret is in the query.
+        None if is_unix(url) => url.to_owned(),
         // Not a URL we understand: it might be a bare secret, show nothing of it.
-        return "<unparseable URL>".to_owned();
-    };
-    let mut out = match userinfo.and_then(|u| u.split_once(':')) {
-        Some((user, _)) => format!("{scheme}://{user}:***@{rest}"),
-        None => url.to_owned(),
+        None => return "<unparseable URL>".to_owned(),
     };
     for (start, end) in secret_values(&out).into_iter().rev() {
         out.replace_range(start..end, "***");
@@ -64,15 +80,15 @@ pub fn redact_url(url: &str) -> String {
 /// `unix://` URLs as the `pass` query parameter.
 pub(crate) fn inject_password(url: &str, password: &str) -> String {
     let encoded = percent_encode(password);
-    match split_authority(url) {
-        Some((scheme, None, _)) if is_unix(scheme) => {
-            if secret_values(url).is_empty() {
-                let sep = if url.contains('?') { '&' } else { '?' };
-                format!("{url}{sep}pass={encoded}")
-            } else {
-                url.to_owned()
-            }
+    if is_unix(url) {
+        if !query_values(url, &["pass"]).is_empty() {
+            return url.to_owned();
         }
+        let (head, fragment) = url.split_at(fragment_start(url));
+        let sep = if head.contains('?') { '&' } else { '?' };
+        return format!("{head}{sep}pass={encoded}{fragment}");
+    }
+    match split_authority(url) {
         Some((scheme, None, rest)) => format!("{scheme}://:{encoded}@{rest}"),
         Some((scheme, Some(userinfo), rest)) if !userinfo.contains(':') => {
             format!("{scheme}://{userinfo}:{encoded}@{rest}")
@@ -156,6 +172,14 @@ mod tests {
             inject_password("redis+unix:///s?pass=q", "p"),
             "redis+unix:///s?pass=q"
         );
+        assert_eq!(inject_password("unix:///s#f", "p"), "unix:///s?pass=p#f");
+        assert_eq!(
+            inject_password("unix:///s?password=q", "p"),
+            "unix:///s?password=q&pass=p",
+            "redis-rs reads only `pass`"
+        );
+        assert_eq!(inject_password("unix:/s", "p"), "unix:/s?pass=p");
+        assert_eq!(redact_url("unix:/s?pass=p"), "unix:/s?pass=***");
         let info = redis::IntoConnectionInfo::into_connection_info(url.as_str()).unwrap();
         assert_eq!(info.redis_settings().password(), Some("p w+&"));
         assert_eq!(redact_url(&url), "unix:///run/redis.sock?pass=***");
