@@ -285,13 +285,8 @@ impl CacheBuilder {
     /// unreachable Redis is not an error (calls fall back to the database until it is back).
     pub async fn build(self) -> Result<Cache, Error> {
         self.validate()?;
-        let timeouts = Timeouts {
-            connect: self.connect_timeout,
-            response: self.response_timeout,
-        };
+        let timeouts = self.timeouts();
         let root_cert = self.root_certificate.as_deref();
-        // The first call may also have to connect; later calls only wait for a response.
-        let deadline = self.response_timeout.max(self.connect_timeout);
         let (store, near) = match &self.backend {
             Backend::Disabled => (None, None),
             Backend::Memory => (Some(Store::Memory(MemoryStore::new(self.capacity))), None),
@@ -306,14 +301,28 @@ impl CacheBuilder {
                     )),
                     None => None,
                 };
-                (Some(Store::Redis(RedisStore::new(conns, deadline))), near)
+                (Some(self.redis_store(conns)), near)
             }
             Backend::RedisCluster(urls) => {
                 let conns = Connections::cluster(urls, root_cert, timeouts)?;
-                (Some(Store::Redis(RedisStore::new(conns, deadline))), None)
+                (Some(self.redis_store(conns)), None)
             }
         };
         Ok(Cache::new(store, near, self.settings()))
+    }
+
+    fn timeouts(&self) -> Timeouts {
+        Timeouts {
+            connect: self.connect_timeout,
+            response: self.response_timeout,
+        }
+    }
+
+    /// A Redis store on `conns`. Its deadline covers connecting too: the first call may have
+    /// to connect; later calls only wait for a response.
+    fn redis_store(&self, conns: Connections) -> Store {
+        let deadline = self.response_timeout.max(self.connect_timeout);
+        Store::Redis(RedisStore::new(conns, deadline))
     }
 
     fn settings(self) -> Settings {
@@ -333,12 +342,7 @@ impl CacheBuilder {
         let Backend::Redis(url) = &self.backend else {
             unreachable!("tests pass a Redis URL")
         };
-        let timeouts = Timeouts {
-            connect: self.connect_timeout,
-            response: self.response_timeout,
-        };
-        let conns = Connections::single(url, None, 1, timeouts)?;
-        let store = Store::Redis(RedisStore::new(conns, self.response_timeout));
+        let store = self.redis_store(Connections::single(url, None, 1, self.timeouts())?);
         Ok(Cache::new(Some(store), Some(near), self.settings()))
     }
 
