@@ -240,3 +240,56 @@ async fn no_stale_reads_under_concurrent_writes_redis_cluster(pool: PgPool) {
         .unwrap();
     no_stale_reads(pool, cache).await;
 }
+
+#[cached_query(cache = cache, ttl = 300, invalidate = "user:<id>")]
+async fn user_name(
+    conn: &mut sqlx::PgConnection,
+    cache: &Cache,
+    id: i64,
+) -> Result<Option<String>, sqlx::Error> {
+    sqlx::query_scalar("SELECT name FROM users WHERE id = $1")
+        .bind(id)
+        .fetch_optional(conn)
+        .await
+}
+
+/// A cached function taking a connection, called with a transaction (`&mut *tx`): it reads
+/// the uncommitted row but neither serves nor stores cache entries, so a rollback leaves
+/// nothing behind; called with a plain connection it is cached as usual.
+#[sqlx::test]
+async fn reads_inside_a_transaction_bypass_the_cache(pool: PgPool) {
+    schema(&pool).await;
+    let cache = redis_cache(&redis_url(), &unique_ns("in_tx")).await;
+    let mut conn = pool.acquire().await.unwrap();
+    assert_eq!(
+        user_name(&mut conn, &cache, 1).await.unwrap().as_deref(),
+        Some("Ada")
+    );
+
+    let mut tx = pool.begin().await.unwrap();
+    sqlx::query("UPDATE users SET name = 'Uncommitted' WHERE id = 1")
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+    for _ in 0..2 {
+        assert_eq!(
+            user_name(&mut tx, &cache, 1).await.unwrap().as_deref(),
+            Some("Uncommitted"),
+            "inside the transaction: its own writes, never the cached row"
+        );
+    }
+    tx.rollback().await.unwrap();
+
+    // Nothing leaked: the cached row is still the committed one, and still a hit.
+    assert_eq!(
+        user_name(&mut conn, &cache, 1).await.unwrap().as_deref(),
+        Some("Ada")
+    );
+    let stats = cache.stats();
+    assert_eq!(
+        (stats.hits, stats.misses, stats.bypassed),
+        (1, 1, 2),
+        "{stats:?}"
+    );
+    assert_eq!(stats.queries["postgres::user_name"].bypassed, 2);
+}

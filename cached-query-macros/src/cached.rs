@@ -39,6 +39,14 @@ pub(crate) fn block(
             "`cache_none = false` needs the Ok type to be written as `Option<…>`",
         ));
     }
+    if let Some(p) = info.transaction_param() {
+        return Err(syn::Error::new_spanned(
+            p.ty,
+            "#[cached_query] never caches reads made inside a transaction (they may see rows that \
+             are never committed): take `&mut PgConnection` (pass `&mut *tx`), which runs uncached \
+             inside a transaction and cached outside one, or read outside the transaction",
+        ));
+    }
     for name in skip {
         if !info.params.iter().any(|p| p.ident == Some(name)) {
             return Err(syn::Error::new(
@@ -83,6 +91,25 @@ pub(crate) fn block(
     }
 
     let krate = &args.krate;
+    // Connection arguments: inside a transaction the call bypasses the cache.
+    let mut in_transaction = Vec::new();
+    for (p, derefs) in info.connection_params() {
+        let Some(ident) = p.ident else {
+            return Err(syn::Error::new_spanned(
+                p.pat,
+                "#[cached_query] needs a plain parameter name for a connection, to check whether \
+                 it is inside a transaction",
+            ));
+        };
+        let stars = (0..derefs).map(|_| quote!(*));
+        let span = p.ty.span();
+        in_transaction
+            .push(quote_spanned!(span=> #krate::__private::in_transaction(&#(#stars)* #ident)));
+    }
+    let in_transaction = match in_transaction.is_empty() {
+        true => quote!(false),
+        false => quote!(#(#in_transaction)||*),
+    };
     let name = query_name(args.name.as_ref(), item);
     let ttl = args.ttl.unwrap_or(0);
     let version = args.version.unwrap_or(0);
@@ -100,7 +127,16 @@ pub(crate) fn block(
         let mut __cq_key = #krate::__private::key(&__CQ_SITE);
         #(#key_parts)*
         #tags
-        #krate::__private::cached(__cq_cache, &__CQ_SITE, __cq_key, __cq_tags, #body).await
+        let __cq_in_transaction: bool = #in_transaction;
+        #krate::__private::cached(
+            __cq_cache,
+            &__CQ_SITE,
+            __cq_key,
+            __cq_tags,
+            __cq_in_transaction,
+            #body,
+        )
+        .await
     })
 }
 

@@ -24,6 +24,14 @@ const EXECUTOR_TYPES: &[&str] = &[
     "Cache",
 ];
 const EXECUTOR_TRAITS: &[&str] = &["Executor", "Acquire"];
+/// Connection types whose transaction state is checked at run time (`PoolConnection` derefs to
+/// one of them).
+const CONNECTION_TYPES: &[&str] = &[
+    "PgConnection",
+    "SqliteConnection",
+    "MySqlConnection",
+    "AnyConnection",
+];
 
 /// One typed parameter.
 pub(crate) struct Param<'a> {
@@ -71,11 +79,41 @@ impl<'a> FnInfo<'a> {
             .collect()
     }
 
+    /// The connection parameters, each with the number of dereferences that reach the
+    /// connection itself (`&mut PgConnection`: 1, `PoolConnection<Postgres>`: 1,
+    /// `&mut PoolConnection<Postgres>`: 2).
+    pub(crate) fn connection_params(&self) -> impl Iterator<Item = (&Param<'a>, usize)> {
+        self.params.iter().filter_map(|p| {
+            let (refs, ty) = count_refs(p.ty);
+            match last_segment(ty)?.as_str() {
+                "PoolConnection" => Some((p, refs + 1)),
+                name if CONNECTION_TYPES.contains(&name) => Some((p, refs)),
+                _ => None,
+            }
+        })
+    }
+
     /// The first parameter whose type is a sqlx `Transaction`.
     pub(crate) fn transaction_param(&self) -> Option<&Param<'a>> {
         self.params
             .iter()
             .find(|p| last_segment(strip_refs(p.ty)).is_some_and(|s| s == "Transaction"))
+    }
+}
+
+/// The type behind any references, and how many there were.
+fn count_refs(mut ty: &Type) -> (usize, &Type) {
+    let mut refs = 0;
+    loop {
+        match ty {
+            Type::Reference(r) => {
+                refs += 1;
+                ty = &r.elem;
+            }
+            Type::Paren(p) => ty = &p.elem,
+            Type::Group(g) => ty = &g.elem,
+            _ => return (refs, ty),
+        }
     }
 }
 

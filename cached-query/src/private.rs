@@ -2,7 +2,7 @@
 //! may change in any release.
 
 pub use crate::Cache;
-pub use crate::cache::call::{Site, cached, key};
+pub use crate::cache::call::{Site, cached, in_transaction, key};
 pub use crate::cache::digest::KeyBuilder;
 pub use crate::cache::global::{as_cache, default_cache};
 pub use crate::cache::invalidate::invalidating;

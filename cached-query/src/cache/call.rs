@@ -52,13 +52,20 @@ pub fn key(site: &'static Site) -> KeyBuilder {
     KeyBuilder::new(site.name, site.version)
 }
 
+/// Whether a connection argument is inside a transaction (begun through sqlx): then the
+/// call must not read or fill the cache, as it may see rows that are never committed.
+pub fn in_transaction<C: sqlx::Connection>(conn: &C) -> bool {
+    conn.is_in_transaction()
+}
+
 /// Runs one `#[cached_query]` call on `cache` (uncached, with one warning per process, when
-/// there is none).
+/// there is none; uncached and counted as `bypassed` when `in_transaction`).
 pub async fn cached<T, E, F>(
     cache: Option<&Cache>,
     site: &'static Site,
     key: KeyBuilder,
     tags: Vec<String>,
+    in_transaction: bool,
     fut: F,
 ) -> Result<T, E>
 where
@@ -66,6 +73,10 @@ where
     F: Future<Output = Result<T, E>>,
 {
     match cache {
+        Some(cache) if in_transaction => {
+            cache.inner.stats.recorder(site.name).bypassed();
+            calls::execute(fut).await
+        }
         Some(cache) => cache.get_or_run(site, key, tags, fut).await,
         None => {
             super::global::warn_no_cache(site.name);

@@ -29,6 +29,9 @@ pub struct CacheStats {
     pub decode_errors: u64,
     /// Results that were returned but not stored because they exceeded the size limit.
     pub oversized: u64,
+    /// Calls that ran their query without the cache because their connection argument was
+    /// inside a transaction: nothing read from or written to the cache, not a hit or a miss.
+    pub bypassed: u64,
     /// The same figures per query name (`name = …`, by default `module_path::fn_name`).
     pub queries: BTreeMap<String, QueryStats>,
 }
@@ -49,6 +52,8 @@ pub struct QueryStats {
     pub decode_errors: u64,
     /// See [`CacheStats::oversized`].
     pub oversized: u64,
+    /// See [`CacheStats::bypassed`].
+    pub bypassed: u64,
 }
 
 #[derive(Debug, Default)]
@@ -59,6 +64,7 @@ pub(crate) struct Counters {
     errors: AtomicU64,
     decode_errors: AtomicU64,
     oversized: AtomicU64,
+    bypassed: AtomicU64,
 }
 
 impl Counters {
@@ -70,6 +76,7 @@ impl Counters {
             errors: self.errors.load(Relaxed),
             decode_errors: self.decode_errors.load(Relaxed),
             oversized: self.oversized.load(Relaxed),
+            bypassed: self.bypassed.load(Relaxed),
         }
     }
 }
@@ -111,6 +118,7 @@ impl Recorder<'_> {
         error => errors, "cached_query_cache_errors_total";
         decode_error => decode_errors;
         oversized => oversized;
+        bypassed => bypassed, "cached_query_cache_bypassed_total";
     }
 }
 
@@ -152,6 +160,7 @@ impl Stats {
             errors: total.errors,
             decode_errors: total.decode_errors,
             oversized: total.oversized,
+            bypassed: total.bypassed,
             queries,
         }
     }

@@ -1,7 +1,8 @@
 //! Every signature shape the attributes support, compiled.
 use cached_query::{Cache, cached_query, invalidates};
 use serde::{Deserialize, Serialize};
-use sqlx::{Acquire, Executor, PgPool, Pool, Postgres, Transaction};
+use sqlx::pool::PoolConnection;
+use sqlx::{Acquire, Executor, PgConnection, PgPool, Pool, Postgres};
 use std::sync::Arc;
 
 #[derive(Serialize, Deserialize)]
@@ -52,9 +53,15 @@ where
 }
 
 #[cached_query(cache_none = false)]
-async fn in_tx<'a, A: Acquire<'a, Database = Postgres>>(conn: A, tx: &mut Transaction<'_, Postgres>, id: i64) -> Result<Option<i64>, sqlx::Error> {
-    let _ = (conn, tx);
-    Ok(Some(id))
+async fn on_connection<'a, A: Acquire<'a, Database = Postgres>>(acquire: A, conn: &mut PgConnection, id: i64) -> Result<Option<i64>, sqlx::Error> {
+    let _ = acquire;
+    Ok(sqlx::query_scalar("SELECT $1").bind(id).fetch_optional(conn).await?)
+}
+
+#[cached_query]
+async fn on_pool_connection(mut conn: PoolConnection<Postgres>, other: &mut PoolConnection<Postgres>, id: i64) -> Result<i64, sqlx::Error> {
+    let _ = (&mut conn, other);
+    Ok(id)
 }
 
 #[cached_query]
@@ -118,7 +125,7 @@ fn main() {
     timed_shapes::run();
     assert_handle::<Cache>();
     assert_error::<cached_query::Error>();
-    let _ = (generic_executor::<&PgPool>, in_tx::<&PgPool>);
+    let _ = (generic_executor::<&PgPool>, on_connection::<&PgPool>, on_pool_connection);
     let _ = Service::uses;
 }
 
