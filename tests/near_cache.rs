@@ -388,3 +388,32 @@ async fn near_hits_do_not_feed_the_circuit_breaker() {
         "reads sent to the frozen Redis: the breaker opens after three failures"
     );
 }
+
+/// A pending invalidation (Redis did not take it) may cover anything: until it is delivered,
+/// nothing is served from the near cache, not even entries whose own tags it does not name.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nothing_is_served_from_the_near_cache_while_an_invalidation_is_pending() {
+    let server = RedisServer::start();
+    let cache = Cache::builder()
+        .redis(&server.url())
+        .namespace("pending")
+        .near_cache(100)
+        .connect_timeout(Duration::from_millis(200))
+        .response_timeout(Duration::from_millis(100))
+        .circuit_breaker(100, Duration::from_secs(3600))
+        .build()
+        .await
+        .unwrap();
+    let runs = AtomicU32::new(0);
+    let held = warm(&cache, &runs, 1).await;
+    server.freeze();
+    assert!(cache.invalidate("elsewhere").await.is_err(), "Redis is frozen");
+    let near_hits = cache.stats().near_hits;
+    let during = item(&cache, &runs, 1).await.unwrap();
+    assert_ne!(during, held, "the query ran instead of the near cache answering");
+    assert_eq!(cache.stats().near_hits, near_hits);
+    server.thaw();
+    // The next read delivers the invalidation; the entry (not covered by it) is served again,
+    // from the near cache once refilled.
+    assert_eq!(warm(&cache, &runs, 1).await, held);
+}
