@@ -407,10 +407,16 @@ async fn nothing_is_served_from_the_near_cache_while_an_invalidation_is_pending(
     let runs = AtomicU32::new(0);
     let held = warm(&cache, &runs, 1).await;
     server.freeze();
-    assert!(cache.invalidate("elsewhere").await.is_err(), "Redis is frozen");
+    assert!(
+        cache.invalidate("elsewhere").await.is_err(),
+        "Redis is frozen"
+    );
     let near_hits = cache.stats().near_hits;
     let during = item(&cache, &runs, 1).await.unwrap();
-    assert_ne!(during, held, "the query ran instead of the near cache answering");
+    assert_ne!(
+        during, held,
+        "the query ran instead of the near cache answering"
+    );
     assert_eq!(cache.stats().near_hits, near_hits);
     server.thaw();
     // The next read delivers the invalidation; the entry (not covered by it) is served again,

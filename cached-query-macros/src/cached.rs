@@ -106,9 +106,10 @@ pub(crate) fn block(
         in_transaction
             .push(quote_spanned!(span=> #krate::__private::in_transaction(&#(#stars)* #ident)));
     }
-    let in_transaction = match in_transaction.is_empty() {
-        true => quote!(false),
-        false => quote!(#(#in_transaction)||*),
+    let in_transaction = if in_transaction.is_empty() {
+        quote!(false)
+    } else {
+        quote!(#(#in_transaction)||*)
     };
     let name = query_name(args.name.as_ref(), item);
     let ttl = args.ttl.unwrap_or(0);

@@ -38,11 +38,27 @@ pub fn fail_fast(url: &str, ns: &str) -> cached_query::CacheBuilder {
         .circuit_breaker(3, Duration::from_millis(50))
 }
 
-/// The most reads a closed-then-open breaker lets through in `elapsed`: `failures` before it
-/// opens, then at most one probe per `cooldown` (plus one at the start of the last). A
-/// breaker that never opened lets every call through, far above this when calls outnumber it.
-pub fn breaker_bound(failures: u64, cooldown: Duration, elapsed: Duration) -> u64 {
-    failures + (elapsed.as_micros() / cooldown.as_micros()) as u64 + 1
+/// Runs `calls` against `server` frozen with SIGSTOP, thaws it, and checks what reached it
+/// meanwhile (it runs the queued reads once thawed) against a breaker of 3 failures and
+/// `cooldown`: the 3 reads that opened it, then at most one probe per cooldown of the elapsed
+/// time. A breaker that never opened sends one read per call, far above that bound.
+pub async fn assert_breaker_limits_reads_while_frozen<F: std::future::Future>(
+    server: &RedisServer,
+    cooldown: Duration,
+    calls: F,
+) -> F::Output {
+    let mgets = server.command_calls("mget");
+    let stalled = std::time::Instant::now();
+    server.freeze();
+    let out = calls.await;
+    server.thaw();
+    let bound = 3 + (stalled.elapsed().as_micros() / cooldown.as_micros()) as u64 + 1;
+    let sent = server.command_calls("mget") - mgets;
+    assert!(
+        (3..=bound).contains(&sent),
+        "{sent} reads reached the frozen Redis, bound {bound}"
+    );
+    out
 }
 
 /// A namespace no other test (or run) uses.

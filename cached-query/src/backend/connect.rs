@@ -10,8 +10,7 @@ use redis::{Cmd, Pipeline, RedisFuture, Value};
 use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
 use std::time::Duration;
 
-/// Where to connect and how long to wait (the parts of the cache's and the session store's
-/// settings that connections need).
+/// How long a connection may take to connect, and each request to be answered.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Timeouts {
     pub(crate) connect: Duration,

@@ -1,7 +1,7 @@
 //! Database pools configured from the environment: the knobs every hand-tuned pool has
 //! (size, overflow, timeouts, recycling, pre-ping, echo), mapped onto sqlx.
 
-use super::env::{non_empty, parse_bool, parse_secs, parse_u64};
+use super::env::{non_empty, parse_bool, parse_millis, parse_secs, parse_u64};
 use super::url::redact_url;
 #[cfg(any(feature = "postgres", feature = "sqlite"))]
 use super::url::scrub_password;
@@ -194,11 +194,7 @@ impl DbConfig {
                 Duration::from_millis(parse_u64("SLOW_QUERY_THRESHOLD_MS", &v, 0)?);
         }
         if let Some(v) = get("DB_STATEMENT_TIMEOUT_MS") {
-            config.statement_timeout = Some(Duration::from_millis(parse_u64(
-                "DB_STATEMENT_TIMEOUT_MS",
-                &v,
-                1,
-            )?));
+            config.statement_timeout = Some(parse_millis("DB_STATEMENT_TIMEOUT_MS", &v)?);
         }
         config.application_name = get("DB_APPLICATION_NAME").map(|v| v.trim().to_owned());
         u32::checked_add(config.pool_size, config.max_overflow).ok_or_else(|| {
