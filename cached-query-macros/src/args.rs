@@ -22,6 +22,7 @@ mod kw {
     syn::custom_keyword!(version);
     syn::custom_keyword!(threshold_ms);
     syn::custom_keyword!(level);
+    syn::custom_keyword!(assume_no_transaction);
 }
 
 /// Parses `arg, arg, …` (a trailing comma allowed), offering each argument to `accept`, which
@@ -137,6 +138,9 @@ pub(crate) struct CachedArgs {
     pub(crate) cache_none: Option<LitBool>,
     pub(crate) name: Option<LitStr>,
     pub(crate) version: Option<u32>,
+    /// `assume_no_transaction = true`: executor arguments whose transaction state cannot be
+    /// checked (`impl Executor`, a generic `E: Executor`, `Acquire`) are trusted to be outside one.
+    pub(crate) assume_no_transaction: Option<LitBool>,
     pub(crate) krate: Krate,
 }
 
@@ -152,27 +156,35 @@ impl Parse for CachedArgs {
                 || arg.value(kw::key, &mut a.key, Expr::parse)?
                 || arg.value(kw::name, &mut a.name, name)?
                 || arg.value(kw::version, &mut a.version, version)?
+                || arg.value(
+                    kw::assume_no_transaction,
+                    &mut a.assume_no_transaction,
+                    LitBool::parse,
+                )?
                 || arg.value(Token![crate], &mut a.krate.0, crate_path)?)
         })?;
         Ok(a)
     }
 }
 
-/// `#[invalidates("tmpl", ..., cache = expr, crate = path)]`.
+/// `#[invalidates("tmpl", ..., cache = expr, assume_no_transaction = true, crate = path)]`.
 pub(crate) struct InvalidatesArgs {
     pub(crate) templates: Vec<LitStr>,
     pub(crate) cache: Option<Expr>,
+    /// As for [`CachedArgs::assume_no_transaction`].
+    pub(crate) assume_no_transaction: Option<LitBool>,
     pub(crate) krate: Krate,
 }
 
 impl Parse for InvalidatesArgs {
     fn parse(input: ParseStream<'_>) -> syn::Result<Self> {
         let mut templates = Vec::new();
-        let (mut cache, mut krate) = (None, Krate::default());
+        let (mut cache, mut krate, mut assume) = (None, Krate::default(), None);
         each(input, |arg| {
-            let open = cache.is_none() && krate.0.is_none();
+            let open = cache.is_none() && krate.0.is_none() && assume.is_none();
             Ok(arg.literal(&mut templates, open)?
                 || arg.value(kw::cache, &mut cache, Expr::parse)?
+                || arg.value(kw::assume_no_transaction, &mut assume, LitBool::parse)?
                 || arg.value(Token![crate], &mut krate.0, crate_path)?)
         })?;
         if templates.is_empty() {
@@ -184,6 +196,7 @@ impl Parse for InvalidatesArgs {
         Ok(InvalidatesArgs {
             templates,
             cache,
+            assume_no_transaction: assume,
             krate,
         })
     }

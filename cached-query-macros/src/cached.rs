@@ -47,6 +47,7 @@ pub(crate) fn block(
              inside a transaction and cached outside one, or read outside the transaction",
         ));
     }
+    check_unchecked(&info, args.assume_no_transaction.as_ref(), "cached_query")?;
     for name in skip {
         if !info.params.iter().any(|p| p.ident == Some(name)) {
             return Err(syn::Error::new(
@@ -152,26 +153,77 @@ pub(crate) fn invalidates(args: TokenStream, input: TokenStream) -> TokenStream 
 fn expand_invalidates(args: &InvalidatesArgs, item: &ItemFn) -> syn::Result<TokenStream> {
     require_async(item, "invalidates")?;
     let info = FnInfo::new(&item.sig);
-    if let Some(p) = info.transaction_param() {
+    if let Some(p) = info.transaction_param()
+        && !matches!(p.ty, syn::Type::Reference(r) if r.mutability.is_some())
+    {
         return Err(syn::Error::new_spanned(
             p.ty,
-            "#[invalidates] would invalidate before this transaction commits, so a concurrent read \
-             could cache the old rows again; commit with `cache.commit_and_invalidate(tx, tags)` instead",
+            "#[invalidates] records its invalidation in the caller's transaction, which it must \
+             borrow: take `&mut Transaction<'_, _>` or `&mut PgConnection` (pass `&mut *tx`), or \
+             commit with `cache.commit_and_invalidate(tx, tags)`",
         ));
     }
     sig::ok_type(&item.sig, "invalidates")?;
+    check_unchecked(&info, args.assume_no_transaction.as_ref(), "invalidates")?;
     let krate: &Krate = &args.krate;
     let cache = resolve_cache(krate, args.cache.as_ref());
     let tags = compile_tags(&args.templates, &info)?;
+    // A connection inside a transaction gets the invalidation recorded in that transaction
+    // before the body runs (it takes effect on commit); otherwise it is sent after the body.
+    let when = match info.mutable_connection() {
+        Some((p, derefs)) => {
+            let Some(ident) = p.ident else {
+                return Err(syn::Error::new_spanned(
+                    p.pat,
+                    "#[invalidates] needs a plain parameter name for a connection, to check \
+                     whether it is inside a transaction",
+                ));
+            };
+            let stars = (0..derefs).map(|_| quote!(*));
+            let span = p.ty.span();
+            quote_spanned! {span=>
+                #krate::__private::on_connection(__cq_cache, &__cq_tags, &mut #(#stars)* #ident).await
+            }
+        }
+        None => quote!(#krate::__private::When::AfterBody),
+    };
     let body = body_future(item);
     Ok(replace_body(
         item,
         quote! {
             #cache
             #tags
-            #krate::__private::invalidating(__cq_cache, __cq_tags, #body).await
+            let __cq_when = #when;
+            #krate::__private::invalidating(__cq_cache, __cq_tags, __cq_when, #body).await
         },
     ))
+}
+
+/// An executor known only by a trait bound may be a transaction: refused unless the attribute
+/// says `assume_no_transaction = true` (which is refused where there is nothing to assume).
+fn check_unchecked(
+    info: &FnInfo<'_>,
+    assume: Option<&syn::LitBool>,
+    macro_name: &str,
+) -> syn::Result<()> {
+    let assumed = assume.is_some_and(|l| l.value);
+    match (info.unchecked_param(), assume) {
+        (Some(p), _) if !assumed => Err(syn::Error::new_spanned(
+            p.ty,
+            format!(
+                "#[{macro_name}] cannot tell whether this executor runs inside a transaction \
+                 (a transaction's reads and writes are not visible to others until it commits): \
+                 take `&PgPool` or `&mut PgConnection` (checked on every call), or add \
+                 `assume_no_transaction = true` to the attribute if it never does"
+            ),
+        )),
+        (None, Some(lit)) => Err(syn::Error::new(
+            lit.span(),
+            "`assume_no_transaction` is for executor arguments known only by a trait \
+             (`impl Executor`, `E: Executor`, `Acquire`); this function has none",
+        )),
+        _ => Ok(()),
+    }
 }
 
 /// `let __cq_tags: Vec<String> = vec![format!(…), …];`

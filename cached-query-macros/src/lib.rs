@@ -22,7 +22,8 @@ pub fn cached_query(args: TokenStream, input: TokenStream) -> TokenStream {
     stack::cached_query(args.into(), input.into()).into()
 }
 
-/// Invalidates tags after an `async fn` returns `Ok`. Documented on `cached_query::invalidates`.
+/// Invalidates tags after an `async fn` returns (or at its transaction's commit). Documented on
+/// `cached_query::invalidates`.
 #[proc_macro_attribute]
 pub fn invalidates(args: TokenStream, input: TokenStream) -> TokenStream {
     cached::invalidates(args.into(), input.into()).into()

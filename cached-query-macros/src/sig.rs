@@ -23,7 +23,15 @@ const EXECUTOR_TYPES: &[&str] = &[
     "Transaction",
     "Cache",
 ];
-const EXECUTOR_TRAITS: &[&str] = &["Executor", "Acquire"];
+/// Traits whose implementors may be a transaction that the macro cannot see.
+const EXECUTOR_TRAITS: &[&str] = &[
+    "Executor",
+    "Acquire",
+    "PgExecutor",
+    "SqliteExecutor",
+    "MySqlExecutor",
+    "AnyExecutor",
+];
 /// Connection types whose transaction state is checked at run time (`PoolConnection` derefs to
 /// one of them).
 const CONNECTION_TYPES: &[&str] = &[
@@ -41,6 +49,9 @@ pub(crate) struct Param<'a> {
     pub(crate) ty: &'a Type,
     /// Excluded from the key because it is a pool, connection, executor, cache…
     pub(crate) executor: bool,
+    /// An executor known only by a trait bound (`impl Executor`, `E: Acquire`): whether it
+    /// runs inside a transaction cannot be checked.
+    pub(crate) unchecked: bool,
 }
 
 pub(crate) struct FnInfo<'a> {
@@ -60,11 +71,13 @@ impl<'a> FnInfo<'a> {
                         Pat::Ident(pi) if pi.subpat.is_none() => Some(&pi.ident),
                         _ => None,
                     };
+                    let unchecked = is_trait_executor(&pt.ty, &sig.generics);
                     params.push(Param {
                         ident,
                         pat: &pt.pat,
                         ty: &pt.ty,
-                        executor: is_executor(&pt.ty, &sig.generics),
+                        executor: unchecked || is_executor_type(&pt.ty),
+                        unchecked,
                     });
                 }
             }
@@ -81,16 +94,29 @@ impl<'a> FnInfo<'a> {
 
     /// The connection parameters, each with the number of dereferences that reach the
     /// connection itself (`&mut PgConnection`: 1, `PoolConnection<Postgres>`: 1,
-    /// `&mut PoolConnection<Postgres>`: 2).
+    /// `&mut PoolConnection<Postgres>` and `&mut Transaction<'_, Postgres>`: 2).
     pub(crate) fn connection_params(&self) -> impl Iterator<Item = (&Param<'a>, usize)> {
         self.params.iter().filter_map(|p| {
             let (refs, ty) = count_refs(p.ty);
             match last_segment(ty)?.as_str() {
-                "PoolConnection" => Some((p, refs + 1)),
+                "PoolConnection" | "Transaction" => Some((p, refs + 1)),
                 name if CONNECTION_TYPES.contains(&name) => Some((p, refs)),
                 _ => None,
             }
         })
+    }
+
+    /// The first connection parameter that can be borrowed mutably (`&mut PgConnection`,
+    /// `&mut PoolConnection<…>`), with the dereferences that reach the connection: where
+    /// `#[invalidates]` records an invalidation inside the caller's transaction.
+    pub(crate) fn mutable_connection(&self) -> Option<(&Param<'a>, usize)> {
+        self.connection_params()
+            .find(|(p, _)| matches!(p.ty, Type::Reference(r) if r.mutability.is_some()))
+    }
+
+    /// The first executor parameter known only by a trait bound.
+    pub(crate) fn unchecked_param(&self) -> Option<&Param<'a>> {
+        self.params.iter().find(|p| p.unchecked)
     }
 
     /// The first parameter whose type is a sqlx `Transaction`.
@@ -148,22 +174,22 @@ fn bounds_name_executor<'b>(bounds: impl IntoIterator<Item = &'b TypeParamBound>
     })
 }
 
-fn is_executor(ty: &Type, generics: &Generics) -> bool {
+/// A pool, connection, transaction or cache named by its type.
+fn is_executor_type(ty: &Type) -> bool {
+    last_segment(strip_refs(ty)).is_some_and(|name| EXECUTOR_TYPES.contains(&name.as_str()))
+}
+
+/// An executor known by a trait bound: `impl Executor<…>`, or a generic parameter bounded by
+/// one of [`EXECUTOR_TRAITS`] inline or in the where clause.
+fn is_trait_executor(ty: &Type, generics: &Generics) -> bool {
     let ty = strip_refs(ty);
     if let Type::ImplTrait(it) = ty {
         return bounds_name_executor(&it.bounds);
     }
-    let Some(name) = last_segment(ty) else {
+    let is_single_ident = matches!(ty, Type::Path(tp) if tp.path.segments.len() == 1);
+    let Some(name) = last_segment(ty).filter(|_| is_single_ident) else {
         return false;
     };
-    if EXECUTOR_TYPES.contains(&name.as_str()) {
-        return true;
-    }
-    // A generic parameter bounded by Executor/Acquire, inline or in the where clause.
-    let is_single_ident = matches!(ty, Type::Path(tp) if tp.path.segments.len() == 1);
-    if !is_single_ident {
-        return false;
-    }
     let inline = generics
         .type_params()
         .any(|tp| tp.ident == name && bounds_name_executor(&tp.bounds));

@@ -61,9 +61,35 @@ pub enum Error {
     /// `cached_query::invalidate` was called but no default cache was installed.
     #[error("no default cache installed: call `cached_query::install(cache)` at start-up")]
     NoDefaultCache,
-    /// `commit_and_invalidate` could not commit; nothing was invalidated.
-    #[error("transaction commit failed, nothing was invalidated: {0}")]
+    /// `commit_and_invalidate` could not commit. The commit's outcome is unknown (it may
+    /// have landed before the connection failed), so the tags were invalidated anyway.
+    #[error("transaction commit failed (the tags were invalidated anyway): {0}")]
     Commit(#[source] sqlx::Error),
+    /// An operation that works through PostgreSQL was called on a cache built without
+    /// [`CacheBuilder::outbox`](crate::CacheBuilder::outbox).
+    #[error("`{operation}` needs a cache built with `CacheBuilder::outbox(pool)`")]
+    NoOutbox {
+        /// The method called, e.g. `invalidate_on_commit`.
+        operation: &'static str,
+    },
+    /// The outbox database failed: creating its table, recording an invalidation, or
+    /// installing a table trigger.
+    #[error("outbox: {what}: {source}")]
+    Outbox {
+        /// What was being done.
+        what: &'static str,
+        /// The `sqlx::Error`.
+        #[source]
+        source: BoxError,
+    },
+    /// `watch_table`: a tag template names something the table does not have.
+    #[error("watch_table({table}): {problem}")]
+    Watch {
+        /// The table as given.
+        table: String,
+        /// What is wrong, naming the column or template (and the table's columns).
+        problem: String,
+    },
 }
 
 impl Error {
@@ -72,6 +98,14 @@ impl Error {
             name: name.to_owned(),
             value: value.to_owned(),
             expected: expected.to_owned(),
+        }
+    }
+
+    #[cfg_attr(not(feature = "postgres"), allow(dead_code))]
+    pub(crate) fn outbox(what: &'static str, source: impl Into<BoxError>) -> Self {
+        Error::Outbox {
+            what,
+            source: source.into(),
         }
     }
 

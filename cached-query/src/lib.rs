@@ -43,6 +43,8 @@ mod backend;
 mod cache;
 mod error;
 mod keyspace;
+#[cfg(feature = "postgres")]
+mod outbox;
 mod setup;
 mod timing;
 

@@ -426,3 +426,30 @@ pub async fn session_round_trip(store: &cached_query::RedisSessionStore) {
     store.delete(&record.id).await.expect("session deleted");
     assert_eq!(store.load(&record.id).await.unwrap(), None);
 }
+
+/// Polls `check` until it holds and returns how long that took; fails past `bound`, the
+/// documented staleness bound under test (the only timing a test asserts).
+pub async fn within<F, Fut>(bound: Duration, what: &str, mut check: F) -> Duration
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let start = std::time::Instant::now();
+    loop {
+        if check().await {
+            return start.elapsed();
+        }
+        assert!(
+            start.elapsed() <= bound,
+            "{what}: not seen within the bound of {bound:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+}
+
+/// p50 and p99 of `samples`, for the printed delivery delays.
+pub fn percentiles(samples: &mut [Duration]) -> (Duration, Duration) {
+    samples.sort();
+    let at = |q: f64| samples[((samples.len() - 1) as f64 * q).round() as usize];
+    (at(0.5), at(0.99))
+}

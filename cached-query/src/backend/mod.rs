@@ -103,6 +103,14 @@ impl Store {
     }
 
     /// A health check: `PING` for Redis; the in-memory backend is always up.
+    /// Bumps `keys` in this process only: the in-memory backend's stamps (Redis is changed
+    /// only by [`bump`](Self::bump)).
+    pub(crate) fn bump_local(&self, keys: &[StampKey]) {
+        if let Store::Memory(m) = self {
+            m.bump(keys);
+        }
+    }
+
     pub(crate) async fn ping(&self) -> Result<(), StoreError> {
         match self {
             Store::Redis(r) => r.ping().await,

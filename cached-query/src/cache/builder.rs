@@ -35,6 +35,10 @@ pub struct CacheBuilder {
     breaker_cooldown: Duration,
     /// PEM of the CA trusted for `rediss://` (used with the `tls` feature).
     root_certificate: Option<Vec<u8>>,
+    #[cfg(feature = "postgres")]
+    outbox: Option<sqlx::PgPool>,
+    outbox_sweep_interval: Duration,
+    outbox_retention: Duration,
 }
 
 impl std::fmt::Debug for CacheBuilder {
@@ -74,6 +78,10 @@ impl Default for CacheBuilder {
             breaker_failures: 3,
             breaker_cooldown: Duration::from_secs(1),
             root_certificate: None,
+            #[cfg(feature = "postgres")]
+            outbox: None,
+            outbox_sweep_interval: Duration::from_secs(1),
+            outbox_retention: Duration::from_secs(300),
         }
     }
 }
@@ -237,6 +245,36 @@ impl CacheBuilder {
         self
     }
 
+    /// Invalidation through PostgreSQL: every invalidation is also a row in the table
+    /// `cached_query_outbox` of `pool`'s database (recorded inside the writer's transaction
+    /// by [`Cache::invalidate_on_commit`], `#[invalidates]` and
+    /// [`Cache::commit_and_invalidate`], so it takes effect only if and after that transaction
+    /// commits), and every process applies every row it is notified of. `build()` creates the
+    /// table if missing and starts a listener (`LISTEN`) and a sweeper: see the README's "How
+    /// invalidation works". With the in-memory backend this makes several processes' memory
+    /// caches coherent with each other without Redis. Needs a Tokio runtime.
+    #[cfg(feature = "postgres")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "postgres")))]
+    pub fn outbox(mut self, pool: sqlx::PgPool) -> Self {
+        self.outbox = Some(pool);
+        self
+    }
+
+    /// How often the outbox sweeper delivers invalidations that no listener delivered (a
+    /// writer killed after COMMIT, Redis unreachable when the notice came). Default 1 s.
+    pub fn outbox_sweep_interval(mut self, interval: Duration) -> Self {
+        self.outbox_sweep_interval = interval;
+        self
+    }
+
+    /// How long an in-memory fleet keeps applied outbox rows for a process that lags behind
+    /// (one that lags more drops its whole cache instead). Default 5 minutes. Redis-backed
+    /// caches delete each row once delivered.
+    pub fn outbox_retention(mut self, retention: Duration) -> Self {
+        self.outbox_retention = retention;
+        self
+    }
+
     fn validate(&self) -> Result<(), Error> {
         let ns_ok = !self.namespace.is_empty()
             && self.namespace.len() <= 64
@@ -256,6 +294,8 @@ impl CacheBuilder {
             ("tag_ttl", self.tag_ttl),
             ("connect_timeout", self.connect_timeout),
             ("response_timeout", self.response_timeout),
+            ("outbox_sweep_interval", self.outbox_sweep_interval),
+            ("outbox_retention", self.outbox_retention),
         ];
         for (name, d) in checks {
             if d.is_zero() {
@@ -308,6 +348,21 @@ impl CacheBuilder {
                 (Some(self.redis_store(conns)), None)
             }
         };
+        #[cfg(feature = "postgres")]
+        if let Some(pool) = self.outbox.clone() {
+            let outbox = crate::outbox::Outbox {
+                pool,
+                sweep_interval: self.outbox_sweep_interval,
+                retention: self.outbox_retention,
+            };
+            outbox
+                .create_schema()
+                .await
+                .map_err(|e| Error::outbox("creating the outbox table", e))?;
+            let cache = Cache::with_outbox(store, near, self.settings(), Some(outbox));
+            super::delivery::start(&cache).await?;
+            return Ok(cache);
+        }
         Ok(Cache::new(store, near, self.settings()))
     }
 

@@ -5,6 +5,7 @@
 pub(crate) mod breaker;
 pub(crate) mod builder;
 pub(crate) mod call;
+pub(crate) mod delivery;
 pub(crate) mod digest;
 pub(crate) mod envelope;
 pub(crate) mod flights;
@@ -56,6 +57,15 @@ struct Inner {
     /// Bumped by every invalidation of this process; part of the single-flight key so a
     /// caller never joins a query that started before an invalidation it has seen.
     epoch: AtomicU64,
+    /// Invalidation through PostgreSQL, when built with `CacheBuilder::outbox`.
+    #[cfg(feature = "postgres")]
+    outbox: Option<crate::outbox::Outbox>,
+    /// Dropped with the cache: background tasks watch it and end.
+    #[cfg_attr(not(feature = "postgres"), allow(dead_code))]
+    stop: tokio::sync::watch::Sender<()>,
+    /// Rate-limits the error logged when `#[invalidates]` runs inside a transaction without
+    /// an outbox.
+    before_commit_errors: WarnLimiter,
 }
 
 impl std::fmt::Debug for Cache {
@@ -100,6 +110,16 @@ impl Cache {
     }
 
     pub(crate) fn new(store: Option<Store>, near: Option<NearCache>, settings: Settings) -> Self {
+        Self::with_outbox(store, near, settings, None)
+    }
+
+    pub(crate) fn with_outbox(
+        store: Option<Store>,
+        near: Option<NearCache>,
+        settings: Settings,
+        #[cfg(feature = "postgres")] outbox: Option<crate::outbox::Outbox>,
+        #[cfg(not(feature = "postgres"))] _outbox: Option<std::convert::Infallible>,
+    ) -> Self {
         Cache {
             inner: Arc::new(Inner {
                 store,
@@ -112,6 +132,10 @@ impl Cache {
                 warnings: WarnLimiter::new(Duration::from_secs(10)),
                 pending: Pending::default(),
                 epoch: AtomicU64::new(0),
+                #[cfg(feature = "postgres")]
+                outbox,
+                stop: tokio::sync::watch::Sender::new(()),
+                before_commit_errors: WarnLimiter::new(Duration::from_secs(10)),
             }),
         }
     }

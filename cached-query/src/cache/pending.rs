@@ -15,6 +15,8 @@ pub(crate) struct Pending {
     state: Mutex<State>,
     /// Held by the one call delivering them.
     delivering: tokio::sync::Mutex<()>,
+    /// Whether a background task is retrying them.
+    pub(crate) retrying: AtomicBool,
 }
 
 /// What is owed to Redis: tags, and whether the namespace generation (`clear`).

@@ -32,6 +32,9 @@ pub struct CacheStats {
     /// Calls that ran their query without the cache because their connection argument was
     /// inside a transaction: nothing read from or written to the cache, not a hit or a miss.
     pub bypassed: u64,
+    /// `#[invalidates]` calls that ran inside a transaction on a cache without an outbox, so
+    /// their invalidation was sent before the commit (each also logged as an error).
+    pub invalidations_before_commit: u64,
     /// The same figures per query name (`name = …`, by default `module_path::fn_name`).
     pub queries: BTreeMap<String, QueryStats>,
 }
@@ -85,6 +88,7 @@ impl Counters {
 #[derive(Debug, Default)]
 pub(crate) struct Stats {
     total: Counters,
+    before_commit: AtomicU64,
     per_query: RwLock<HashMap<&'static str, Arc<Counters>>>,
 }
 
@@ -123,6 +127,12 @@ impl Recorder<'_> {
 }
 
 impl Stats {
+    pub(crate) fn invalidated_before_commit(&self) {
+        self.before_commit.fetch_add(1, Relaxed);
+        #[cfg(feature = "metrics")]
+        metrics::counter!("cached_query_invalidations_before_commit_total").increment(1);
+    }
+
     pub(crate) fn recorder(&self, name: &'static str) -> Recorder<'_> {
         let existing = self
             .per_query
@@ -161,6 +171,7 @@ impl Stats {
             decode_errors: total.decode_errors,
             oversized: total.oversized,
             bypassed: total.bypassed,
+            invalidations_before_commit: self.before_commit.load(Relaxed),
             queries,
         }
     }

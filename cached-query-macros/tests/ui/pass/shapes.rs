@@ -37,13 +37,13 @@ pub(crate) async fn search(pool: &Pool<Postgres>, filter: &Filter) -> sqlx::Resu
     sqlx::query_scalar("SELECT 1::BIGINT WHERE $1 <> ''").bind(&filter.name).fetch_all(pool).await
 }
 
-#[cached_query]
+#[cached_query(assume_no_transaction = true)]
 async fn with_executor<'c>(exec: impl Executor<'c, Database = Postgres>, id: i64) -> MyResult<i64> {
     let _ = (exec, id);
     Ok(id)
 }
 
-#[cached_query(skip(label))]
+#[cached_query(skip(label), assume_no_transaction = true)]
 async fn generic_executor<'c, E>(exec: E, id: i64, label: &str) -> Result<i64, MyError>
 where
     E: Executor<'c, Database = Postgres>,
@@ -52,10 +52,28 @@ where
     Ok(id)
 }
 
-#[cached_query(cache_none = false)]
+#[cached_query(cache_none = false, assume_no_transaction = true)]
 async fn on_connection<'a, A: Acquire<'a, Database = Postgres>>(acquire: A, conn: &mut PgConnection, id: i64) -> Result<Option<i64>, sqlx::Error> {
     let _ = acquire;
     Ok(sqlx::query_scalar("SELECT $1").bind(id).fetch_optional(conn).await?)
+}
+
+#[invalidates("user:<id>")]
+async fn rename_in_transaction(tx: &mut sqlx::Transaction<'_, Postgres>, id: i64) -> Result<(), sqlx::Error> {
+    sqlx::query("UPDATE users SET name = 'x' WHERE id = $1").bind(id).execute(&mut **tx).await?;
+    Ok(())
+}
+
+#[invalidates("user:<id>")]
+async fn rename_on_connection(conn: &mut PgConnection, id: i64) -> Result<(), sqlx::Error> {
+    sqlx::query("UPDATE users SET name = 'x' WHERE id = $1").bind(id).execute(conn).await?;
+    Ok(())
+}
+
+#[invalidates("user:<id>", assume_no_transaction = true)]
+async fn rename_with_executor<'c>(exec: impl sqlx::PgExecutor<'c>, id: i64) -> Result<(), sqlx::Error> {
+    sqlx::query("UPDATE users SET name = 'x' WHERE id = $1").bind(id).execute(exec).await?;
+    Ok(())
 }
 
 #[cached_query]
@@ -126,6 +144,8 @@ fn main() {
     assert_handle::<Cache>();
     assert_error::<cached_query::Error>();
     let _ = (generic_executor::<&PgPool>, on_connection::<&PgPool>, on_pool_connection);
+    let _ = (rename_in_transaction, rename_on_connection);
+    let _ = async |pool: &PgPool| rename_with_executor(pool, 1).await;
     let _ = Service::uses;
 }
 

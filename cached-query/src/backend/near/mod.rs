@@ -195,6 +195,12 @@ impl NearCache {
         }
     }
 
+    /// Drops everything held (messages may have been missed), counted as a reset.
+    #[cfg_attr(not(feature = "postgres"), allow(dead_code))]
+    pub(crate) fn reset(&self) {
+        self.shared.reset();
+    }
+
     pub(crate) fn entry_count(&self) -> u64 {
         self.shared.entries.len() as u64
     }

@@ -1,0 +1,302 @@
+//! Background delivery: retrying pending invalidations with backoff, and (with an outbox)
+//! the listener that applies every process's invalidations and the sweeper that delivers
+//! what nobody did (a writer killed after COMMIT, Redis down when the notice came).
+
+use super::{Cache, Inner};
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Weak};
+use std::time::Duration;
+
+/// First and longest wait between two background delivery attempts.
+const RETRY_FIRST: Duration = Duration::from_millis(50);
+const RETRY_MAX: Duration = Duration::from_secs(1);
+
+impl Cache {
+    fn from_weak(weak: &Weak<Inner>) -> Option<Cache> {
+        weak.upgrade().map(|inner| Cache { inner })
+    }
+
+    /// Makes sure a background task retries pending invalidations until none is left (one
+    /// task per cache; none outside a Tokio runtime, where the next call delivers them).
+    pub(super) fn retry_pending_in_background(&self) {
+        let pending = &self.inner.pending;
+        if pending.retrying.swap(true, Ordering::SeqCst) {
+            return;
+        }
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            pending.retrying.store(false, Ordering::SeqCst);
+            return;
+        };
+        let weak = Arc::downgrade(&self.inner);
+        runtime.spawn(async move {
+            let mut delay = RETRY_FIRST;
+            loop {
+                tokio::time::sleep(delay).await;
+                let Some(cache) = Cache::from_weak(&weak) else {
+                    return;
+                };
+                let pending = &cache.inner.pending;
+                if !pending.any() {
+                    pending.retrying.store(false, Ordering::SeqCst);
+                    // Something deferred between the check and the store found the flag
+                    // still set and left it to this task.
+                    if !pending.any() || pending.retrying.swap(true, Ordering::SeqCst) {
+                        return;
+                    }
+                }
+                let Some(store) = &cache.inner.store else {
+                    return;
+                };
+                delay = match cache.deliver_pending(store, false).await {
+                    Ok(()) => RETRY_FIRST,
+                    Err(_) => (delay * 2).min(RETRY_MAX),
+                };
+            }
+        });
+    }
+}
+
+#[cfg(feature = "postgres")]
+pub(crate) use outbox::start;
+
+#[cfg(feature = "postgres")]
+mod outbox {
+    use super::*;
+    use crate::Error;
+    use crate::backend::StampKey;
+    use crate::outbox::{self as sql, ALL_NAMESPACES, Outbox, Row};
+    use sqlx::postgres::PgListener;
+
+    /// Connects the listener (so nothing committed after `build()` returns is missed) and
+    /// starts the listening and sweeping tasks; they end when the cache is dropped.
+    pub(crate) async fn start(cache: &Cache) -> Result<(), Error> {
+        let Some(outbox) = cache.inner.outbox.clone() else {
+            return Ok(());
+        };
+        let listener = connect(&outbox)
+            .await
+            .map_err(|e| Error::outbox("listening for invalidations", e))?;
+        let weak = Arc::downgrade(&cache.inner);
+        let stop = cache.inner.stop.subscribe();
+        tokio::spawn(listen(weak.clone(), outbox.clone(), listener, stop.clone()));
+        tokio::spawn(sweep(weak, outbox, stop));
+        Ok(())
+    }
+
+    async fn connect(outbox: &Outbox) -> Result<PgListener, sqlx::Error> {
+        let mut listener = PgListener::connect_with(&outbox.pool).await?;
+        listener.ignore_pool_close_event(true);
+        listener.listen(sql::CHANNEL).await?;
+        Ok(listener)
+    }
+
+    /// Applies every notified row. A lost connection (after which notices may have been
+    /// missed) makes the process drop what it holds locally and catch up from the table.
+    async fn listen(
+        weak: Weak<Inner>,
+        outbox: Outbox,
+        listener: PgListener,
+        mut stop: tokio::sync::watch::Receiver<()>,
+    ) {
+        let mut listener = Some(listener);
+        let mut delay = RETRY_FIRST;
+        loop {
+            let Some(l) = listener.as_mut() else {
+                tokio::select! {
+                    _ = stop.changed() => return,
+                    () = tokio::time::sleep(delay) => {}
+                }
+                match connect(&outbox).await {
+                    Ok(l) => {
+                        listener = Some(l);
+                        delay = RETRY_FIRST;
+                        let Some(cache) = Cache::from_weak(&weak) else {
+                            return;
+                        };
+                        cache.outbox_gap(&outbox).await;
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "cached-query: outbox listener cannot reconnect");
+                        delay = (delay * 2).min(RETRY_MAX);
+                    }
+                }
+                continue;
+            };
+            let received = tokio::select! {
+                _ = stop.changed() => return,
+                r = l.try_recv() => r,
+            };
+            let Some(cache) = Cache::from_weak(&weak) else {
+                return;
+            };
+            match received {
+                Ok(Some(first)) => {
+                    let mut ids = Vec::new();
+                    let mut next = Some(first);
+                    while let Some(n) = next {
+                        if let Ok(id) = n.payload().parse::<i64>() {
+                            ids.push(id);
+                        }
+                        next = l.next_buffered();
+                    }
+                    cache.outbox_notified(&outbox, &ids).await;
+                }
+                // Reconnected (sqlx reconnects before returning): notices may be lost.
+                Ok(None) => {
+                    tracing::warn!("cached-query: outbox listener reconnected; catching up");
+                    cache.outbox_gap(&outbox).await;
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "cached-query: outbox listener lost its connection");
+                    listener = None;
+                }
+            }
+        }
+    }
+
+    /// Every `sweep_interval`: delivers rows nobody delivered (Redis backends), removes
+    /// expired ones (in-memory backends).
+    async fn sweep(weak: Weak<Inner>, outbox: Outbox, mut stop: tokio::sync::watch::Receiver<()>) {
+        loop {
+            tokio::select! {
+                _ = stop.changed() => return,
+                () = tokio::time::sleep(outbox.sweep_interval) => {}
+            }
+            let Some(cache) = Cache::from_weak(&weak) else {
+                return;
+            };
+            cache.outbox_sweep(&outbox).await;
+        }
+    }
+
+    impl Cache {
+        /// Rows `ids` were committed: apply them here, and deliver them to Redis once.
+        async fn outbox_notified(&self, outbox: &Outbox, ids: &[i64]) {
+            let rows = match outbox.rows(ids).await {
+                Ok(rows) => rows,
+                Err(e) => {
+                    tracing::warn!(error = %e, "cached-query: cannot read the outbox");
+                    self.outbox_gap(outbox).await;
+                    return;
+                }
+            };
+            self.apply_locally(&rows);
+            let remote = self.inner.store.as_ref().is_some_and(|s| s.is_remote());
+            if remote {
+                self.deliver(outbox, Some(ids)).await;
+            } else if rows.len() < ids.len() {
+                // Gone already: expired while this process lagged. Assume the worst.
+                self.drop_local();
+            }
+        }
+
+        /// Notices may have been missed: drop what this process holds, then deliver what
+        /// the table still has.
+        async fn outbox_gap(&self, outbox: &Outbox) {
+            self.drop_local();
+            self.outbox_sweep(outbox).await;
+        }
+
+        async fn outbox_sweep(&self, outbox: &Outbox) {
+            let remote = self.inner.store.as_ref().is_some_and(|s| s.is_remote());
+            if remote {
+                while self.deliver(outbox, None).await {}
+            } else if let Err(e) = outbox.expire().await {
+                tracing::warn!(error = %e, "cached-query: cannot expire outbox rows");
+            }
+        }
+
+        /// Claims rows (`ids`, or the oldest for a sweep), bumps them in Redis and deletes
+        /// them; on failure they stay in the table and pending here. Returns whether a
+        /// full batch was delivered (a sweep goes on).
+        async fn deliver(&self, outbox: &Outbox, ids: Option<&[i64]>) -> bool {
+            let Some(store) = &self.inner.store else {
+                return false;
+            };
+            let (tx, rows) = match outbox.claim(ids).await {
+                Ok(claimed) => claimed,
+                Err(e) => {
+                    tracing::warn!(error = %e, "cached-query: cannot claim outbox rows");
+                    return false;
+                }
+            };
+            if rows.is_empty() {
+                return false;
+            }
+            let (keys, tags, generation) = self.keys_of(&rows);
+            self.inner.epoch.fetch_add(1, Ordering::SeqCst);
+            match self.bump(store, &keys).await {
+                Ok(()) => {
+                    self.forget_near(&keys);
+                    if let Err(e) = tx.commit().await {
+                        // Delivered; the rows come back and are delivered again (a spurious miss).
+                        tracing::warn!(error = %e, "cached-query: cannot delete delivered outbox rows");
+                    }
+                    Outbox::batch_full(&rows)
+                }
+                Err(e) => {
+                    drop(tx);
+                    self.forget_near(&keys);
+                    self.defer(&tags, generation);
+                    tracing::warn!(error = %e, rows = rows.len(), "cached-query: outbox rows pending until Redis accepts them");
+                    false
+                }
+            }
+        }
+
+        /// Drops everything this process holds: the in-memory backend's entries (by a local
+        /// generation change) or the near cache.
+        fn drop_local(&self) {
+            self.inner.epoch.fetch_add(1, Ordering::SeqCst);
+            if let Some(store) = &self.inner.store {
+                store.bump_local(&[self.generation_stamp()]);
+            }
+            if let Some(near) = &self.inner.near {
+                near.reset();
+            }
+        }
+
+        /// Makes this process stop serving what `rows` cover: the in-memory backend bumps
+        /// its stamps, the near cache forgets them.
+        fn apply_locally(&self, rows: &[Row]) {
+            if rows.is_empty() {
+                return;
+            }
+            let (keys, _, _) = self.keys_of(rows);
+            self.inner.epoch.fetch_add(1, Ordering::SeqCst);
+            if let Some(store) = &self.inner.store {
+                store.bump_local(&keys);
+            }
+            self.forget_near(&keys);
+        }
+
+        /// The stamps `rows` change in this cache, with their tags and whether they clear
+        /// its namespace.
+        fn keys_of(&self, rows: &[Row]) -> (Vec<StampKey>, Vec<String>, bool) {
+            let mut tags: Vec<String> = rows.iter().flat_map(|r| r.tags.iter().cloned()).collect();
+            tags.sort_unstable();
+            tags.dedup();
+            let namespace = self.namespace();
+            let generation = rows
+                .iter()
+                .filter_map(|r| r.clear.as_deref())
+                .any(|c| c == namespace || c == ALL_NAMESPACES);
+            let mut keys: Vec<StampKey> = tags.iter().map(|t| self.tag_stamp(t, None)).collect();
+            if generation {
+                keys.push(self.generation_stamp());
+            }
+            (keys, tags, generation)
+        }
+    }
+}
+
+impl Cache {
+    /// Records `tags` (and the generation) as owed to Redis and makes sure they are retried.
+    pub(super) fn defer(&self, tags: &[String], generation: bool) {
+        self.inner.pending.defer(|p| {
+            p.tags.extend(tags.iter().cloned());
+            p.generation |= generation;
+        });
+        self.retry_pending_in_background();
+    }
+}

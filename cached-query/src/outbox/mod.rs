@@ -1,0 +1,172 @@
+//! The PostgreSQL side of [`CacheBuilder::outbox`](crate::CacheBuilder::outbox): every SQL
+//! statement the outbox runs, and nothing about caching.
+//!
+//! An invalidation is one row of `cached_query_outbox` (its tags, or a namespace to clear),
+//! inserted inside the writer's transaction when there is one. A trigger on that table sends
+//! `NOTIFY cached_query_outbox, '<id>'`, which PostgreSQL delivers at commit and never on
+//! rollback. Listening processes read the rows named; a Redis-backed process claims them
+//! (`FOR UPDATE SKIP LOCKED`), bumps the tags in Redis and deletes them in the same
+//! transaction, so a row is removed only once delivered. In-memory caches keep no shared
+//! state: every process applies every row, and rows expire after a retention period.
+
+pub(crate) mod watch;
+
+use sqlx::{PgConnection, PgPool, Postgres, Row as _, Transaction};
+use std::time::Duration;
+
+/// The channel the outbox trigger notifies on.
+pub(crate) const CHANNEL: &str = "cached_query_outbox";
+
+/// A `clear_namespace` value that clears every namespace (a watched table was truncated).
+pub(crate) const ALL_NAMESPACES: &str = "*";
+
+/// Rows claimed per statement by a sweep.
+const SWEEP_BATCH: i64 = 500;
+
+/// Creates the table, its notify trigger and function if missing. Serialised by an advisory
+/// lock, so processes starting together do not race on `CREATE … IF NOT EXISTS`.
+const SCHEMA: &str = r#"
+BEGIN;
+SELECT pg_advisory_xact_lock(7421030571094261);
+CREATE TABLE IF NOT EXISTS cached_query_outbox (
+    id BIGSERIAL PRIMARY KEY,
+    tags TEXT[] NOT NULL DEFAULT '{}',
+    clear_namespace TEXT,
+    created_at TIMESTAMPTZ NOT NULL DEFAULT clock_timestamp()
+);
+CREATE OR REPLACE FUNCTION cached_query_outbox_notify() RETURNS trigger
+LANGUAGE plpgsql AS $$
+BEGIN
+    PERFORM pg_notify('cached_query_outbox', NEW.id::text);
+    RETURN NULL;
+END $$;
+DO $$
+BEGIN
+    IF NOT EXISTS (
+        SELECT 1 FROM pg_trigger
+        WHERE tgname = 'cached_query_outbox_notify'
+          AND tgrelid = 'cached_query_outbox'::regclass
+    ) THEN
+        CREATE TRIGGER cached_query_outbox_notify AFTER INSERT ON cached_query_outbox
+        FOR EACH ROW EXECUTE FUNCTION cached_query_outbox_notify();
+    END IF;
+END $$;
+COMMIT;
+"#;
+
+/// One recorded invalidation.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Row {
+    pub(crate) id: i64,
+    pub(crate) tags: Vec<String>,
+    /// A namespace to clear, or [`ALL_NAMESPACES`].
+    pub(crate) clear: Option<String>,
+}
+
+/// The outbox database and its timings.
+#[derive(Debug, Clone)]
+pub(crate) struct Outbox {
+    pub(crate) pool: PgPool,
+    /// How often undelivered rows are swept (and expired rows removed).
+    pub(crate) sweep_interval: Duration,
+    /// How long in-memory fleets keep delivered rows for listeners that lag behind.
+    pub(crate) retention: Duration,
+}
+
+impl Outbox {
+    /// Creates what the outbox needs in its database, if missing.
+    pub(crate) async fn create_schema(&self) -> Result<(), sqlx::Error> {
+        sqlx::raw_sql(SCHEMA).execute(&self.pool).await?;
+        Ok(())
+    }
+
+    /// Publishes an invalidation at once (its own autocommitted statement).
+    pub(crate) async fn publish(
+        &self,
+        tags: &[String],
+        clear: Option<&str>,
+    ) -> Result<(), sqlx::Error> {
+        let mut conn = self.pool.acquire().await?;
+        record(&mut conn, tags, clear).await
+    }
+
+    /// The rows among `ids` that still exist.
+    pub(crate) async fn rows(&self, ids: &[i64]) -> Result<Vec<Row>, sqlx::Error> {
+        let rows = sqlx::query(
+            "SELECT id, tags, clear_namespace FROM cached_query_outbox WHERE id = ANY($1)",
+        )
+        .bind(ids)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(row).collect()
+    }
+
+    /// Locks and deletes `ids` (or, for a sweep, the oldest undelivered rows) in a
+    /// transaction that the caller commits once it has delivered them, or drops to put them
+    /// back. Rows another process holds are skipped.
+    pub(crate) async fn claim(
+        &self,
+        ids: Option<&[i64]>,
+    ) -> Result<(Transaction<'static, Postgres>, Vec<Row>), sqlx::Error> {
+        let mut tx = self.pool.begin().await?;
+        let query = match ids {
+            Some(ids) => sqlx::query(
+                "DELETE FROM cached_query_outbox WHERE id IN (
+                     SELECT id FROM cached_query_outbox WHERE id = ANY($1)
+                     FOR UPDATE SKIP LOCKED)
+                 RETURNING id, tags, clear_namespace",
+            )
+            .bind(ids),
+            None => sqlx::query(
+                "DELETE FROM cached_query_outbox WHERE id IN (
+                     SELECT id FROM cached_query_outbox ORDER BY id LIMIT $1
+                     FOR UPDATE SKIP LOCKED)
+                 RETURNING id, tags, clear_namespace",
+            )
+            .bind(SWEEP_BATCH),
+        };
+        let rows = query.fetch_all(&mut *tx).await?;
+        let rows = rows.iter().map(row).collect::<Result<Vec<_>, _>>()?;
+        Ok((tx, rows))
+    }
+
+    /// Removes rows older than the retention period (in-memory fleets, where no delivery
+    /// deletes them).
+    pub(crate) async fn expire(&self) -> Result<u64, sqlx::Error> {
+        let done = sqlx::query(
+            "DELETE FROM cached_query_outbox WHERE created_at < clock_timestamp() - $1::interval",
+        )
+        .bind(format!("{} milliseconds", self.retention.as_millis()))
+        .execute(&self.pool)
+        .await?;
+        Ok(done.rows_affected())
+    }
+
+    /// Whether a claim batch came back full (more rows may wait).
+    pub(crate) fn batch_full(rows: &[Row]) -> bool {
+        rows.len() as i64 >= SWEEP_BATCH
+    }
+}
+
+/// Records an invalidation on `conn`: inside its transaction if it has one (effective at
+/// commit), else at once. One `INSERT` whatever the number of tags.
+pub(crate) async fn record(
+    conn: &mut PgConnection,
+    tags: &[String],
+    clear: Option<&str>,
+) -> Result<(), sqlx::Error> {
+    sqlx::query("INSERT INTO cached_query_outbox (tags, clear_namespace) VALUES ($1, $2)")
+        .bind(tags)
+        .bind(clear)
+        .execute(conn)
+        .await?;
+    Ok(())
+}
+
+fn row(r: &sqlx::postgres::PgRow) -> Result<Row, sqlx::Error> {
+    Ok(Row {
+        id: r.try_get("id")?,
+        tags: r.try_get("tags")?,
+        clear: r.try_get("clear_namespace")?,
+    })
+}

@@ -1,0 +1,208 @@
+//! `Cache::watch_table`: statement-level triggers that turn any client's INSERT, UPDATE,
+//! DELETE or TRUNCATE of a table into one outbox row, with tags computed in SQL from the old
+//! and new rows (`"user:<id>"` → `'user:' || (r."id")::text`).
+
+use crate::Error;
+use sqlx::PgPool;
+
+/// Checks `templates` against the columns of `table` and installs (or replaces) its
+/// triggers, under the outbox's advisory lock.
+pub(crate) async fn install(pool: &PgPool, table: &str, templates: &[&str]) -> Result<(), Error> {
+    let oid = resolve(pool, table).await?;
+    let columns: Vec<String> = sqlx::query_scalar(
+        "SELECT attname::text FROM pg_attribute
+         WHERE attrelid = $1 AND attnum > 0 AND NOT attisdropped ORDER BY attnum",
+    )
+    .bind(oid)
+    .fetch_all(pool)
+    .await
+    .map_err(|e| Error::outbox("reading the table's columns", e))?;
+    if templates.is_empty() {
+        return Err(watch_error(table, "at least one tag template is needed"));
+    }
+    let mut tags = Vec::with_capacity(templates.len());
+    for t in templates {
+        tags.push(compile(t, &columns).map_err(|p| watch_error(table, &p))?);
+    }
+    let function = function_name(oid);
+    let target = format!("{oid}::regclass");
+    let sql = format!(
+        r#"
+BEGIN;
+SELECT pg_advisory_xact_lock(7421030571094261);
+CREATE OR REPLACE FUNCTION {function}() RETURNS trigger LANGUAGE plpgsql AS $cq$
+DECLARE t TEXT[];
+BEGIN
+    IF TG_OP = 'TRUNCATE' THEN
+        INSERT INTO cached_query_outbox (clear_namespace) VALUES ('*');
+        RETURN NULL;
+    ELSIF TG_OP = 'INSERT' THEN
+        SELECT array_agg(DISTINCT x) INTO t
+        FROM (SELECT unnest(ARRAY[{tags}]) AS x FROM new_rows r) s WHERE x IS NOT NULL;
+    ELSIF TG_OP = 'UPDATE' THEN
+        SELECT array_agg(DISTINCT x) INTO t
+        FROM (SELECT unnest(ARRAY[{tags}]) AS x
+              FROM (SELECT * FROM old_rows UNION ALL SELECT * FROM new_rows) r) s
+        WHERE x IS NOT NULL;
+    ELSE
+        SELECT array_agg(DISTINCT x) INTO t
+        FROM (SELECT unnest(ARRAY[{tags}]) AS x FROM old_rows r) s WHERE x IS NOT NULL;
+    END IF;
+    IF t IS NOT NULL THEN
+        INSERT INTO cached_query_outbox (tags) VALUES (t);
+    END IF;
+    RETURN NULL;
+END $cq$;
+DO $cq$
+DECLARE target regclass := {target};
+BEGIN
+    EXECUTE format('DROP TRIGGER IF EXISTS cached_query_watch_ins ON %s', target);
+    EXECUTE format('DROP TRIGGER IF EXISTS cached_query_watch_upd ON %s', target);
+    EXECUTE format('DROP TRIGGER IF EXISTS cached_query_watch_del ON %s', target);
+    EXECUTE format('DROP TRIGGER IF EXISTS cached_query_watch_trunc ON %s', target);
+    EXECUTE format('CREATE TRIGGER cached_query_watch_ins AFTER INSERT ON %s
+        REFERENCING NEW TABLE AS new_rows FOR EACH STATEMENT EXECUTE FUNCTION {function}()', target);
+    EXECUTE format('CREATE TRIGGER cached_query_watch_upd AFTER UPDATE ON %s
+        REFERENCING OLD TABLE AS old_rows NEW TABLE AS new_rows
+        FOR EACH STATEMENT EXECUTE FUNCTION {function}()', target);
+    EXECUTE format('CREATE TRIGGER cached_query_watch_del AFTER DELETE ON %s
+        REFERENCING OLD TABLE AS old_rows FOR EACH STATEMENT EXECUTE FUNCTION {function}()', target);
+    EXECUTE format('CREATE TRIGGER cached_query_watch_trunc AFTER TRUNCATE ON %s
+        FOR EACH STATEMENT EXECUTE FUNCTION {function}()', target);
+END $cq$;
+COMMIT;
+"#,
+        tags = tags.join(", "),
+    );
+    sqlx::raw_sql(sqlx::AssertSqlSafe(sql))
+        .execute(pool)
+        .await
+        .map_err(|e| Error::outbox("installing the table's triggers", e))?;
+    Ok(())
+}
+
+/// Removes what [`install`] created on `table`, if anything.
+pub(crate) async fn uninstall(pool: &PgPool, table: &str) -> Result<(), Error> {
+    let oid = resolve(pool, table).await?;
+    let function = function_name(oid);
+    let sql = format!(
+        r#"
+BEGIN;
+SELECT pg_advisory_xact_lock(7421030571094261);
+DO $cq$
+DECLARE target regclass := {oid}::regclass;
+BEGIN
+    EXECUTE format('DROP TRIGGER IF EXISTS cached_query_watch_ins ON %s', target);
+    EXECUTE format('DROP TRIGGER IF EXISTS cached_query_watch_upd ON %s', target);
+    EXECUTE format('DROP TRIGGER IF EXISTS cached_query_watch_del ON %s', target);
+    EXECUTE format('DROP TRIGGER IF EXISTS cached_query_watch_trunc ON %s', target);
+END $cq$;
+DROP FUNCTION IF EXISTS {function}();
+COMMIT;
+"#
+    );
+    sqlx::raw_sql(sqlx::AssertSqlSafe(sql))
+        .execute(pool)
+        .await
+        .map_err(|e| Error::outbox("removing the table's triggers", e))?;
+    Ok(())
+}
+
+/// The table's oid, resolved with the pool's `search_path` (`"schema.table"` also works).
+async fn resolve(pool: &PgPool, table: &str) -> Result<i64, Error> {
+    let oid: Option<i64> = sqlx::query_scalar("SELECT to_regclass($1)::oid::bigint")
+        .bind(table)
+        .fetch_one(pool)
+        .await
+        .map_err(|e| Error::outbox("resolving the table name", e))?;
+    oid.ok_or_else(|| watch_error(table, "no such table"))
+}
+
+fn function_name(oid: i64) -> String {
+    format!("cached_query_watch_{oid}")
+}
+
+fn watch_error(table: &str, problem: &str) -> Error {
+    Error::Watch {
+        table: table.to_owned(),
+        problem: problem.to_owned(),
+    }
+}
+
+/// `"user:<id>"` as a SQL expression over a row `r`: literal parts quoted, each `<column>`
+/// as its text form. A NULL column makes the whole tag NULL (no tag).
+fn compile(template: &str, columns: &[String]) -> Result<String, String> {
+    let mut parts = Vec::new();
+    let mut rest = template;
+    while let Some(open) = rest.find('<') {
+        if open > 0 {
+            parts.push(literal(&rest[..open]));
+        }
+        let after = &rest[open + 1..];
+        let Some(close) = after.find('>') else {
+            return Err(format!("template {template:?}: `<` without a closing `>`"));
+        };
+        let column = &after[..close];
+        if !columns.iter().any(|c| c == column) {
+            return Err(format!(
+                "template {template:?}: no column `{column}` (columns: {})",
+                columns.join(", ")
+            ));
+        }
+        parts.push(format!("(r.\"{}\")::text", column.replace('"', "\"\"")));
+        rest = &after[close + 1..];
+    }
+    if !rest.is_empty() {
+        parts.push(literal(rest));
+    }
+    if parts.is_empty() {
+        return Err("an empty template".to_owned());
+    }
+    Ok(parts.join(" || "))
+}
+
+/// A SQL string literal (standard-conforming strings: only `'` needs doubling).
+fn literal(s: &str) -> String {
+    format!("'{}'", s.replace('\'', "''"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cols() -> Vec<String> {
+        vec!["id".into(), "org_id".into(), "Weird\"Name".into()]
+    }
+
+    #[test]
+    fn templates_become_sql_over_the_row() {
+        assert_eq!(
+            compile("user:<id>", &cols()).unwrap(),
+            "'user:' || (r.\"id\")::text"
+        );
+        assert_eq!(
+            compile("<org_id>/<id>'s", &cols()).unwrap(),
+            "(r.\"org_id\")::text || '/' || (r.\"id\")::text || '''s'"
+        );
+        assert_eq!(
+            compile("w:<Weird\"Name>", &cols()).unwrap(),
+            "'w:' || (r.\"Weird\"\"Name\")::text"
+        );
+        assert_eq!(compile("all", &cols()).unwrap(), "'all'");
+    }
+
+    #[test]
+    fn unknown_columns_and_bad_templates_are_named() {
+        let e = compile("user:<nme>", &cols()).unwrap_err();
+        assert!(
+            e.contains("no column `nme`") && e.contains("id, org_id"),
+            "{e}"
+        );
+        assert!(
+            compile("user:<id", &cols())
+                .unwrap_err()
+                .contains("without a closing")
+        );
+        assert!(compile("", &cols()).unwrap_err().contains("empty"));
+    }
+}

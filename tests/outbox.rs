@@ -1,0 +1,389 @@
+//! Invalidation through PostgreSQL (`CacheBuilder::outbox`): invalidations recorded inside
+//! transactions take effect in every process after the commit and never on rollback;
+//! writes by other clients reach the cache through `watch_table`; nothing is lost when the
+//! writer is cancelled, the listener's connection dies, or the outbox must not grow.
+//!
+//! Two `Cache`s on one database stand for two processes (each has its own listener
+//! connection and, for the memory backend, its own store).
+
+mod common;
+
+use cached_query::{Cache, CacheBuilder, Error, cached_query, invalidates};
+use common::{percentiles, redis_url, unique_ns, within};
+use sqlx::{PgConnection, PgPool};
+use std::time::Duration;
+
+/// The documented bound on delivery after a commit.
+const AFTER_COMMIT: Duration = Duration::from_secs(1);
+
+async fn schema(pool: &PgPool) {
+    sqlx::raw_sql(
+        "CREATE TABLE users (id BIGINT PRIMARY KEY, org_id BIGINT, name TEXT NOT NULL);
+         INSERT INTO users VALUES (1, 10, 'Ada'), (2, 10, 'Alan'), (3, NULL, 'Grace');",
+    )
+    .execute(pool)
+    .await
+    .unwrap();
+}
+
+#[cached_query(cache = cache, ttl = 300, invalidate = "user:<id>")]
+async fn name(pool: &PgPool, cache: &Cache, id: i64) -> Result<Option<String>, sqlx::Error> {
+    sqlx::query_scalar("SELECT name FROM users WHERE id = $1")
+        .bind(id)
+        .fetch_optional(pool)
+        .await
+}
+
+#[invalidates("user:<id>", cache = cache)]
+async fn rename(
+    conn: &mut PgConnection,
+    cache: &Cache,
+    id: i64,
+    to: &str,
+) -> Result<(), sqlx::Error> {
+    sqlx::query("UPDATE users SET name = $2 WHERE id = $1")
+        .bind(id)
+        .bind(to)
+        .execute(conn)
+        .await?;
+    Ok(())
+}
+
+fn memory(pool: &PgPool) -> CacheBuilder {
+    Cache::builder().memory().outbox(pool.clone())
+}
+
+fn redis(pool: &PgPool, ns: &str) -> CacheBuilder {
+    Cache::builder()
+        .redis(&redis_url())
+        .namespace(ns)
+        .outbox(pool.clone())
+}
+
+async fn outbox_rows(pool: &PgPool) -> i64 {
+    sqlx::query_scalar("SELECT count(*) FROM cached_query_outbox")
+        .fetch_one(pool)
+        .await
+        .unwrap()
+}
+
+async fn reads(pool: &PgPool, cache: &Cache, id: i64, expected: &str) -> bool {
+    name(pool, cache, id).await.unwrap().as_deref() == Some(expected)
+}
+
+/// `#[invalidates]` on `&mut PgConnection` inside a transaction: nothing happens before the
+/// commit (a concurrent read still hits and cannot re-cache the old row under a new token),
+/// nothing on rollback, and every process reads the new row within the bound after commit.
+async fn invalidation_travels_with_the_transaction(pool: PgPool, a: Cache, b: Cache) {
+    schema(&pool).await;
+    for cache in [&a, &b] {
+        assert!(reads(&pool, cache, 1, "Ada").await);
+        assert!(reads(&pool, cache, 1, "Ada").await);
+    }
+
+    // Rolled back: nothing invalidated, both still hit.
+    let mut tx = pool.begin().await.unwrap();
+    rename(&mut tx, &a, 1, "Never").await.unwrap();
+    tx.rollback().await.unwrap();
+    // A later committed write's notice proves every earlier one was handled.
+    let mut tx = pool.begin().await.unwrap();
+    rename(&mut tx, &a, 2, "Alan T").await.unwrap();
+    tx.commit().await.unwrap();
+    for cache in [&a, &b] {
+        within(AFTER_COMMIT, "commit of user 2", || {
+            reads(&pool, cache, 2, "Alan T")
+        })
+        .await;
+    }
+    for cache in [&a, &b] {
+        let hits = cache.stats().hits;
+        assert!(reads(&pool, cache, 1, "Ada").await);
+        assert_eq!(
+            cache.stats().hits,
+            hits + 1,
+            "user 1 still cached after the rollback"
+        );
+    }
+
+    // Committed: before the commit both still serve the old row, then both the new one.
+    let mut delays = Vec::new();
+    for round in 0..20 {
+        let to = format!("Ada {round}");
+        let mut tx = pool.begin().await.unwrap();
+        rename(&mut tx, &a, 1, &to).await.unwrap();
+        for cache in [&a, &b] {
+            let hits = cache.stats().hits;
+            assert!(reads(&pool, cache, 1, &format!("Ada{}", prev(round))).await);
+            assert_eq!(cache.stats().hits, hits + 1, "before the commit: a hit");
+        }
+        tx.commit().await.unwrap();
+        for cache in [&a, &b] {
+            delays.push(within(AFTER_COMMIT, "commit", || reads(&pool, cache, 1, &to)).await);
+        }
+    }
+    let (p50, p99) = percentiles(&mut delays);
+    println!(
+        "delivery delay after commit: p50 {p50:?}, p99 {p99:?} ({} reads)",
+        delays.len()
+    );
+    assert_eq!(a.stats().invalidations_before_commit, 0);
+}
+
+fn prev(round: usize) -> String {
+    if round == 0 {
+        String::new()
+    } else {
+        format!(" {}", round - 1)
+    }
+}
+
+#[sqlx::test]
+async fn invalidation_travels_with_the_transaction_memory(pool: PgPool) {
+    let a = memory(&pool).build().await.unwrap();
+    let b = memory(&pool).build().await.unwrap();
+    invalidation_travels_with_the_transaction(pool, a, b).await;
+}
+
+#[sqlx::test]
+async fn invalidation_travels_with_the_transaction_redis(pool: PgPool) {
+    let ns = unique_ns("outbox-tx");
+    let a = redis(&pool, &ns).build().await.unwrap();
+    let b = redis(&pool, &ns).near_cache(1000).build().await.unwrap();
+    invalidation_travels_with_the_transaction(pool.clone(), a, b).await;
+    // Every row was delivered, and delivered rows are deleted.
+    within(AFTER_COMMIT, "outbox emptied", || async {
+        outbox_rows(&pool).await == 0
+    })
+    .await;
+}
+
+/// Memory caches in several processes see each other's `invalidate()`/`clear()`.
+#[sqlx::test]
+async fn memory_caches_share_invalidations_and_clears(pool: PgPool) {
+    schema(&pool).await;
+    let a = memory(&pool).build().await.unwrap();
+    let b = memory(&pool).build().await.unwrap();
+    for cache in [&a, &b] {
+        assert!(reads(&pool, cache, 1, "Ada").await);
+        assert!(reads(&pool, cache, 3, "Grace").await);
+    }
+    sqlx::query("UPDATE users SET name = 'Ada L' WHERE id = 1")
+        .execute(&pool)
+        .await
+        .unwrap();
+    a.invalidate("user:1").await.unwrap();
+    assert!(
+        reads(&pool, &a, 1, "Ada L").await,
+        "in effect here when it returns"
+    );
+    within(AFTER_COMMIT, "invalidate in b", || {
+        reads(&pool, &b, 1, "Ada L")
+    })
+    .await;
+
+    sqlx::query("UPDATE users SET name = 'Grace H' WHERE id = 3")
+        .execute(&pool)
+        .await
+        .unwrap();
+    b.clear().await.unwrap();
+    within(AFTER_COMMIT, "clear in a", || {
+        reads(&pool, &a, 3, "Grace H")
+    })
+    .await;
+}
+
+/// Without an outbox: `invalidate_on_commit` and `watch_table` say what they need, and
+/// `#[invalidates]` inside a transaction invalidates at once, counted and logged.
+#[sqlx::test]
+async fn without_an_outbox_the_transaction_rules_are_loud(pool: PgPool) {
+    schema(&pool).await;
+    let cache = Cache::builder().memory().build().await.unwrap();
+    let mut conn = pool.acquire().await.unwrap();
+    let err = cache
+        .invalidate_on_commit(&mut conn, ["user:1"])
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, Error::NoOutbox { .. }) && err.to_string().contains("outbox"),
+        "{err}"
+    );
+    let err = cache
+        .watch_table("users", &["user:<id>"])
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("CacheBuilder::outbox"), "{err}");
+
+    assert!(reads(&pool, &cache, 1, "Ada").await);
+    let mut tx = pool.begin().await.unwrap();
+    rename(&mut tx, &cache, 1, "Early").await.unwrap();
+    assert_eq!(cache.stats().invalidations_before_commit, 1);
+    // Invalidated before the commit: this read re-caches the old row (what the outbox fixes).
+    assert!(reads(&pool, &cache, 1, "Ada").await);
+    tx.commit().await.unwrap();
+    assert!(
+        reads(&pool, &cache, 1, "Ada").await,
+        "stale: the documented hazard"
+    );
+
+    // Outside a transaction #[invalidates] is unaffected and not counted.
+    rename(&mut conn, &cache, 1, "Ada").await.unwrap();
+    assert_eq!(cache.stats().invalidations_before_commit, 1);
+}
+
+/// `invalidate_on_commit` by hand, on a transaction and on a plain connection.
+#[sqlx::test]
+async fn invalidate_on_commit_by_hand(pool: PgPool) {
+    schema(&pool).await;
+    let ns = unique_ns("outbox-hand");
+    let a = redis(&pool, &ns).build().await.unwrap();
+    assert!(reads(&pool, &a, 1, "Ada").await);
+    let mut tx = pool.begin().await.unwrap();
+    sqlx::query("UPDATE users SET name = 'Ada B' WHERE id = 1")
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+    a.invalidate_on_commit(&mut tx, ["user:1"]).await.unwrap();
+    assert_eq!(outbox_rows(&pool).await, 0, "invisible before the commit");
+    tx.commit().await.unwrap();
+    within(AFTER_COMMIT, "after commit", || {
+        reads(&pool, &a, 1, "Ada B")
+    })
+    .await;
+
+    // Outside a transaction: in effect when it returns.
+    let mut conn = pool.acquire().await.unwrap();
+    sqlx::query("UPDATE users SET name = 'Ada C' WHERE id = 1")
+        .execute(&mut *conn)
+        .await
+        .unwrap();
+    a.invalidate_on_commit(&mut conn, ["user:1"]).await.unwrap();
+    assert!(reads(&pool, &a, 1, "Ada C").await);
+}
+
+/// Writes by any client (raw SQL on another connection) reach every process through the
+/// table's triggers: tags from the old and the new row, none for NULL columns.
+async fn watched_table(pool: PgPool, a: Cache, b: Cache) {
+    schema(&pool).await;
+    a.watch_table("users", &["user:<id>", "org:<org_id>"])
+        .await
+        .unwrap();
+    // Idempotent: a second call (another process starting) replaces the triggers.
+    b.watch_table("users", &["user:<id>", "org:<org_id>"])
+        .await
+        .unwrap();
+    for cache in [&a, &b] {
+        assert!(reads(&pool, cache, 1, "Ada").await);
+        assert!(reads(&pool, cache, 2, "Alan").await);
+    }
+    let mut delays = Vec::new();
+    for round in 0..20 {
+        let to = format!("Ada {round}");
+        sqlx::query("UPDATE users SET name = $1 WHERE id = 1")
+            .bind(&to)
+            .execute(&pool)
+            .await
+            .unwrap();
+        for cache in [&a, &b] {
+            delays.push(
+                within(AFTER_COMMIT, "watched update", || {
+                    reads(&pool, cache, 1, &to)
+                })
+                .await,
+            );
+        }
+    }
+    let (p50, p99) = percentiles(&mut delays);
+    println!(
+        "delivery delay after a watched write: p50 {p50:?}, p99 {p99:?} ({} reads)",
+        delays.len()
+    );
+
+    // One statement touching many rows: one outbox row, every tag.
+    sqlx::query("UPDATE users SET name = name || '!' WHERE org_id = 10")
+        .execute(&pool)
+        .await
+        .unwrap();
+    for cache in [&a, &b] {
+        within(AFTER_COMMIT, "multi-row update", || {
+            reads(&pool, cache, 2, "Alan!")
+        })
+        .await;
+    }
+    // DELETE: the old row's tags.
+    assert!(reads(&pool, &b, 3, "Grace").await);
+    sqlx::query("DELETE FROM users WHERE id = 3")
+        .execute(&pool)
+        .await
+        .unwrap();
+    within(AFTER_COMMIT, "delete", || async {
+        name(&pool, &b, 3).await.unwrap().is_none()
+    })
+    .await;
+
+    // Unwatched: writes are invisible again (the entry stays cached).
+    a.unwatch_table("users").await.unwrap();
+    assert!(reads(&pool, &a, 2, "Alan!").await);
+    sqlx::query("UPDATE users SET name = 'Unseen' WHERE id = 2")
+        .execute(&pool)
+        .await
+        .unwrap();
+    let triggers: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM pg_trigger WHERE tgrelid = 'users'::regclass AND tgname LIKE 'cached_query%'",
+    )
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert_eq!(triggers, 0);
+}
+
+#[sqlx::test]
+async fn watched_tables_invalidate_on_any_write_memory(pool: PgPool) {
+    let a = memory(&pool).build().await.unwrap();
+    let b = memory(&pool).build().await.unwrap();
+    watched_table(pool, a, b).await;
+}
+
+#[sqlx::test]
+async fn watched_tables_invalidate_on_any_write_redis(pool: PgPool) {
+    let ns = unique_ns("outbox-watch");
+    let a = redis(&pool, &ns).build().await.unwrap();
+    let b = redis(&pool, &ns).near_cache(1000).build().await.unwrap();
+    watched_table(pool, a, b).await;
+}
+
+#[sqlx::test]
+async fn watch_table_names_what_is_wrong(pool: PgPool) {
+    schema(&pool).await;
+    let a = memory(&pool).build().await.unwrap();
+    let err = a.watch_table("users", &["user:<nme>"]).await.unwrap_err();
+    let msg = err.to_string();
+    assert!(
+        msg.contains("`nme`") && msg.contains("id, org_id, name"),
+        "{msg}"
+    );
+    let err = a
+        .watch_table("no_such_table", &["x:<id>"])
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("no_such_table"), "{err}");
+}
+
+/// In-memory fleets keep rows only for the retention period; the sweeper removes them.
+#[sqlx::test]
+async fn the_outbox_does_not_grow(pool: PgPool) {
+    schema(&pool).await;
+    let a = memory(&pool)
+        .outbox_sweep_interval(Duration::from_millis(50))
+        .outbox_retention(Duration::from_millis(100))
+        .build()
+        .await
+        .unwrap();
+    for i in 0..50 {
+        a.invalidate(&format!("user:{i}")).await.unwrap();
+    }
+    assert!(outbox_rows(&pool).await > 0);
+    within(Duration::from_secs(2), "expired rows removed", || async {
+        outbox_rows(&pool).await == 0
+    })
+    .await;
+}
