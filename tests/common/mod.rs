@@ -453,3 +453,66 @@ pub fn percentiles(samples: &mut [Duration]) -> (Duration, Duration) {
     let at = |q: f64| samples[((samples.len() - 1) as f64 * q).round() as usize];
     (at(0.5), at(0.99))
 }
+
+/// A TCP proxy on a free loopback port in front of `target`, for faults a server cannot
+/// make by itself: [`cut`](Self::cut) closes every connection through it at once (the
+/// client sees the connection drop mid-request, e.g. during COMMIT).
+pub struct TcpProxy {
+    pub port: u16,
+    links: std::sync::Arc<std::sync::Mutex<Vec<tokio::task::AbortHandle>>>,
+    accept: tokio::task::JoinHandle<()>,
+}
+
+impl TcpProxy {
+    pub async fn start(target: &str) -> Self {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let links: std::sync::Arc<std::sync::Mutex<Vec<tokio::task::AbortHandle>>> =
+            Default::default();
+        let target = target.to_owned();
+        let held = links.clone();
+        let accept = tokio::spawn(async move {
+            while let Ok((mut client, _)) = listener.accept().await {
+                let target = target.clone();
+                let link = tokio::spawn(async move {
+                    if let Ok(mut server) = tokio::net::TcpStream::connect(&target).await {
+                        let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
+                    }
+                });
+                held.lock().unwrap().push(link.abort_handle());
+            }
+        });
+        TcpProxy {
+            port,
+            links,
+            accept,
+        }
+    }
+
+    /// Drops every connection made through the proxy so far (new ones still work).
+    pub fn cut(&self) {
+        for link in self.links.lock().unwrap().drain(..) {
+            link.abort();
+        }
+    }
+}
+
+impl Drop for TcpProxy {
+    fn drop(&mut self) {
+        self.accept.abort();
+        self.cut();
+    }
+}
+
+/// The URL of the database `pool` is connected to (a `#[sqlx::test]` database), through
+/// `host:port` instead of the server's own address when given.
+pub fn url_of(pool: &sqlx::PgPool, via: Option<u16>) -> String {
+    let db = pool.connect_options().get_database().unwrap().to_owned();
+    let base = database_url();
+    let base = match via {
+        Some(port) => base.replace(":5432", &format!(":{port}")),
+        None => base,
+    };
+    let (server, _) = base.rsplit_once('/').unwrap();
+    format!("{server}/{db}")
+}

@@ -67,8 +67,9 @@ mod outbox {
     use crate::outbox::{self as sql, ALL_NAMESPACES, Outbox, Row};
     use sqlx::postgres::PgListener;
 
-    /// Connects the listener (so nothing committed after `build()` returns is missed) and
-    /// starts the listening and sweeping tasks; they end when the cache is dropped.
+    /// Connects the listener (so nothing committed after `build()` returns is missed), runs
+    /// one sweep, and starts the listening and sweeping tasks; they end when the cache is
+    /// dropped.
     pub(crate) async fn start(cache: &Cache) -> Result<(), Error> {
         let Some(outbox) = cache.inner.outbox.clone() else {
             return Ok(());
@@ -76,6 +77,9 @@ mod outbox {
         let listener = connect(&outbox)
             .await
             .map_err(|e| Error::outbox("listening for invalidations", e))?;
+        // Catch up before serving: rows committed while no process of this fleet could
+        // deliver them (a writer killed while Redis was down) wait for a sweep.
+        cache.outbox_sweep(&outbox).await;
         let weak = Arc::downgrade(&cache.inner);
         let stop = cache.inner.stop.subscribe();
         tokio::spawn(listen(weak.clone(), outbox.clone(), listener, stop.clone()));
