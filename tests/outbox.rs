@@ -387,3 +387,168 @@ async fn the_outbox_does_not_grow(pool: PgPool) {
     })
     .await;
 }
+
+#[cached_query(cache = cache, ttl = 300, invalidate = "tx_counter:1")]
+async fn tx_counter(pool: &PgPool, cache: &Cache) -> sqlx::Result<i64> {
+    sqlx::query_scalar("SELECT value FROM tx_counter WHERE id = 1")
+        .fetch_one(pool)
+        .await
+}
+
+#[cached_query(cache = cache, ttl = 300, invalidate = "raw_counter:<id>")]
+async fn raw_counter(pool: &PgPool, cache: &Cache, id: i32) -> sqlx::Result<i64> {
+    sqlx::query_scalar("SELECT value FROM raw_counter WHERE id = $1")
+        .bind(id)
+        .fetch_one(pool)
+        .await
+}
+
+#[invalidates("tx_counter:1", cache = cache)]
+async fn bump_tx_counter(conn: &mut PgConnection, cache: &Cache) -> sqlx::Result<i64> {
+    sqlx::query_scalar("UPDATE tx_counter SET value = value + 1 WHERE id = 1 RETURNING value")
+        .fetch_one(conn)
+        .await
+}
+
+/// When each value of a counter was committed (the instant `commit()` returned).
+#[derive(Default)]
+struct Commits(std::sync::Mutex<Vec<(i64, std::time::Instant)>>);
+
+impl Commits {
+    fn record(&self, value: i64) {
+        self.0
+            .lock()
+            .unwrap()
+            .push((value, std::time::Instant::now()));
+    }
+
+    /// How long before `start` a value newer than `seen` had been committed (zero if none).
+    fn lag(&self, seen: i64, start: std::time::Instant) -> Duration {
+        self.0
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|(v, at)| *v > seen && *at <= start)
+            .map(|(_, at)| start - *at)
+            .max()
+            .unwrap_or_default()
+    }
+}
+
+/// The stale-set stress across processes: writers update inside transactions through an
+/// `#[invalidates]` function taking `&mut PgConnection`, and with raw SQL on a watched table,
+/// while readers read through two caches. No read may return a value older than one whose
+/// commit returned more than the bound before the read began; the worst lag is printed.
+async fn no_stale_reads_across_processes(pool: PgPool, a: Cache, b: Cache) {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering::SeqCst};
+    sqlx::raw_sql(
+        "CREATE TABLE tx_counter (id INT PRIMARY KEY, value BIGINT NOT NULL);
+         CREATE TABLE raw_counter (id INT PRIMARY KEY, value BIGINT NOT NULL);
+         INSERT INTO tx_counter VALUES (1, 0); INSERT INTO raw_counter VALUES (1, 0);",
+    )
+    .execute(&pool)
+    .await
+    .unwrap();
+    a.watch_table("raw_counter", &["raw_counter:<id>"])
+        .await
+        .unwrap();
+    let (tx_commits, raw_commits) = (Arc::new(Commits::default()), Arc::new(Commits::default()));
+    let writing = Arc::new(AtomicBool::new(true));
+    let run_for = Duration::from_millis(2500);
+    let mut writers = Vec::new();
+    for w in 0..4 {
+        let (pool, a, tx_commits, raw_commits) = (
+            pool.clone(),
+            a.clone(),
+            tx_commits.clone(),
+            raw_commits.clone(),
+        );
+        writers.push(tokio::spawn(async move {
+            let start = std::time::Instant::now();
+            let mut n = 0;
+            while start.elapsed() < run_for {
+                if w % 2 == 0 {
+                    let mut tx = pool.begin().await.unwrap();
+                    let v = bump_tx_counter(&mut tx, &a).await.unwrap();
+                    tx.commit().await.unwrap();
+                    tx_commits.record(v);
+                } else {
+                    let v: i64 = sqlx::query_scalar(
+                        "UPDATE raw_counter SET value = value + 1 WHERE id = 1 RETURNING value",
+                    )
+                    .fetch_one(&pool)
+                    .await
+                    .unwrap();
+                    raw_commits.record(v);
+                }
+                n += 1;
+            }
+            n
+        }));
+    }
+    let mut readers = Vec::new();
+    for r in 0..4 {
+        let cache = if r % 2 == 0 { a.clone() } else { b.clone() };
+        let (pool, tx_commits, raw_commits, writing) = (
+            pool.clone(),
+            tx_commits.clone(),
+            raw_commits.clone(),
+            writing.clone(),
+        );
+        readers.push(tokio::spawn(async move {
+            let mut lags = Vec::new();
+            while writing.load(SeqCst) {
+                let start = std::time::Instant::now();
+                let seen = tx_counter(&pool, &cache).await.unwrap();
+                lags.push(tx_commits.lag(seen, start));
+                let start = std::time::Instant::now();
+                let seen = raw_counter(&pool, &cache, 1).await.unwrap();
+                lags.push(raw_commits.lag(seen, start));
+                tokio::task::yield_now().await;
+            }
+            lags
+        }));
+    }
+    let mut writes = 0;
+    for w in writers {
+        writes += w.await.unwrap();
+    }
+    writing.store(false, SeqCst);
+    let mut lags = Vec::new();
+    for r in readers {
+        lags.extend(r.await.unwrap());
+    }
+    let worst = *lags.iter().max().unwrap();
+    let stale = lags.iter().filter(|l| !l.is_zero()).count();
+    let (p50, p99) = percentiles(&mut lags);
+    println!(
+        "{} reads during {writes} commits: {stale} behind a returned commit; lag p50 {p50:?}, p99 {p99:?}, worst {worst:?}",
+        lags.len()
+    );
+    assert!(
+        worst <= AFTER_COMMIT,
+        "a read lagged {worst:?} behind a returned commit"
+    );
+    let (sa, sb) = (a.stats(), b.stats());
+    assert!(
+        sa.hits > 0 && sb.hits > 0,
+        "the caches served reads: {sa:?} {sb:?}"
+    );
+    assert_eq!(sa.errors + sb.errors, 0);
+}
+
+#[sqlx::test]
+async fn no_stale_reads_across_processes_memory(pool: PgPool) {
+    let a = memory(&pool).build().await.unwrap();
+    let b = memory(&pool).build().await.unwrap();
+    no_stale_reads_across_processes(pool, a, b).await;
+}
+
+#[sqlx::test]
+async fn no_stale_reads_across_processes_redis(pool: PgPool) {
+    let ns = unique_ns("outbox-stress");
+    let a = redis(&pool, &ns).build().await.unwrap();
+    let b = redis(&pool, &ns).near_cache(1000).build().await.unwrap();
+    no_stale_reads_across_processes(pool, a, b).await;
+}

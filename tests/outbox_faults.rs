@@ -190,6 +190,17 @@ async fn a_terminated_listener_drops_local_state_and_catches_up(pool: PgPool) {
             format!("Ada {}", round - 1)
         };
         assert!(reads(&pool, &b, 1, &old).await);
+        within(AFTER_FAULT, "both listeners connected", || async {
+            let listening: i64 = sqlx::query_scalar(
+                "SELECT count(*) FROM pg_stat_activity
+                 WHERE datname = current_database() AND query LIKE 'LISTEN%'",
+            )
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+            listening == 2
+        })
+        .await;
         let killed: Vec<bool> = sqlx::query_scalar(
             "SELECT pg_terminate_backend(pid) FROM pg_stat_activity
              WHERE datname = current_database() AND query LIKE 'LISTEN%'",

@@ -350,11 +350,11 @@ impl CacheBuilder {
         };
         #[cfg(feature = "postgres")]
         if let Some(pool) = self.outbox.clone() {
-            let outbox = crate::outbox::Outbox {
-                pool,
-                sweep_interval: self.outbox_sweep_interval,
-                retention: self.outbox_retention,
-            };
+            let outbox = crate::outbox::Outbox::new(
+                &pool,
+                self.outbox_sweep_interval,
+                self.outbox_retention,
+            );
             outbox
                 .create_schema()
                 .await

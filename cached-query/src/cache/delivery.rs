@@ -82,13 +82,39 @@ mod outbox {
         cache.outbox_sweep(&outbox).await;
         let weak = Arc::downgrade(&cache.inner);
         let stop = cache.inner.stop.subscribe();
-        tokio::spawn(listen(weak.clone(), outbox.clone(), listener, stop.clone()));
+        let (queue, queued) = tokio::sync::mpsc::unbounded_channel();
+        tokio::spawn(listen(
+            weak.clone(),
+            outbox.clone(),
+            listener,
+            queue,
+            stop.clone(),
+        ));
+        tokio::spawn(deliver_queued(weak.clone(), outbox.clone(), queued));
         tokio::spawn(sweep(weak, outbox, stop));
         Ok(())
     }
 
+    /// Delivers what the listener queued, in batches: under load one claim covers every
+    /// notice that arrived while the previous one ran.
+    async fn deliver_queued(
+        weak: Weak<Inner>,
+        outbox: Outbox,
+        mut queued: tokio::sync::mpsc::UnboundedReceiver<Vec<sql::Notice>>,
+    ) {
+        while let Some(mut notices) = queued.recv().await {
+            while let Ok(more) = queued.try_recv() {
+                notices.extend(more);
+            }
+            let Some(cache) = Cache::from_weak(&weak) else {
+                return;
+            };
+            cache.outbox_notified(&outbox, notices).await;
+        }
+    }
+
     async fn connect(outbox: &Outbox) -> Result<PgListener, sqlx::Error> {
-        let mut listener = PgListener::connect_with(&outbox.pool).await?;
+        let mut listener = PgListener::connect_with(&outbox.listen_pool).await?;
         listener.ignore_pool_close_event(true);
         listener.listen(sql::CHANNEL).await?;
         Ok(listener)
@@ -100,6 +126,7 @@ mod outbox {
         weak: Weak<Inner>,
         outbox: Outbox,
         listener: PgListener,
+        queue: tokio::sync::mpsc::UnboundedSender<Vec<sql::Notice>>,
         mut stop: tokio::sync::watch::Receiver<()>,
     ) {
         let mut listener = Some(listener);
@@ -135,15 +162,31 @@ mod outbox {
             };
             match received {
                 Ok(Some(first)) => {
-                    let mut ids = Vec::new();
+                    let mut notices = Vec::new();
                     let mut next = Some(first);
                     while let Some(n) = next {
-                        if let Ok(id) = n.payload().parse::<i64>() {
-                            ids.push(id);
+                        match sql::Notice::parse(n.payload()) {
+                            Some(notice) => notices.push(notice),
+                            None => tracing::warn!(
+                                payload = n.payload(),
+                                "cached-query: unreadable outbox notice"
+                            ),
                         }
                         next = l.next_buffered();
                     }
-                    cache.outbox_notified(&outbox, &ids).await;
+                    // This process stops serving what the rows cover at once; Redis is told
+                    // by the delivery task.
+                    let rows: Vec<Row> = notices
+                        .iter()
+                        .filter_map(|n| match n {
+                            sql::Notice::Row(r) => Some(r.clone()),
+                            sql::Notice::Id(_) => None,
+                        })
+                        .collect();
+                    cache.apply_locally(&rows);
+                    if queue.send(notices).is_err() {
+                        return;
+                    }
                 }
                 // Reconnected (sqlx reconnects before returning): notices may be lost.
                 Ok(None) => {
@@ -174,24 +217,42 @@ mod outbox {
     }
 
     impl Cache {
-        /// Rows `ids` were committed: apply them here, and deliver them to Redis once.
-        async fn outbox_notified(&self, outbox: &Outbox, ids: &[i64]) {
-            let rows = match outbox.rows(ids).await {
-                Ok(rows) => rows,
-                Err(e) => {
-                    tracing::warn!(error = %e, "cached-query: cannot read the outbox");
-                    self.outbox_gap(outbox).await;
-                    return;
+        /// Rows were committed and those the notices carried are applied here: apply the
+        /// others (read first), and deliver all of them to Redis once.
+        async fn outbox_notified(&self, outbox: &Outbox, notices: Vec<sql::Notice>) {
+            let ids: Vec<i64> = notices.iter().map(sql::Notice::id).collect();
+            let mut rows = Vec::new();
+            let unread: Vec<i64> = notices
+                .iter()
+                .filter_map(|n| match n {
+                    sql::Notice::Id(id) => Some(*id),
+                    sql::Notice::Row(_) => None,
+                })
+                .collect();
+            if !unread.is_empty() {
+                match outbox.rows(&unread).await {
+                    Ok(read) => {
+                        if read.len() < unread.len() && !self.is_remote() {
+                            // Gone already: expired while this process lagged.
+                            self.drop_local();
+                        }
+                        rows.extend(read);
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "cached-query: cannot read the outbox");
+                        self.outbox_gap(outbox).await;
+                        return;
+                    }
                 }
-            };
-            self.apply_locally(&rows);
-            let remote = self.inner.store.as_ref().is_some_and(|s| s.is_remote());
-            if remote {
-                self.deliver(outbox, Some(ids)).await;
-            } else if rows.len() < ids.len() {
-                // Gone already: expired while this process lagged. Assume the worst.
-                self.drop_local();
             }
+            self.apply_locally(&rows);
+            if self.is_remote() {
+                self.deliver(outbox, Some(&ids)).await;
+            }
+        }
+
+        fn is_remote(&self) -> bool {
+            self.inner.store.as_ref().is_some_and(|s| s.is_remote())
         }
 
         /// Notices may have been missed: drop what this process holds, then deliver what
@@ -202,8 +263,7 @@ mod outbox {
         }
 
         async fn outbox_sweep(&self, outbox: &Outbox) {
-            let remote = self.inner.store.as_ref().is_some_and(|s| s.is_remote());
-            if remote {
+            if self.is_remote() {
                 while self.deliver(outbox, None).await {}
             } else if let Err(e) = outbox.expire().await {
                 tracing::warn!(error = %e, "cached-query: cannot expire outbox rows");

@@ -3,8 +3,9 @@
 //!
 //! An invalidation is one row of `cached_query_outbox` (its tags, or a namespace to clear),
 //! inserted inside the writer's transaction when there is one. A trigger on that table sends
-//! `NOTIFY cached_query_outbox, '<id>'`, which PostgreSQL delivers at commit and never on
-//! rollback. Listening processes read the rows named; a Redis-backed process claims them
+//! `NOTIFY cached_query_outbox` with the row as JSON (its id alone when over the payload
+//! limit), which PostgreSQL delivers at commit and never on rollback. Listening processes
+//! apply the rows notified; a Redis-backed process claims them
 //! (`FOR UPDATE SKIP LOCKED`), bumps the tags in Redis and deletes them in the same
 //! transaction, so a row is removed only once delivered. In-memory caches keep no shared
 //! state: every process applies every row, and rows expire after a retention period.
@@ -36,8 +37,13 @@ CREATE TABLE IF NOT EXISTS cached_query_outbox (
 );
 CREATE OR REPLACE FUNCTION cached_query_outbox_notify() RETURNS trigger
 LANGUAGE plpgsql AS $$
+DECLARE payload TEXT := json_build_object(
+    'id', NEW.id, 'tags', NEW.tags, 'clear', NEW.clear_namespace)::text;
 BEGIN
-    PERFORM pg_notify('cached_query_outbox', NEW.id::text);
+    IF octet_length(payload) > 7900 THEN
+        payload := json_build_object('id', NEW.id)::text;
+    END IF;
+    PERFORM pg_notify('cached_query_outbox', payload);
     RETURN NULL;
 END $$;
 DO $$
@@ -55,18 +61,63 @@ COMMIT;
 "#;
 
 /// One recorded invalidation.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize)]
 pub(crate) struct Row {
     pub(crate) id: i64,
+    #[serde(default)]
     pub(crate) tags: Vec<String>,
     /// A namespace to clear, or [`ALL_NAMESPACES`].
+    #[serde(default)]
     pub(crate) clear: Option<String>,
+}
+
+/// What a notice carries: the whole row, or only its id (the row was too large, or it comes
+/// from an older trigger that sent bare ids).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Notice {
+    Row(Row),
+    Id(i64),
+}
+
+impl Notice {
+    pub(crate) fn parse(payload: &str) -> Option<Notice> {
+        if let Ok(id) = payload.parse::<i64>() {
+            return Some(Notice::Id(id));
+        }
+        #[derive(serde::Deserialize)]
+        struct Payload {
+            id: i64,
+            tags: Option<Vec<String>>,
+            #[serde(default)]
+            clear: Option<String>,
+        }
+        let p: Payload = serde_json::from_str(payload).ok()?;
+        Some(match p.tags {
+            Some(tags) => Notice::Row(Row {
+                id: p.id,
+                tags,
+                clear: p.clear,
+            }),
+            None => Notice::Id(p.id),
+        })
+    }
+
+    pub(crate) fn id(&self) -> i64 {
+        match self {
+            Notice::Row(r) => r.id,
+            Notice::Id(id) => *id,
+        }
+    }
 }
 
 /// The outbox database and its timings.
 #[derive(Debug, Clone)]
 pub(crate) struct Outbox {
+    /// The outbox's own small pool on the application's database: delivery never waits
+    /// behind the application's queries, nor takes its connections.
     pub(crate) pool: PgPool,
+    /// One connection, for the listener.
+    pub(crate) listen_pool: PgPool,
     /// How often undelivered rows are swept (and expired rows removed).
     pub(crate) sweep_interval: Duration,
     /// How long in-memory fleets keep delivered rows for listeners that lag behind.
@@ -74,6 +125,23 @@ pub(crate) struct Outbox {
 }
 
 impl Outbox {
+    /// An outbox on the database of `app_pool`, with connections of its own.
+    pub(crate) fn new(app_pool: &PgPool, sweep_interval: Duration, retention: Duration) -> Self {
+        let options = (*app_pool.connect_options()).clone();
+        let pool = |n| {
+            sqlx::postgres::PgPoolOptions::new()
+                .max_connections(n)
+                .min_connections(0)
+                .connect_lazy_with(options.clone())
+        };
+        Outbox {
+            pool: pool(2),
+            listen_pool: pool(1),
+            sweep_interval,
+            retention,
+        }
+    }
+
     /// Creates what the outbox needs in its database, if missing.
     pub(crate) async fn create_schema(&self) -> Result<(), sqlx::Error> {
         sqlx::raw_sql(SCHEMA).execute(&self.pool).await?;
