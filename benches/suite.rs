@@ -402,6 +402,78 @@ async fn read_cases() -> Vec<Row> {
     rows
 }
 
+/// What invalidation adds to a single-row UPDATE transaction (BEGIN, UPDATE, COMMIT on one
+/// pooled connection): after the commit (`commit_and_invalidate`, no outbox), and inside the
+/// transaction through the outbox (`invalidate_on_commit`: one INSERT; the NOTIFY and the
+/// delivery happen at commit and in the background), interleaved round by round.
+async fn write_case() {
+    let rounds = if SETTINGS.smoke { 50 } else { 3_000 };
+    let pool = POOL.get().unwrap();
+    let plain_cache = cache("write", None).await;
+    let outbox_cache = Cache::builder()
+        .redis(&SETTINGS.redis_url)
+        .namespace(&format!("{}:write-outbox", SETTINGS.prefix))
+        .outbox(pool.clone())
+        .build()
+        .await
+        .unwrap();
+    let update = "UPDATE cq_bench_users SET karma = karma + 1 WHERE id = $1";
+    let mut lat: [Vec<Duration>; 3] = Default::default();
+    for round in 0..rounds {
+        let id = 1 + (round as i64 % ROWS);
+        let tags = [format!("user:{id}")];
+        for (case, lat) in lat.iter_mut().enumerate() {
+            let start = Instant::now();
+            let mut tx = pool.begin().await.unwrap();
+            sqlx::query(update)
+                .bind(id)
+                .execute(&mut *tx)
+                .await
+                .unwrap();
+            match case {
+                0 => tx.commit().await.unwrap(),
+                1 => plain_cache.commit_and_invalidate(tx, &tags).await.unwrap(),
+                _ => {
+                    outbox_cache
+                        .invalidate_on_commit(&mut tx, &tags)
+                        .await
+                        .unwrap();
+                    tx.commit().await.unwrap();
+                }
+            }
+            lat.push(start.elapsed());
+        }
+    }
+    println!("\n### Write path ({rounds} single-row UPDATE transactions per case)\n");
+    println!("| case | p50 | p99 | p50 vs plain |\n|---|---:|---:|---:|");
+    let names = [
+        "BEGIN; UPDATE; COMMIT",
+        "… `commit_and_invalidate` (no outbox)",
+        "… `invalidate_on_commit` (outbox)",
+    ];
+    let mut base = 0.0;
+    for (name, lat) in names.iter().zip(lat.iter_mut()) {
+        lat.sort();
+        let (p50, p99) = (percentile(lat, 0.5), percentile(lat, 0.99));
+        if base == 0.0 {
+            base = p50.as_secs_f64();
+        }
+        println!(
+            "| {name} | {:.1} µs | {:.1} µs | {:.2}× |",
+            us(p50),
+            us(p99),
+            p50.as_secs_f64() / base
+        );
+    }
+    drop(outbox_cache);
+    sqlx::raw_sql(
+        "DROP TABLE IF EXISTS cached_query_outbox; DROP FUNCTION IF EXISTS cached_query_outbox_notify();",
+    )
+    .execute(pool)
+    .await
+    .unwrap();
+}
+
 /// Latency of `invalidate(tag)` when the tag covers 1 and 100 000 entries.
 async fn invalidation_case() {
     let s = &*SETTINGS;
@@ -587,6 +659,7 @@ fn main() {
         let rows = read_cases().await;
         print_table(&rows);
         invalidation_case().await;
+        write_case().await;
         stampede_case().await;
         timed_case().await;
         cleanup().await;

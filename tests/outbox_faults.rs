@@ -220,6 +220,121 @@ async fn a_terminated_listener_drops_local_state_and_catches_up(pool: PgPool) {
     }
 }
 
+/// The listener's connection goes silent (a partition: no FIN, no RST, so no error is ever
+/// seen): the missed heartbeat makes the process drop what it holds within two sweep
+/// intervals, so an invalidation it could not hear of is not served stale.
+#[sqlx::test]
+async fn a_silent_listener_is_detected_by_its_heartbeat(pool: PgPool) {
+    schema(&pool).await;
+    let proxy = TcpProxy::start("127.0.0.1:5432").await;
+    let proxied = PgPool::connect(&url_of(&pool, Some(proxy.port)))
+        .await
+        .unwrap();
+    let a = Cache::builder().outbox(pool.clone()).build().await.unwrap();
+    let b = Cache::builder()
+        .outbox(proxied)
+        .outbox_sweep_interval(Duration::from_millis(200))
+        .build()
+        .await
+        .unwrap();
+    assert!(reads(&pool, &b, 1, "Ada").await);
+    assert!(reads(&pool, &b, 1, "Ada").await);
+    assert_eq!(b.stats().hits, 1);
+    proxy.stall();
+    sqlx::query("UPDATE users SET name = 'Partitioned' WHERE id = 1")
+        .execute(&pool)
+        .await
+        .unwrap();
+    a.invalidate("user:1").await.unwrap();
+    within(
+        AFTER_FAULT,
+        "b stops serving what it may have missed",
+        || reads(&pool, &b, 1, "Partitioned"),
+    )
+    .await;
+}
+
+/// The record function fails inside the writer's transaction (here a constraint makes the
+/// outbox refuse the row): the transaction is not poisoned, the commit keeps the data, and
+/// the invalidation is sent without the outbox.
+#[sqlx::test]
+async fn a_failed_record_never_rolls_back_the_writers_transaction(pool: PgPool) {
+    schema(&pool).await;
+    let cache = common::redis_cache_with(
+        Cache::builder()
+            .redis(&redis_url())
+            .namespace(&unique_ns("record-fails"))
+            .outbox(pool.clone()),
+    )
+    .await;
+    assert!(reads(&pool, &cache, 1, "Ada").await);
+    sqlx::raw_sql(
+        "ALTER TABLE cached_query_outbox ADD CONSTRAINT refuse CHECK (cardinality(tags) < 0) NOT VALID",
+    )
+    .execute(&pool)
+    .await
+    .unwrap();
+    let mut tx = pool.begin().await.unwrap();
+    sqlx::query("UPDATE users SET name = 'Kept' WHERE id = 1")
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+    cache.commit_and_invalidate(tx, ["user:1"]).await.unwrap();
+    assert!(
+        committed(&pool, 1, "Kept").await,
+        "the transaction committed"
+    );
+    assert!(reads(&pool, &cache, 1, "Kept").await, "and was invalidated");
+
+    // #[invalidates] in a transaction: falls back to invalidating before the commit, counted.
+    let mut tx = pool.begin().await.unwrap();
+    rename(&mut tx, &cache, 1, "Kept too").await.unwrap();
+    tx.commit().await.unwrap();
+    assert!(committed(&pool, 1, "Kept too").await);
+    assert_eq!(cache.stats().invalidations_before_commit, 1);
+    assert!(reads(&pool, &cache, 1, "Kept too").await);
+
+    // By hand: an error, and the transaction is still usable.
+    let mut tx = pool.begin().await.unwrap();
+    let err = cache
+        .invalidate_on_commit(&mut tx, ["user:1"])
+        .await
+        .unwrap_err();
+    assert!(matches!(err, Error::Outbox { .. }), "{err}");
+    sqlx::query("UPDATE users SET name = 'Still' WHERE id = 2")
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+    tx.commit().await.unwrap();
+    assert!(committed(&pool, 2, "Still").await);
+}
+
+/// The writer's `search_path` does not reach the outbox (schema-per-tenant applications).
+#[sqlx::test]
+async fn the_outbox_works_under_any_search_path(pool: PgPool) {
+    schema(&pool).await;
+    let a = Cache::builder().outbox(pool.clone()).build().await.unwrap();
+    let b = Cache::builder().outbox(pool.clone()).build().await.unwrap();
+    a.watch_table("users", &["user:<id>"]).await.unwrap();
+    assert!(reads(&pool, &b, 1, "Ada").await);
+    sqlx::raw_sql("CREATE SCHEMA tenant")
+        .execute(&pool)
+        .await
+        .unwrap();
+    let mut tx = pool.begin().await.unwrap();
+    sqlx::query("SET LOCAL search_path = tenant, pg_catalog")
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+    sqlx::query("UPDATE public.users SET name = 'Tenant' WHERE id = 1")
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+    a.commit_and_invalidate(tx, ["user:1"]).await.unwrap();
+    assert!(committed(&pool, 1, "Tenant").await);
+    within(AFTER_FAULT, "b", || reads(&pool, &b, 1, "Tenant")).await;
+}
+
 /// A writer process commits (its invalidation recorded in the transaction) while Redis is
 /// frozen, and is killed with SIGKILL right after COMMIT. Once Redis thaws, a process that was
 /// running serves the new row within the bound, and one started afterwards (it never got the

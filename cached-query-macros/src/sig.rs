@@ -21,7 +21,19 @@ const EXECUTOR_TYPES: &[&str] = &[
     "MySqlConnection",
     "AnyConnection",
     "Transaction",
+    "PgTransaction",
+    "SqliteTransaction",
+    "MySqlTransaction",
+    "AnyTransaction",
     "Cache",
+];
+/// sqlx's transaction type and its per-database aliases.
+const TRANSACTION_TYPES: &[&str] = &[
+    "Transaction",
+    "PgTransaction",
+    "SqliteTransaction",
+    "MySqlTransaction",
+    "AnyTransaction",
 ];
 /// Traits whose implementors may be a transaction that the macro cannot see.
 const EXECUTOR_TRAITS: &[&str] = &[
@@ -99,7 +111,8 @@ impl<'a> FnInfo<'a> {
         self.params.iter().filter_map(|p| {
             let (refs, ty) = count_refs(p.ty);
             match last_segment(ty)?.as_str() {
-                "PoolConnection" | "Transaction" => Some((p, refs + 1)),
+                "PoolConnection" => Some((p, refs + 1)),
+                name if TRANSACTION_TYPES.contains(&name) => Some((p, refs + 1)),
                 name if CONNECTION_TYPES.contains(&name) => Some((p, refs)),
                 _ => None,
             }
@@ -121,9 +134,9 @@ impl<'a> FnInfo<'a> {
 
     /// The first parameter whose type is a sqlx `Transaction`.
     pub(crate) fn transaction_param(&self) -> Option<&Param<'a>> {
-        self.params
-            .iter()
-            .find(|p| last_segment(strip_refs(p.ty)).is_some_and(|s| s == "Transaction"))
+        self.params.iter().find(|p| {
+            last_segment(strip_refs(p.ty)).is_some_and(|s| TRANSACTION_TYPES.contains(&s.as_str()))
+        })
     }
 }
 

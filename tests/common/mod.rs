@@ -85,6 +85,10 @@ pub async fn redis_cache(url: &str, ns: &str) -> Cache {
         .expect("cache builds")
 }
 
+pub async fn redis_cache_with(builder: cached_query::CacheBuilder) -> Cache {
+    builder.build().await.expect("cache builds")
+}
+
 pub async fn raw(url: &str) -> redis::aio::MultiplexedConnection {
     redis::Client::open(url)
         .unwrap()
@@ -456,10 +460,12 @@ pub fn percentiles(samples: &mut [Duration]) -> (Duration, Duration) {
 
 /// A TCP proxy on a free loopback port in front of `target`, for faults a server cannot
 /// make by itself: [`cut`](Self::cut) closes every connection through it at once (the
-/// client sees the connection drop mid-request, e.g. during COMMIT).
+/// client sees the connection drop mid-request, e.g. during COMMIT); [`stall`](Self::stall)
+/// stops forwarding without closing anything (a silent partition: no FIN, no RST).
 pub struct TcpProxy {
     pub port: u16,
     links: std::sync::Arc<std::sync::Mutex<Vec<tokio::task::AbortHandle>>>,
+    gate: tokio::sync::watch::Sender<bool>,
     accept: tokio::task::JoinHandle<()>,
 }
 
@@ -469,22 +475,27 @@ impl TcpProxy {
         let port = listener.local_addr().unwrap().port();
         let links: std::sync::Arc<std::sync::Mutex<Vec<tokio::task::AbortHandle>>> =
             Default::default();
+        let gate = tokio::sync::watch::Sender::new(false);
         let target = target.to_owned();
-        let held = links.clone();
+        let (held, stalled) = (links.clone(), gate.clone());
         let accept = tokio::spawn(async move {
-            while let Ok((mut client, _)) = listener.accept().await {
-                let target = target.clone();
-                let link = tokio::spawn(async move {
-                    if let Ok(mut server) = tokio::net::TcpStream::connect(&target).await {
-                        let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
-                    }
-                });
-                held.lock().unwrap().push(link.abort_handle());
+            while let Ok((client, _)) = listener.accept().await {
+                let Ok(server) = tokio::net::TcpStream::connect(&target).await else {
+                    continue;
+                };
+                let (client_rx, client_tx) = client.into_split();
+                let (server_rx, server_tx) = server.into_split();
+                let mut held = held.lock().unwrap();
+                for (from, to) in [(client_rx, server_tx), (server_rx, client_tx)] {
+                    let gate = stalled.subscribe();
+                    held.push(tokio::spawn(pump(from, to, gate)).abort_handle());
+                }
             }
         });
         TcpProxy {
             port,
             links,
+            gate,
             accept,
         }
     }
@@ -493,6 +504,35 @@ impl TcpProxy {
     pub fn cut(&self) {
         for link in self.links.lock().unwrap().drain(..) {
             link.abort();
+        }
+    }
+
+    /// Stops forwarding in both directions; connections stay open and silent.
+    pub fn stall(&self) {
+        self.gate.send_replace(true);
+    }
+}
+
+/// Copies `from` to `to`, holding the bytes while the gate is closed.
+async fn pump(
+    mut from: tokio::net::tcp::OwnedReadHalf,
+    mut to: tokio::net::tcp::OwnedWriteHalf,
+    mut stalled: tokio::sync::watch::Receiver<bool>,
+) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut buf = vec![0u8; 16 * 1024];
+    loop {
+        let n = match from.read(&mut buf).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => n,
+        };
+        while *stalled.borrow_and_update() {
+            if stalled.changed().await.is_err() {
+                return;
+            }
+        }
+        if to.write_all(&buf[..n]).await.is_err() {
+            return;
         }
     }
 }

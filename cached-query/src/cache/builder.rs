@@ -350,7 +350,7 @@ impl CacheBuilder {
         };
         #[cfg(feature = "postgres")]
         if let Some(pool) = self.outbox.clone() {
-            let outbox = crate::outbox::Outbox::new(
+            let mut outbox = crate::outbox::Outbox::new(
                 &pool,
                 self.outbox_sweep_interval,
                 self.outbox_retention,

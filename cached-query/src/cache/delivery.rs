@@ -66,6 +66,20 @@ mod outbox {
     use crate::backend::StampKey;
     use crate::outbox::{self as sql, ALL_NAMESPACES, Outbox, Row};
     use sqlx::postgres::PgListener;
+    use std::sync::atomic::AtomicU64;
+
+    /// The listener's liveness. Every sweep sends a ping through PostgreSQL that this
+    /// process's listener must have seen by the next sweep: one that does not come back means
+    /// the connection died without saying so (a partition, a NAT or load-balancer timeout),
+    /// so the process drops what it holds and reconnects.
+    #[derive(Debug)]
+    struct Heartbeat {
+        /// Tells this listener's pings from other processes'.
+        token: String,
+        sent: AtomicU64,
+        seen: AtomicU64,
+        lost: tokio::sync::Notify,
+    }
 
     /// Connects the listener (so nothing committed after `build()` returns is missed), runs
     /// one sweep, and starts the listening and sweeping tasks; they end when the cache is
@@ -83,15 +97,25 @@ mod outbox {
         let weak = Arc::downgrade(&cache.inner);
         let stop = cache.inner.stop.subscribe();
         let (queue, queued) = tokio::sync::mpsc::unbounded_channel();
+        let heartbeat = Arc::new(Heartbeat {
+            token: crate::keyspace::new_token()
+                .iter()
+                .map(|b| format!("{b:02x}"))
+                .collect(),
+            sent: AtomicU64::new(0),
+            seen: AtomicU64::new(0),
+            lost: tokio::sync::Notify::new(),
+        });
         tokio::spawn(listen(
             weak.clone(),
             outbox.clone(),
             listener,
             queue,
+            heartbeat.clone(),
             stop.clone(),
         ));
         tokio::spawn(deliver_queued(weak.clone(), outbox.clone(), queued));
-        tokio::spawn(sweep(weak, outbox, stop));
+        tokio::spawn(sweep(weak, outbox, heartbeat, stop));
         Ok(())
     }
 
@@ -127,6 +151,7 @@ mod outbox {
         outbox: Outbox,
         listener: PgListener,
         queue: tokio::sync::mpsc::UnboundedSender<Vec<sql::Notice>>,
+        heartbeat: Arc<Heartbeat>,
         mut stop: tokio::sync::watch::Receiver<()>,
     ) {
         let mut listener = Some(listener);
@@ -155,6 +180,10 @@ mod outbox {
             };
             let received = tokio::select! {
                 _ = stop.changed() => return,
+                () = heartbeat.lost.notified() => {
+                    listener = None;
+                    continue;
+                }
                 r = l.try_recv() => r,
             };
             let Some(cache) = Cache::from_weak(&weak) else {
@@ -166,6 +195,11 @@ mod outbox {
                     let mut next = Some(first);
                     while let Some(n) = next {
                         match sql::Notice::parse(n.payload()) {
+                            Some(sql::Notice::Ping { from, n }) => {
+                                if from == heartbeat.token {
+                                    heartbeat.seen.fetch_max(n, Ordering::SeqCst);
+                                }
+                            }
                             Some(notice) => notices.push(notice),
                             None => tracing::warn!(
                                 payload = n.payload(),
@@ -180,11 +214,11 @@ mod outbox {
                         .iter()
                         .filter_map(|n| match n {
                             sql::Notice::Row(r) => Some(r.clone()),
-                            sql::Notice::Id(_) => None,
+                            _ => None,
                         })
                         .collect();
                     cache.apply_locally(&rows);
-                    if queue.send(notices).is_err() {
+                    if !notices.is_empty() && queue.send(notices).is_err() {
                         return;
                     }
                 }
@@ -203,7 +237,12 @@ mod outbox {
 
     /// Every `sweep_interval`: delivers rows nobody delivered (Redis backends), removes
     /// expired ones (in-memory backends).
-    async fn sweep(weak: Weak<Inner>, outbox: Outbox, mut stop: tokio::sync::watch::Receiver<()>) {
+    async fn sweep(
+        weak: Weak<Inner>,
+        outbox: Outbox,
+        heartbeat: Arc<Heartbeat>,
+        mut stop: tokio::sync::watch::Receiver<()>,
+    ) {
         loop {
             tokio::select! {
                 _ = stop.changed() => return,
@@ -212,7 +251,38 @@ mod outbox {
             let Some(cache) = Cache::from_weak(&weak) else {
                 return;
             };
-            cache.outbox_sweep(&outbox).await;
+            let sent = heartbeat.sent.load(Ordering::SeqCst);
+            let missed = heartbeat.seen.load(Ordering::SeqCst) < sent;
+            // Each step gets one interval: a stalled connection must not stall the sweeper.
+            let limit = outbox.sweep_interval;
+            let pinged = match tokio::time::timeout(limit, outbox.ping(&heartbeat.token, sent + 1))
+                .await
+            {
+                Ok(Ok(())) => true,
+                Ok(Err(e)) => {
+                    tracing::warn!(error = %e, "cached-query: cannot send the outbox heartbeat");
+                    false
+                }
+                Err(_) => false,
+            };
+            if missed || !pinged {
+                // Either the listener is deaf or PostgreSQL cannot be reached: this process
+                // may miss invalidations, so it keeps nothing it could serve stale.
+                tracing::warn!(
+                    missed,
+                    "cached-query: the outbox heartbeat failed; dropping local entries and reconnecting the listener"
+                );
+                cache.drop_local();
+                heartbeat.lost.notify_one();
+            }
+            heartbeat.seen.store(
+                heartbeat.seen.load(Ordering::SeqCst).max(sent),
+                Ordering::SeqCst,
+            );
+            if pinged {
+                heartbeat.sent.store(sent + 1, Ordering::SeqCst);
+            }
+            let _ = tokio::time::timeout(limit, cache.outbox_sweep(&outbox)).await;
         }
     }
 
@@ -220,13 +290,13 @@ mod outbox {
         /// Rows were committed and those the notices carried are applied here: apply the
         /// others (read first), and deliver all of them to Redis once.
         async fn outbox_notified(&self, outbox: &Outbox, notices: Vec<sql::Notice>) {
-            let ids: Vec<i64> = notices.iter().map(sql::Notice::id).collect();
+            let ids: Vec<i64> = notices.iter().filter_map(sql::Notice::id).collect();
             let mut rows = Vec::new();
             let unread: Vec<i64> = notices
                 .iter()
                 .filter_map(|n| match n {
                     sql::Notice::Id(id) => Some(*id),
-                    sql::Notice::Row(_) => None,
+                    _ => None,
                 })
                 .collect();
             if !unread.is_empty() {
@@ -263,7 +333,10 @@ mod outbox {
         }
 
         async fn outbox_sweep(&self, outbox: &Outbox) {
-            if self.is_remote() {
+            if self.inner.store.is_none() {
+                // A pass-through cache holds nothing and delivers nothing; expiring rows here
+                // could remove ones Redis-backed processes still owe.
+            } else if self.is_remote() {
                 while self.deliver(outbox, None).await {}
             } else if let Err(e) = outbox.expire().await {
                 tracing::warn!(error = %e, "cached-query: cannot expire outbox rows");
@@ -357,10 +430,7 @@ mod outbox {
 impl Cache {
     /// Records `tags` (and the generation) as owed to Redis and makes sure they are retried.
     pub(super) fn defer(&self, tags: &[String], generation: bool) {
-        self.inner.pending.defer(|p| {
-            p.tags.extend(tags.iter().cloned());
-            p.generation |= generation;
-        });
+        self.inner.pending.defer(tags, generation);
         self.retry_pending_in_background();
     }
 }

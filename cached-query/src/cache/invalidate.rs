@@ -35,20 +35,9 @@ where
     let Some(cache) = cache else {
         return When::AfterBody;
     };
-    #[cfg(feature = "postgres")]
-    if cache.inner.outbox.is_some()
-        && let Some(pg) = (conn as &mut dyn std::any::Any).downcast_mut::<sqlx::PgConnection>()
-    {
-        match crate::outbox::record(pg, tags, None).await {
-            Ok(()) => return When::OnCommit,
-            Err(e) => tracing::error!(
-                error = %e,
-                "cached-query: #[invalidates] could not record its invalidation in the transaction; \
-                 it is sent before the commit instead"
-            ),
-        }
+    if cache.record_in(conn, tags).await {
+        return When::OnCommit;
     }
-    let _ = (cache, tags);
     When::BeforeCommit
 }
 
@@ -228,21 +217,29 @@ impl Cache {
         committed.map_err(Error::Commit)
     }
 
-    /// Records `tags` in the transaction on `conn` when the outbox can (PostgreSQL).
+    /// Records `tags` in the transaction on `conn` when the outbox can (PostgreSQL). A failure
+    /// leaves the transaction intact (the record function catches its own errors) and is
+    /// logged: the caller then invalidates without the outbox.
     async fn record_in<C: sqlx::Connection + 'static>(
         &self,
         conn: &mut C,
         tags: &[String],
     ) -> bool {
         #[cfg(feature = "postgres")]
-        if self.inner.outbox.is_some()
+        if let Some(outbox) = &self.inner.outbox
             && !tags.is_empty()
             && let Some(pg) = (conn as &mut dyn std::any::Any).downcast_mut::<sqlx::PgConnection>()
         {
-            return match crate::outbox::record(pg, tags, None).await {
-                Ok(()) => true,
+            return match outbox.record(pg, tags, None).await {
+                Ok(true) => true,
+                Ok(false) => {
+                    tracing::error!(
+                        "cached-query: the outbox did not record an invalidation (see the PostgreSQL log); it is sent without the outbox"
+                    );
+                    false
+                }
                 Err(e) => {
-                    tracing::warn!(error = %e, "cached-query: could not record the invalidation in the transaction");
+                    tracing::error!(error = %e, "cached-query: could not record an invalidation in the transaction; it is sent without the outbox");
                     false
                 }
             };
@@ -269,8 +266,19 @@ impl Cache {
             && publish
             && (!store.is_remote() || result.is_err())
         {
-            let clear = owed.generation.then(|| self.namespace());
-            if let Err(e) = outbox.publish(owed.tags, clear).await {
+            // In a task of its own: a caller cancelled meanwhile (a request timeout) must not
+            // leave the other processes uninformed.
+            let (outbox, tags) = (outbox.clone(), owed.tags.to_vec());
+            let clear = owed.generation.then(|| self.namespace().to_owned());
+            let published =
+                tokio::spawn(async move { outbox.publish(&tags, clear.as_deref()).await })
+                    .await
+                    .unwrap_or_else(|e| {
+                        Err(sqlx::Error::Protocol(format!(
+                            "the publishing task failed: {e}"
+                        )))
+                    });
+            if let Err(e) = published {
                 tracing::warn!(error = %e, "cached-query: could not publish an invalidation to the outbox");
                 if result.is_ok() {
                     return Err(Error::outbox("publishing the invalidation", e));
@@ -376,21 +384,21 @@ impl Cache {
         let Some(_guard) = pending.lock_delivery(wait).await else {
             return Err(StoreError::PendingBusy);
         };
-        let (tags, generation) = pending.snapshot();
-        if tags.is_empty() && !generation {
+        let sent = pending.snapshot();
+        if sent.is_empty() {
             return Ok(());
         }
-        let mut keys: Vec<StampKey> = tags.iter().map(|t| self.tag_stamp(t, None)).collect();
-        if generation {
+        let mut keys: Vec<StampKey> = sent.tags().map(|t| self.tag_stamp(t, None)).collect();
+        if sent.generation() {
             keys.push(self.generation_stamp());
         }
         let result = self.bump(store, &keys).await;
         self.forget_near(&keys);
         result?;
-        pending.delivered(&tags, generation);
+        pending.delivered(&sent);
         tracing::info!(
-            tags = tags.len(),
-            generation,
+            tags = keys.len() - usize::from(sent.generation()),
+            generation = sent.generation(),
             "cached-query: delivered pending invalidations"
         );
         Ok(())
@@ -427,9 +435,18 @@ impl Cache {
         if tags.is_empty() {
             return Ok(());
         }
-        crate::outbox::record(conn, &tags, None)
-            .await
-            .map_err(|e| Error::outbox("recording the invalidation in the transaction", e))
+        let outbox = self.inner.outbox.as_ref().expect("checked above");
+        match outbox.record(conn, &tags, None).await {
+            Ok(true) => Ok(()),
+            Ok(false) => Err(Error::outbox(
+                "recording the invalidation in the transaction (the transaction is intact; see the PostgreSQL log)",
+                "the outbox record function failed",
+            )),
+            Err(e) => Err(Error::outbox(
+                "recording the invalidation in the transaction",
+                e,
+            )),
+        }
     }
 
     /// Makes any INSERT, UPDATE, DELETE or TRUNCATE of `table`, by any client (psql,
@@ -445,7 +462,7 @@ impl Cache {
                 operation: "watch_table",
             });
         };
-        crate::outbox::watch::install(&outbox.pool, table, tags).await
+        crate::outbox::watch::install(outbox, table, tags).await
     }
 
     /// Removes what [`watch_table`](Self::watch_table) installed on `table` (nothing if it
@@ -456,6 +473,6 @@ impl Cache {
                 operation: "unwatch_table",
             });
         };
-        crate::outbox::watch::uninstall(&outbox.pool, table).await
+        crate::outbox::watch::uninstall(outbox, table).await
     }
 }

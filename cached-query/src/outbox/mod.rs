@@ -24,18 +24,30 @@ pub(crate) const ALL_NAMESPACES: &str = "*";
 /// Rows claimed per statement by a sweep.
 const SWEEP_BATCH: i64 = 500;
 
-/// Creates the table, its notify trigger and function if missing. Serialised by an advisory
-/// lock, so processes starting together do not race on `CREATE … IF NOT EXISTS`.
+/// Marks the installed objects' version (a comment on the record function): processes find
+/// it current and run no DDL, so roles that do not own the objects can use them.
+const SCHEMA_VERSION: &str = "cached-query outbox 2";
+
+/// Creates (or upgrades) the table, its notify trigger, and the record function, in the
+/// schema `{schema}` (the outbox pool's current schema). Serialised by an advisory lock, so
+/// processes starting together do not race on `CREATE … IF NOT EXISTS`.
+///
+/// `cached_query_record` is what writers call inside their transactions: schema-qualified,
+/// `SECURITY DEFINER` with a fixed `search_path` (so the writer's `search_path` and grants do
+/// not matter), and catching its own errors (so a failure can never abort, and thereby
+/// silently roll back, the writer's transaction).
 const SCHEMA: &str = r#"
 BEGIN;
 SELECT pg_advisory_xact_lock(7421030571094261);
-CREATE TABLE IF NOT EXISTS cached_query_outbox (
+CREATE TABLE IF NOT EXISTS {schema}.cached_query_outbox (
     id BIGSERIAL PRIMARY KEY,
     tags TEXT[] NOT NULL DEFAULT '{}',
     clear_namespace TEXT,
     created_at TIMESTAMPTZ NOT NULL DEFAULT clock_timestamp()
 );
-CREATE OR REPLACE FUNCTION cached_query_outbox_notify() RETURNS trigger
+CREATE INDEX IF NOT EXISTS cached_query_outbox_created_at
+    ON {schema}.cached_query_outbox (created_at);
+CREATE OR REPLACE FUNCTION {schema}.cached_query_outbox_notify() RETURNS trigger
 LANGUAGE plpgsql AS $$
 DECLARE payload TEXT := json_build_object(
     'id', NEW.id, 'tags', NEW.tags, 'clear', NEW.clear_namespace)::text;
@@ -46,19 +58,50 @@ BEGIN
     PERFORM pg_notify('cached_query_outbox', payload);
     RETURN NULL;
 END $$;
+CREATE OR REPLACE FUNCTION {schema}.cached_query_record(tags TEXT[], clear TEXT)
+RETURNS BOOLEAN LANGUAGE plpgsql SECURITY DEFINER SET search_path = {schema}, pg_temp AS $$
+BEGIN
+    INSERT INTO cached_query_outbox (tags, clear_namespace) VALUES (tags, clear);
+    RETURN true;
+EXCEPTION WHEN OTHERS THEN
+    RAISE WARNING 'cached-query: invalidation not recorded: %', SQLERRM;
+    RETURN false;
+END $$;
 DO $$
 BEGIN
     IF NOT EXISTS (
         SELECT 1 FROM pg_trigger
         WHERE tgname = 'cached_query_outbox_notify'
-          AND tgrelid = 'cached_query_outbox'::regclass
+          AND tgrelid = '{schema}.cached_query_outbox'::regclass
     ) THEN
-        CREATE TRIGGER cached_query_outbox_notify AFTER INSERT ON cached_query_outbox
-        FOR EACH ROW EXECUTE FUNCTION cached_query_outbox_notify();
+        CREATE TRIGGER cached_query_outbox_notify AFTER INSERT ON {schema}.cached_query_outbox
+        FOR EACH ROW EXECUTE FUNCTION {schema}.cached_query_outbox_notify();
     END IF;
 END $$;
+COMMENT ON FUNCTION {schema}.cached_query_record(TEXT[], TEXT) IS '{version}';
 COMMIT;
 "#;
+
+/// Runs a multi-statement DDL script on a connection of its own, which is closed instead of
+/// returned to the pool if the script fails (it would be left inside an aborted transaction).
+pub(crate) async fn run_script(pool: &PgPool, sql: String) -> Result<(), sqlx::Error> {
+    let mut conn = pool.acquire().await?;
+    match sqlx::raw_sql(sqlx::AssertSqlSafe(sql))
+        .execute(&mut *conn)
+        .await
+    {
+        Ok(_) => Ok(()),
+        Err(e) => {
+            let _ = sqlx::Connection::close(conn.detach()).await;
+            Err(e)
+        }
+    }
+}
+
+/// A quoted SQL identifier.
+pub(crate) fn ident(name: &str) -> String {
+    format!("\"{}\"", name.replace('"', "\"\""))
+}
 
 /// One recorded invalidation.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize)]
@@ -77,12 +120,33 @@ pub(crate) struct Row {
 pub(crate) enum Notice {
     Row(Row),
     Id(i64),
+    /// A listener's heartbeat ([`ping_payload`]), seen by every listener.
+    Ping {
+        from: String,
+        n: u64,
+    },
+}
+
+/// The payload of heartbeat `n` of the listener identified by `from`.
+pub(crate) fn ping_payload(from: &str, n: u64) -> String {
+    serde_json::json!({ "ping": from, "n": n }).to_string()
 }
 
 impl Notice {
     pub(crate) fn parse(payload: &str) -> Option<Notice> {
         if let Ok(id) = payload.parse::<i64>() {
             return Some(Notice::Id(id));
+        }
+        #[derive(serde::Deserialize)]
+        struct Ping {
+            ping: String,
+            n: u64,
+        }
+        if let Ok(p) = serde_json::from_str::<Ping>(payload) {
+            return Some(Notice::Ping {
+                from: p.ping,
+                n: p.n,
+            });
         }
         #[derive(serde::Deserialize)]
         struct Payload {
@@ -102,10 +166,11 @@ impl Notice {
         })
     }
 
-    pub(crate) fn id(&self) -> i64 {
+    pub(crate) fn id(&self) -> Option<i64> {
         match self {
-            Notice::Row(r) => r.id,
-            Notice::Id(id) => *id,
+            Notice::Row(r) => Some(r.id),
+            Notice::Id(id) => Some(*id),
+            Notice::Ping { .. } => None,
         }
     }
 }
@@ -118,6 +183,8 @@ pub(crate) struct Outbox {
     pub(crate) pool: PgPool,
     /// One connection, for the listener.
     pub(crate) listen_pool: PgPool,
+    /// Where the outbox's objects live (quoted): the outbox pool's current schema.
+    pub(crate) schema: String,
     /// How often undelivered rows are swept (and expired rows removed).
     pub(crate) sweep_interval: Duration,
     /// How long in-memory fleets keep delivered rows for listeners that lag behind.
@@ -127,7 +194,11 @@ pub(crate) struct Outbox {
 impl Outbox {
     /// An outbox on the database of `app_pool`, with connections of its own.
     pub(crate) fn new(app_pool: &PgPool, sweep_interval: Duration, retention: Duration) -> Self {
-        let options = (*app_pool.connect_options()).clone();
+        let options = (*app_pool.connect_options()).clone().options([
+            // A claimer frozen mid-claim (SIGSTOP, a partition) must not hold its rows longer.
+            ("idle_in_transaction_session_timeout", "10s"),
+            ("lock_timeout", "5s"),
+        ]);
         let pool = |n| {
             sqlx::postgres::PgPoolOptions::new()
                 .max_connections(n)
@@ -137,15 +208,47 @@ impl Outbox {
         Outbox {
             pool: pool(2),
             listen_pool: pool(1),
+            schema: String::new(),
             sweep_interval,
             retention,
         }
     }
 
-    /// Creates what the outbox needs in its database, if missing.
-    pub(crate) async fn create_schema(&self) -> Result<(), sqlx::Error> {
-        sqlx::raw_sql(SCHEMA).execute(&self.pool).await?;
-        Ok(())
+    /// Creates what the outbox needs in its database, unless the current version is there.
+    pub(crate) async fn create_schema(&mut self) -> Result<(), sqlx::Error> {
+        let schema: String = sqlx::query_scalar("SELECT current_schema()::text")
+            .fetch_one(&self.pool)
+            .await?;
+        self.schema = ident(&schema);
+        let installed: Option<String> =
+            sqlx::query_scalar("SELECT obj_description(to_regprocedure($1), 'pg_proc')")
+                .bind(format!("{}.cached_query_record(text[],text)", self.schema))
+                .fetch_one(&self.pool)
+                .await?;
+        if installed.as_deref() == Some(SCHEMA_VERSION) {
+            return Ok(());
+        }
+        let sql = SCHEMA
+            .replace("{schema}", &self.schema)
+            .replace("{version}", SCHEMA_VERSION);
+        run_script(&self.pool, sql).await
+    }
+
+    /// Records an invalidation on `conn`: inside its transaction if it has one (effective at
+    /// commit), else at once. One statement whatever the number of tags. `Ok(false)`: not
+    /// recorded, and the transaction is intact (the record function catches its errors).
+    pub(crate) async fn record(
+        &self,
+        conn: &mut PgConnection,
+        tags: &[String],
+        clear: Option<&str>,
+    ) -> Result<bool, sqlx::Error> {
+        let sql = format!("SELECT {}.cached_query_record($1, $2)", self.schema);
+        sqlx::query_scalar(sqlx::AssertSqlSafe(sql))
+            .bind(tags)
+            .bind(clear)
+            .fetch_one(conn)
+            .await
     }
 
     /// Publishes an invalidation at once (its own autocommitted statement).
@@ -155,7 +258,12 @@ impl Outbox {
         clear: Option<&str>,
     ) -> Result<(), sqlx::Error> {
         let mut conn = self.pool.acquire().await?;
-        record(&mut conn, tags, clear).await
+        match self.record(&mut conn, tags, clear).await? {
+            true => Ok(()),
+            false => Err(sqlx::Error::Protocol(
+                "the outbox record function failed (see the server log)".into(),
+            )),
+        }
     }
 
     /// The rows among `ids` that still exist.
@@ -198,6 +306,16 @@ impl Outbox {
         Ok((tx, rows))
     }
 
+    /// Sends a heartbeat through the notification channel.
+    pub(crate) async fn ping(&self, from: &str, n: u64) -> Result<(), sqlx::Error> {
+        sqlx::query("SELECT pg_notify($1, $2)")
+            .bind(CHANNEL)
+            .bind(ping_payload(from, n))
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
     /// Removes rows older than the retention period (in-memory fleets, where no delivery
     /// deletes them).
     pub(crate) async fn expire(&self) -> Result<u64, sqlx::Error> {
@@ -214,21 +332,6 @@ impl Outbox {
     pub(crate) fn batch_full(rows: &[Row]) -> bool {
         rows.len() as i64 >= SWEEP_BATCH
     }
-}
-
-/// Records an invalidation on `conn`: inside its transaction if it has one (effective at
-/// commit), else at once. One `INSERT` whatever the number of tags.
-pub(crate) async fn record(
-    conn: &mut PgConnection,
-    tags: &[String],
-    clear: Option<&str>,
-) -> Result<(), sqlx::Error> {
-    sqlx::query("INSERT INTO cached_query_outbox (tags, clear_namespace) VALUES ($1, $2)")
-        .bind(tags)
-        .bind(clear)
-        .execute(conn)
-        .await?;
-    Ok(())
 }
 
 fn row(r: &sqlx::postgres::PgRow) -> Result<Row, sqlx::Error> {

@@ -2,15 +2,34 @@
 //! DELETE or TRUNCATE of a table into one outbox row, with tags computed in SQL from the old
 //! and new rows (`"user:<id>"` → `'user:' || (r."id")::text`).
 
+use super::{Outbox, run_script};
 use crate::Error;
 use sqlx::PgPool;
 
+/// Column types whose PostgreSQL text form is what Rust's `Display` gives for the same value
+/// (integers, text, UUIDs, booleans). Others (timestamps, numerics, floats…) render by session
+/// settings or with another precision, and a tag that matches nothing is silent staleness.
+const TAG_TYPES: &[&str] = &[
+    "smallint",
+    "integer",
+    "bigint",
+    "text",
+    "character varying",
+    "uuid",
+    "boolean",
+];
+
+/// Above this many distinct tags, one statement clears every namespace instead (a backfill
+/// must not make an outbox row too large to deliver).
+const MAX_TAGS: usize = 10_000;
+
 /// Checks `templates` against the columns of `table` and installs (or replaces) its
 /// triggers, under the outbox's advisory lock.
-pub(crate) async fn install(pool: &PgPool, table: &str, templates: &[&str]) -> Result<(), Error> {
+pub(crate) async fn install(outbox: &Outbox, table: &str, templates: &[&str]) -> Result<(), Error> {
+    let pool = &outbox.pool;
     let oid = resolve(pool, table).await?;
-    let columns: Vec<String> = sqlx::query_scalar(
-        "SELECT attname::text FROM pg_attribute
+    let columns: Vec<(String, String)> = sqlx::query_as(
+        "SELECT attname::text, format_type(atttypid, NULL) FROM pg_attribute
          WHERE attrelid = $1 AND attnum > 0 AND NOT attisdropped ORDER BY attnum",
     )
     .bind(oid)
@@ -24,13 +43,21 @@ pub(crate) async fn install(pool: &PgPool, table: &str, templates: &[&str]) -> R
     for t in templates {
         tags.push(compile(t, &columns).map_err(|p| watch_error(table, &p))?);
     }
-    let function = function_name(oid);
+    let tags = tags.join(", ");
+    let schema = &outbox.schema;
+    let function = format!("{schema}.{}", function_name(oid));
+    // A dollar quote that no template can end early.
+    let mut quote = "$cq$".to_owned();
+    while tags.contains(&quote) {
+        quote.insert(quote.len() - 1, 'x');
+    }
     let target = format!("{oid}::regclass");
     let sql = format!(
         r#"
 BEGIN;
 SELECT pg_advisory_xact_lock(7421030571094261);
-CREATE OR REPLACE FUNCTION {function}() RETURNS trigger LANGUAGE plpgsql AS $cq$
+CREATE OR REPLACE FUNCTION {function}() RETURNS trigger LANGUAGE plpgsql
+SECURITY DEFINER SET search_path = {schema}, pg_temp AS {quote}
 DECLARE t TEXT[];
 BEGIN
     IF TG_OP = 'TRUNCATE' THEN
@@ -48,12 +75,14 @@ BEGIN
         SELECT array_agg(DISTINCT x) INTO t
         FROM (SELECT unnest(ARRAY[{tags}]) AS x FROM old_rows r) s WHERE x IS NOT NULL;
     END IF;
-    IF t IS NOT NULL THEN
+    IF cardinality(t) > {MAX_TAGS} THEN
+        INSERT INTO cached_query_outbox (clear_namespace) VALUES ('*');
+    ELSIF t IS NOT NULL THEN
         INSERT INTO cached_query_outbox (tags) VALUES (t);
     END IF;
     RETURN NULL;
-END $cq$;
-DO $cq$
+END {quote};
+DO $cq_do$
 DECLARE target regclass := {target};
 BEGIN
     EXECUTE format('DROP TRIGGER IF EXISTS cached_query_watch_ins ON %s', target);
@@ -69,43 +98,39 @@ BEGIN
         REFERENCING OLD TABLE AS old_rows FOR EACH STATEMENT EXECUTE FUNCTION {function}()', target);
     EXECUTE format('CREATE TRIGGER cached_query_watch_trunc AFTER TRUNCATE ON %s
         FOR EACH STATEMENT EXECUTE FUNCTION {function}()', target);
-END $cq$;
+END $cq_do$;
 COMMIT;
-"#,
-        tags = tags.join(", "),
+"#
     );
-    sqlx::raw_sql(sqlx::AssertSqlSafe(sql))
-        .execute(pool)
+    run_script(pool, sql)
         .await
-        .map_err(|e| Error::outbox("installing the table's triggers", e))?;
-    Ok(())
+        .map_err(|e| Error::outbox("installing the table's triggers", e))
 }
 
 /// Removes what [`install`] created on `table`, if anything.
-pub(crate) async fn uninstall(pool: &PgPool, table: &str) -> Result<(), Error> {
+pub(crate) async fn uninstall(outbox: &Outbox, table: &str) -> Result<(), Error> {
+    let pool = &outbox.pool;
     let oid = resolve(pool, table).await?;
-    let function = function_name(oid);
+    let function = format!("{}.{}", outbox.schema, function_name(oid));
     let sql = format!(
         r#"
 BEGIN;
 SELECT pg_advisory_xact_lock(7421030571094261);
-DO $cq$
+DO $cq_do$
 DECLARE target regclass := {oid}::regclass;
 BEGIN
     EXECUTE format('DROP TRIGGER IF EXISTS cached_query_watch_ins ON %s', target);
     EXECUTE format('DROP TRIGGER IF EXISTS cached_query_watch_upd ON %s', target);
     EXECUTE format('DROP TRIGGER IF EXISTS cached_query_watch_del ON %s', target);
     EXECUTE format('DROP TRIGGER IF EXISTS cached_query_watch_trunc ON %s', target);
-END $cq$;
+END $cq_do$;
 DROP FUNCTION IF EXISTS {function}();
 COMMIT;
 "#
     );
-    sqlx::raw_sql(sqlx::AssertSqlSafe(sql))
-        .execute(pool)
+    run_script(pool, sql)
         .await
-        .map_err(|e| Error::outbox("removing the table's triggers", e))?;
-    Ok(())
+        .map_err(|e| Error::outbox("removing the table's triggers", e))
 }
 
 /// The table's oid, resolved with the pool's `search_path` (`"schema.table"` also works).
@@ -130,8 +155,8 @@ fn watch_error(table: &str, problem: &str) -> Error {
 }
 
 /// `"user:<id>"` as a SQL expression over a row `r`: literal parts quoted, each `<column>`
-/// as its text form. A NULL column makes the whole tag NULL (no tag).
-fn compile(template: &str, columns: &[String]) -> Result<String, String> {
+/// as its text form. A NULL column makes the whole tag NULL (no tag). `columns`: name, type.
+fn compile(template: &str, columns: &[(String, String)]) -> Result<String, String> {
     let mut parts = Vec::new();
     let mut rest = template;
     while let Some(open) = rest.find('<') {
@@ -143,13 +168,21 @@ fn compile(template: &str, columns: &[String]) -> Result<String, String> {
             return Err(format!("template {template:?}: `<` without a closing `>`"));
         };
         let column = &after[..close];
-        if !columns.iter().any(|c| c == column) {
+        let Some((_, ty)) = columns.iter().find(|(c, _)| c == column) else {
+            let names: Vec<&str> = columns.iter().map(|(c, _)| c.as_str()).collect();
             return Err(format!(
                 "template {template:?}: no column `{column}` (columns: {})",
-                columns.join(", ")
+                names.join(", ")
+            ));
+        };
+        if !TAG_TYPES.contains(&ty.as_str()) {
+            return Err(format!(
+                "template {template:?}: column `{column}` is {ty}, whose text form may differ \
+                 from the tag the application computes; tag by {}",
+                TAG_TYPES.join(", ")
             ));
         }
-        parts.push(format!("(r.\"{}\")::text", column.replace('"', "\"\"")));
+        parts.push(format!("(r.{})::text", super::ident(column)));
         rest = &after[close + 1..];
     }
     if !rest.is_empty() {
@@ -170,8 +203,16 @@ fn literal(s: &str) -> String {
 mod tests {
     use super::*;
 
-    fn cols() -> Vec<String> {
-        vec!["id".into(), "org_id".into(), "Weird\"Name".into()]
+    fn cols() -> Vec<(String, String)> {
+        [
+            ("id", "bigint"),
+            ("org_id", "integer"),
+            ("Weird\"Name", "text"),
+            ("at", "timestamp with time zone"),
+        ]
+        .iter()
+        .map(|(c, t)| ((*c).to_owned(), (*t).to_owned()))
+        .collect()
     }
 
     #[test]
@@ -204,5 +245,7 @@ mod tests {
                 .contains("without a closing")
         );
         assert!(compile("", &cols()).unwrap_err().contains("empty"));
+        let e = compile("ev:<at>", &cols()).unwrap_err();
+        assert!(e.contains("`at` is timestamp with time zone"), "{e}");
     }
 }

@@ -65,6 +65,12 @@ async fn rename_in_transaction(tx: &mut sqlx::Transaction<'_, Postgres>, id: i64
 }
 
 #[invalidates("user:<id>")]
+async fn rename_by_alias(tx: &mut sqlx::PgTransaction<'_>, id: i64) -> Result<(), sqlx::Error> {
+    sqlx::query("UPDATE users SET name = 'x' WHERE id = $1").bind(id).execute(&mut **tx).await?;
+    Ok(())
+}
+
+#[invalidates("user:<id>")]
 async fn rename_on_connection(conn: &mut PgConnection, id: i64) -> Result<(), sqlx::Error> {
     sqlx::query("UPDATE users SET name = 'x' WHERE id = $1").bind(id).execute(conn).await?;
     Ok(())
@@ -144,7 +150,7 @@ fn main() {
     assert_handle::<Cache>();
     assert_error::<cached_query::Error>();
     let _ = (generic_executor::<&PgPool>, on_connection::<&PgPool>, on_pool_connection);
-    let _ = (rename_in_transaction, rename_on_connection);
+    let _ = (rename_in_transaction, rename_by_alias, rename_on_connection);
     let _ = async |pool: &PgPool| rename_with_executor(pool, 1).await;
     let _ = Service::uses;
 }
