@@ -334,23 +334,27 @@ mod outbox {
 
         async fn outbox_sweep(&self, outbox: &Outbox) {
             if self.inner.store.is_none() {
-                // A pass-through cache holds nothing and delivers nothing; expiring rows here
-                // could remove ones Redis-backed processes still owe.
-            } else if self.is_remote() {
+                return; // a pass-through cache holds nothing and delivers nothing
+            }
+            if self.is_remote() {
+                if let Err(e) = outbox.register(self.namespace()).await {
+                    tracing::warn!(error = %e, "cached-query: cannot register with the outbox");
+                }
                 while self.deliver(outbox, None).await {}
-            } else if let Err(e) = outbox.expire().await {
+            }
+            if let Err(e) = outbox.expire().await {
                 tracing::warn!(error = %e, "cached-query: cannot expire outbox rows");
             }
         }
 
-        /// Claims rows (`ids`, or the oldest for a sweep), bumps them in Redis and deletes
-        /// them; on failure they stay in the table and pending here. Returns whether a
-        /// full batch was delivered (a sweep goes on).
+        /// Claims rows for this namespace (`ids`, or the oldest for a sweep), bumps them in
+        /// Redis and marks them delivered; on failure they stay undelivered in the table and
+        /// pending here. Returns whether a full batch was delivered (a sweep goes on).
         async fn deliver(&self, outbox: &Outbox, ids: Option<&[i64]>) -> bool {
             let Some(store) = &self.inner.store else {
                 return false;
             };
-            let (tx, rows) = match outbox.claim(ids).await {
+            let (tx, rows) = match outbox.claim(self.namespace(), ids).await {
                 Ok(claimed) => claimed,
                 Err(e) => {
                     tracing::warn!(error = %e, "cached-query: cannot claim outbox rows");
@@ -365,9 +369,9 @@ mod outbox {
             match self.bump(store, &keys).await {
                 Ok(()) => {
                     self.forget_near(&keys);
-                    if let Err(e) = tx.commit().await {
+                    if let Err(e) = Outbox::delivered(tx, self.namespace(), &rows).await {
                         // Delivered; the rows come back and are delivered again (a spurious miss).
-                        tracing::warn!(error = %e, "cached-query: cannot delete delivered outbox rows");
+                        tracing::warn!(error = %e, "cached-query: cannot mark outbox rows delivered");
                     }
                     Outbox::batch_full(&rows)
                 }

@@ -5,10 +5,12 @@
 //! inserted inside the writer's transaction when there is one. A trigger on that table sends
 //! `NOTIFY cached_query_outbox` with the row as JSON (its id alone when over the payload
 //! limit), which PostgreSQL delivers at commit and never on rollback. Listening processes
-//! apply the rows notified; a Redis-backed process claims them
-//! (`FOR UPDATE SKIP LOCKED`), bumps the tags in Redis and deletes them in the same
-//! transaction, so a row is removed only once delivered. In-memory caches keep no shared
-//! state: every process applies every row, and rows expire after a retention period.
+//! apply the rows notified. Redis is told once per namespace: a Redis-backed process claims
+//! the rows its namespace has not delivered (an advisory lock per namespace and row), bumps
+//! the tags and adds its namespace to the rows' `delivered` in the same transaction. Such
+//! processes register their namespace in `cached_query_outbox_consumers`; a row is removed
+//! once every namespace seen within the last hour has delivered it and it is older than the
+//! retention period (which in-memory fleets, keeping no shared state, rely on alone).
 
 pub(crate) mod watch;
 
@@ -26,7 +28,7 @@ const SWEEP_BATCH: i64 = 500;
 
 /// Marks the installed objects' version (a comment on the record function): processes find
 /// it current and run no DDL, so roles that do not own the objects can use them.
-const SCHEMA_VERSION: &str = "cached-query outbox 2";
+const SCHEMA_VERSION: &str = "cached-query outbox 3";
 
 /// Creates (or upgrades) the table, its notify trigger, and the record function, in the
 /// schema `{schema}` (the outbox pool's current schema). Serialised by an advisory lock, so
@@ -44,6 +46,12 @@ CREATE TABLE IF NOT EXISTS {schema}.cached_query_outbox (
     tags TEXT[] NOT NULL DEFAULT '{}',
     clear_namespace TEXT,
     created_at TIMESTAMPTZ NOT NULL DEFAULT clock_timestamp()
+);
+ALTER TABLE {schema}.cached_query_outbox
+    ADD COLUMN IF NOT EXISTS delivered TEXT[] NOT NULL DEFAULT '{}';
+CREATE TABLE IF NOT EXISTS {schema}.cached_query_outbox_consumers (
+    namespace TEXT PRIMARY KEY,
+    last_seen TIMESTAMPTZ NOT NULL
 );
 CREATE INDEX IF NOT EXISTS cached_query_outbox_created_at
     ON {schema}.cached_query_outbox (created_at);
@@ -277,33 +285,67 @@ impl Outbox {
         rows.iter().map(row).collect()
     }
 
-    /// Locks and deletes `ids` (or, for a sweep, the oldest undelivered rows) in a
-    /// transaction that the caller commits once it has delivered them, or drops to put them
-    /// back. Rows another process holds are skipped.
+    /// Claims, for `namespace`, the rows among `ids` (or, for a sweep, the oldest) that it
+    /// has not delivered and no other process of it is delivering, in a transaction that the
+    /// caller passes to [`delivered`](Self::delivered) once Redis has them, or drops to put
+    /// them back.
     pub(crate) async fn claim(
         &self,
+        namespace: &str,
         ids: Option<&[i64]>,
     ) -> Result<(Transaction<'static, Postgres>, Vec<Row>), sqlx::Error> {
         let mut tx = self.pool.begin().await?;
+        let lock = "pg_try_advisory_xact_lock(hashtextextended($1 || '/' || id::text, 7421))";
         let query = match ids {
-            Some(ids) => sqlx::query(
-                "DELETE FROM cached_query_outbox WHERE id IN (
-                     SELECT id FROM cached_query_outbox WHERE id = ANY($1)
-                     FOR UPDATE SKIP LOCKED)
-                 RETURNING id, tags, clear_namespace",
-            )
+            Some(ids) => sqlx::query(sqlx::AssertSqlSafe(format!(
+                "SELECT id, tags, clear_namespace FROM cached_query_outbox
+                 WHERE id = ANY($2) AND NOT ($1 = ANY(delivered)) AND {lock}"
+            )))
+            .bind(namespace)
             .bind(ids),
-            None => sqlx::query(
-                "DELETE FROM cached_query_outbox WHERE id IN (
-                     SELECT id FROM cached_query_outbox ORDER BY id LIMIT $1
-                     FOR UPDATE SKIP LOCKED)
-                 RETURNING id, tags, clear_namespace",
-            )
+            None => sqlx::query(sqlx::AssertSqlSafe(format!(
+                "SELECT id, tags, clear_namespace FROM (
+                     SELECT id, tags, clear_namespace FROM cached_query_outbox
+                     WHERE NOT ($1 = ANY(delivered)) ORDER BY id LIMIT $2) o
+                 WHERE {lock}"
+            )))
+            .bind(namespace)
             .bind(SWEEP_BATCH),
         };
         let rows = query.fetch_all(&mut *tx).await?;
         let rows = rows.iter().map(row).collect::<Result<Vec<_>, _>>()?;
         Ok((tx, rows))
+    }
+
+    /// Marks claimed `rows` delivered for `namespace` and ends the claim.
+    pub(crate) async fn delivered(
+        mut tx: Transaction<'static, Postgres>,
+        namespace: &str,
+        rows: &[Row],
+    ) -> Result<(), sqlx::Error> {
+        let ids: Vec<i64> = rows.iter().map(|r| r.id).collect();
+        sqlx::query(
+            "UPDATE cached_query_outbox SET delivered = array_append(delivered, $1)
+             WHERE id = ANY($2) AND NOT ($1 = ANY(delivered))",
+        )
+        .bind(namespace)
+        .bind(&ids)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await
+    }
+
+    /// Registers `namespace` as one that Redis-backed processes deliver to (each sweep).
+    pub(crate) async fn register(&self, namespace: &str) -> Result<(), sqlx::Error> {
+        sqlx::query(
+            "INSERT INTO cached_query_outbox_consumers (namespace, last_seen)
+             VALUES ($1, clock_timestamp())
+             ON CONFLICT (namespace) DO UPDATE SET last_seen = excluded.last_seen",
+        )
+        .bind(namespace)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
     }
 
     /// Sends a heartbeat through the notification channel.
@@ -316,11 +358,15 @@ impl Outbox {
         Ok(())
     }
 
-    /// Removes rows older than the retention period (in-memory fleets, where no delivery
-    /// deletes them).
+    /// Removes rows older than the retention period that every namespace seen within the last
+    /// hour has delivered (in-memory fleets register none).
     pub(crate) async fn expire(&self) -> Result<u64, sqlx::Error> {
         let done = sqlx::query(
-            "DELETE FROM cached_query_outbox WHERE created_at < clock_timestamp() - $1::interval",
+            "DELETE FROM cached_query_outbox
+             WHERE created_at < clock_timestamp() - $1::interval
+               AND delivered @> (
+                   SELECT coalesce(array_agg(namespace), '{}') FROM cached_query_outbox_consumers
+                   WHERE last_seen > clock_timestamp() - interval '1 hour')",
         )
         .bind(format!("{} milliseconds", self.retention.as_millis()))
         .execute(&self.pool)
