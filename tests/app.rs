@@ -24,9 +24,11 @@ async fn start(pool: &PgPool, ns: &str, metrics: &PrometheusHandle) -> App {
     let cache = Cache::builder()
         .redis_config(redis.clone())
         .namespace(ns)
+        .outbox(pool.clone())
         .build()
         .await
         .unwrap();
+    server::watch(&cache).await.unwrap();
     let sessions = RedisSessionStore::new(&redis, ns).unwrap();
     let config = server::AppConfig {
         session_ttl: Duration::from_secs(600),
@@ -126,6 +128,27 @@ async fn the_example_app_end_to_end(pool: PgPool) {
     );
     let (_, user) = json_of(http.get(url("/users/1")).send().await.unwrap()).await;
     assert_eq!(user["name"], "Ada Lovelace");
+
+    // An edit made outside the application (psql, an admin tool): the watched table's trigger
+    // invalidates the cached profile within the documented bound (1 s).
+    sqlx::query("UPDATE users SET name = 'Ada King' WHERE id = 1")
+        .execute(&pool)
+        .await
+        .unwrap();
+    common::within(Duration::from_secs(1), "an outside edit", || async {
+        let (_, user) = json_of(http.get(url("/users/1")).send().await.unwrap()).await;
+        user["name"] == "Ada King"
+    })
+    .await;
+    sqlx::query("UPDATE users SET name = 'Ada Lovelace' WHERE id = 1")
+        .execute(&pool)
+        .await
+        .unwrap();
+    common::within(Duration::from_secs(1), "the edit undone", || async {
+        let (_, user) = json_of(http.get(url("/users/1")).send().await.unwrap()).await;
+        user["name"] == "Ada Lovelace"
+    })
+    .await;
 
     // Pagination and the last message in one query.
     let (status, page) = json_of(

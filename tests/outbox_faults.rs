@@ -7,7 +7,7 @@
 mod common;
 
 use cached_query::{Cache, Error, cached_query, invalidates};
-use common::{RedisServer, TcpProxy, redis_url, unique_ns, url_of, within};
+use common::{PgServer, RedisServer, TcpProxy, redis_url, unique_ns, url_of, within};
 use sqlx::{PgConnection, PgPool};
 use std::io::BufRead;
 use std::time::Duration;
@@ -333,6 +333,52 @@ async fn the_outbox_works_under_any_search_path(pool: PgPool) {
     a.commit_and_invalidate(tx, ["user:1"]).await.unwrap();
     assert!(committed(&pool, 1, "Tenant").await);
     within(AFTER_FAULT, "b", || reads(&pool, &b, 1, "Tenant")).await;
+}
+
+/// PostgreSQL crashes and restarts (`pg_ctl stop -m immediate`): every listener loses its
+/// connection, and a write committed before they reconnect sends its notice to nobody. Each
+/// process drops what it holds when it reconnects and catches up, in-memory and Redis alike.
+#[tokio::test]
+async fn a_postgres_restart_loses_no_invalidation() {
+    let pg = PgServer::start();
+    let pool = PgPool::connect(&pg.url()).await.unwrap();
+    schema(&pool).await;
+    let ns = unique_ns("pg-restart");
+    let memory = Cache::builder().outbox(pool.clone()).build().await.unwrap();
+    let redis = Cache::builder()
+        .redis(&redis_url())
+        .namespace(&ns)
+        .outbox(pool.clone())
+        .build()
+        .await
+        .unwrap();
+    for cache in [&memory, &redis] {
+        assert!(reads(&pool, cache, 1, "Ada").await);
+        assert!(reads(&pool, cache, 1, "Ada").await);
+    }
+    pg.restart();
+    // Written by another client as soon as the server accepts connections again, before the
+    // listeners can reconnect: `psql` runs while this test's runtime (one thread) is blocked,
+    // so the notice goes to nobody. It records the invalidation as any service can.
+    let out = std::process::Command::new("psql")
+        .args(["-X", "-q", "-v", "ON_ERROR_STOP=1", &pg.url(), "-c"])
+        .arg(
+            "BEGIN; UPDATE users SET name = 'After restart' WHERE id = 1;
+             SELECT cached_query_record(ARRAY['user:1'], NULL); COMMIT;",
+        )
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for cache in [&memory, &redis] {
+        within(AFTER_FAULT, "after the restart", || {
+            reads(&pool, cache, 1, "After restart")
+        })
+        .await;
+    }
 }
 
 /// A writer process commits (its invalidation recorded in the transaction) while Redis is

@@ -5,7 +5,7 @@
 
 mod server;
 
-use cached_query::{Cache, DbConfig, RedisConfig, RedisSessionStore};
+use cached_query::{CacheBuilder, DbConfig, RedisConfig, RedisSessionStore};
 use metrics_exporter_prometheus::PrometheusBuilder;
 use std::time::Duration;
 
@@ -20,7 +20,13 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let pool = DbConfig::from_env()?.connect_postgres().await?;
     server::migrate(&pool).await?;
     seed(&pool).await?;
-    let cache = Cache::from_env().await?;
+    // Invalidation through PostgreSQL: recorded in each write's transaction, and writes by any
+    // other client (psql, migrations, other services) to the watched tables reach the cache.
+    let cache = CacheBuilder::from_env()?
+        .outbox(pool.clone())
+        .build()
+        .await?;
+    server::watch(&cache).await?;
     let sessions = RedisSessionStore::new(&RedisConfig::from_env()?, cache.namespace())?;
     let env = |name: &str| std::env::var(name).ok().filter(|v| !v.is_empty());
     let config = server::AppConfig {

@@ -32,6 +32,14 @@ struct AppState {
     metrics: PrometheusHandle,
 }
 
+/// The tables whose writes by anyone invalidate the cache: the tags each row carries.
+pub async fn watch(cache: &Cache) -> Result<(), cached_query::Error> {
+    cache.watch_table("users", &["user:<id>"]).await?;
+    cache
+        .watch_table("conversations", &["conversations:<user_id>"])
+        .await
+}
+
 pub async fn migrate(pool: &PgPool) -> Result<(), sqlx::migrate::MigrateError> {
     sqlx::migrate!("examples/app/migrations").run(pool).await
 }
@@ -219,7 +227,8 @@ async fn put_user(
     if updated.rows_affected() == 0 {
         return Err(ApiError::not_found("user"));
     }
-    // Commit first, then invalidate: a concurrent read cannot re-cache the old row.
+    // Recorded in the transaction (outbox), bumped after the commit before we answer: the
+    // response below reads the new row, and a crash right after COMMIT loses nothing.
     if let Err(e) = s
         .cache
         .commit_and_invalidate(tx, [format!("user:{id}")])

@@ -401,6 +401,12 @@ impl CacheBuilder {
         Ok(Cache::new(Some(store), Some(near), self.settings()))
     }
 
+    /// A builder configured from the process environment, as [`Cache::from_env`] reads it,
+    /// to add what variables cannot say (an [`outbox`](Self::outbox) pool) before building.
+    pub fn from_env() -> Result<CacheBuilder, Error> {
+        Self::from_lookup(|name| std::env::var(name).ok())
+    }
+
     /// A builder from environment variables: [`RedisConfig::from_lookup`]'s, plus
     /// `CACHE_NAMESPACE`, `CACHE_DEFAULT_TTL`, `CACHE_NEAR_CAPACITY` and `CACHE_ENABLED`.
     pub(crate) fn from_lookup<F>(lookup: F) -> Result<CacheBuilder, Error>
