@@ -619,3 +619,20 @@ async fn no_stale_reads_across_processes_redis(pool: PgPool) {
     let b = redis(&pool, &ns).near_cache(1000).build().await.unwrap();
     no_stale_reads_across_processes(pool, a, b).await;
 }
+
+/// The outbox's objects are checked at every build: a table dropped under a surviving
+/// function (a restore, a cleanup script) is created again instead of failing every record.
+#[sqlx::test]
+async fn a_dropped_outbox_table_is_created_again(pool: PgPool) {
+    schema(&pool).await;
+    drop(memory(&pool).build().await.unwrap());
+    sqlx::raw_sql("DROP TABLE cached_query_outbox")
+        .execute(&pool)
+        .await
+        .unwrap();
+    let a = memory(&pool).build().await.unwrap();
+    let mut tx = pool.begin().await.unwrap();
+    a.invalidate_on_commit(&mut tx, ["user:1"]).await.unwrap();
+    tx.commit().await.unwrap();
+    assert_eq!(outbox_rows(&pool).await, 1);
+}

@@ -228,12 +228,19 @@ impl Outbox {
             .fetch_one(&self.pool)
             .await?;
         self.schema = ident(&schema);
-        let installed: Option<String> =
-            sqlx::query_scalar("SELECT obj_description(to_regprocedure($1), 'pg_proc')")
-                .bind(format!("{}.cached_query_record(text[],text)", self.schema))
-                .fetch_one(&self.pool)
-                .await?;
-        if installed.as_deref() == Some(SCHEMA_VERSION) {
+        // Current when the record function carries this version and both tables exist (a
+        // dropped table under a surviving function must be recreated).
+        let current: Option<bool> = sqlx::query_scalar(
+            "SELECT obj_description(to_regprocedure($1), 'pg_proc') = $2
+                AND to_regclass($3) IS NOT NULL AND to_regclass($4) IS NOT NULL",
+        )
+        .bind(format!("{}.cached_query_record(text[],text)", self.schema))
+        .bind(SCHEMA_VERSION)
+        .bind(format!("{}.cached_query_outbox", self.schema))
+        .bind(format!("{}.cached_query_outbox_consumers", self.schema))
+        .fetch_one(&self.pool)
+        .await?;
+        if current == Some(true) {
             return Ok(());
         }
         let sql = SCHEMA
