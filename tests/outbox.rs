@@ -636,3 +636,127 @@ async fn a_dropped_outbox_table_is_created_again(pool: PgPool) {
     tx.commit().await.unwrap();
     assert_eq!(outbox_rows(&pool).await, 1);
 }
+
+/// The stale-set stress with two real processes: a child process writes (through
+/// `#[invalidates]` in transactions, and raw SQL on a watched table) with its own in-memory
+/// cache, printing when each commit returned; this process reads through its own in-memory
+/// cache. No read may lag more than the bound behind a commit that returned before it began.
+#[sqlx::test]
+async fn no_stale_reads_across_two_real_processes(pool: PgPool) {
+    use std::io::BufRead;
+    use std::time::SystemTime;
+    sqlx::raw_sql(
+        "CREATE TABLE tx_counter (id INT PRIMARY KEY, value BIGINT NOT NULL);
+         CREATE TABLE raw_counter (id INT PRIMARY KEY, value BIGINT NOT NULL);
+         INSERT INTO tx_counter VALUES (1, 0); INSERT INTO raw_counter VALUES (1, 0);",
+    )
+    .execute(&pool)
+    .await
+    .unwrap();
+    let reader = memory(&pool).build().await.unwrap();
+    reader
+        .watch_table("raw_counter", &["raw_counter:<id>"])
+        .await
+        .unwrap();
+    let mut child = std::process::Command::new(std::env::current_exe().unwrap())
+        .args([
+            "stress_writer_process",
+            "--exact",
+            "--ignored",
+            "--nocapture",
+        ])
+        .env("CQ_STRESS_DATABASE", common::url_of(&pool, None))
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stdout = std::io::BufReader::new(child.stdout.take().unwrap());
+    // (counter, value, when its commit returned), as the child prints them.
+    let commits = tokio::task::spawn_blocking(move || {
+        let mut commits = Vec::new();
+        for line in stdout.lines().map_while(Result::ok) {
+            let parts: Vec<&str> = line.split_whitespace().collect();
+            if let ["commit", which, v, nanos] = parts[..] {
+                let at = SystemTime::UNIX_EPOCH + Duration::from_nanos(nanos.parse().unwrap());
+                commits.push((which.to_owned(), v.parse::<i64>().unwrap(), at));
+            }
+        }
+        commits
+    });
+    let mut reads = Vec::new();
+    while !commits.is_finished() {
+        for which in ["tx", "raw"] {
+            let start = SystemTime::now();
+            let seen = match which {
+                "tx" => tx_counter(&pool, &reader).await.unwrap(),
+                _ => raw_counter(&pool, &reader, 1).await.unwrap(),
+            };
+            reads.push((which, seen, start));
+        }
+        tokio::task::yield_now().await;
+    }
+    let commits = commits.await.unwrap();
+    assert!(
+        child.wait().unwrap().success(),
+        "the writer process succeeded"
+    );
+    assert!(
+        commits.len() > 100,
+        "the writer committed: {}",
+        commits.len()
+    );
+    let mut lags: Vec<Duration> = reads
+        .iter()
+        .map(|(which, seen, start)| {
+            commits
+                .iter()
+                .filter(|(w, v, at)| w == which && v > seen && at <= start)
+                .map(|(_, _, at)| start.duration_since(*at).unwrap())
+                .max()
+                .unwrap_or_default()
+        })
+        .collect();
+    let worst = *lags.iter().max().unwrap();
+    let (p50, p99) = percentiles(&mut lags);
+    println!(
+        "two processes: {} reads during {} commits; lag p50 {p50:?}, p99 {p99:?}, worst {worst:?}",
+        lags.len(),
+        commits.len()
+    );
+    assert!(
+        worst <= AFTER_COMMIT,
+        "a read lagged {worst:?} behind a returned commit"
+    );
+    assert!(reader.stats().hits > 0);
+}
+
+/// The writer of [`no_stale_reads_across_two_real_processes`], run as a child process.
+#[tokio::test]
+#[ignore = "run as a child process by no_stale_reads_across_two_real_processes"]
+async fn stress_writer_process() {
+    let Ok(db) = std::env::var("CQ_STRESS_DATABASE") else {
+        return;
+    };
+    let pool = PgPool::connect(&db).await.unwrap();
+    let cache = memory(&pool).build().await.unwrap();
+    let nanos = || {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos()
+    };
+    let start = std::time::Instant::now();
+    while start.elapsed() < Duration::from_millis(2000) {
+        let mut tx = pool.begin().await.unwrap();
+        let v = bump_tx_counter(&mut tx, &cache).await.unwrap();
+        tx.commit().await.unwrap();
+        println!("commit tx {v} {}", nanos());
+        let v: i64 = sqlx::query_scalar(
+            "UPDATE raw_counter SET value = value + 1 WHERE id = 1 RETURNING value",
+        )
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+        println!("commit raw {v} {}", nanos());
+    }
+    println!("writer: done");
+}
