@@ -760,3 +760,90 @@ async fn stress_writer_process() {
     }
     println!("writer: done");
 }
+
+/// A clear published by a cache of another namespace changes nothing here: it is marked
+/// delivered without a Redis round trip, and leaves nothing pending (the near cache keeps
+/// serving).
+#[sqlx::test]
+async fn another_namespaces_clear_is_delivered_as_nothing(pool: PgPool) {
+    schema(&pool).await;
+    let y = redis(&pool, &unique_ns("y"))
+        .near_cache(100)
+        .build()
+        .await
+        .unwrap();
+    let x = memory(&pool)
+        .namespace(&unique_ns("x"))
+        .build()
+        .await
+        .unwrap();
+    assert!(reads(&pool, &y, 1, "Ada").await);
+    x.clear().await.unwrap();
+    let ns = y.namespace().to_owned();
+    within(AFTER_COMMIT, "y marks x's clear delivered", || async {
+        undelivered(&pool, &ns).await == 0
+    })
+    .await;
+    assert!(reads(&pool, &y, 1, "Ada").await);
+    assert!(reads(&pool, &y, 1, "Ada").await);
+    assert!(y.stats().near_hits > 0, "{:?}", y.stats());
+    assert_eq!(y.stats().errors, 0);
+}
+
+/// Rows written by hand with NULL tags or odd arrays are normalised, never a batch failure.
+#[sqlx::test]
+async fn malformed_rows_do_not_block_delivery(pool: PgPool) {
+    schema(&pool).await;
+    let ns = unique_ns("malformed");
+    let a = redis(&pool, &ns).build().await.unwrap();
+    assert!(reads(&pool, &a, 1, "Ada").await);
+    sqlx::raw_sql(
+        "SELECT cached_query_record(ARRAY['x', NULL], NULL);
+         SELECT cached_query_record('[0:1]={a,b}'::text[], NULL);
+         SELECT cached_query_record(ARRAY[['a','b'],['c','d']], NULL);
+         INSERT INTO cached_query_outbox (tags) VALUES (ARRAY['y', NULL]);
+         UPDATE users SET name = 'Ada N' WHERE id = 1;
+         SELECT cached_query_record(ARRAY['user:1'], NULL);",
+    )
+    .execute(&pool)
+    .await
+    .unwrap();
+    within(AFTER_COMMIT, "delivered past the odd rows", || {
+        reads(&pool, &a, 1, "Ada N")
+    })
+    .await;
+    within(AFTER_COMMIT, "every row delivered", || async {
+        undelivered(&pool, &ns).await == 0
+    })
+    .await;
+}
+
+/// The first process of a namespace new to the outbox (or one forgotten after an hour away)
+/// cannot know which rows it missed: it clears its Redis entries once before serving.
+#[sqlx::test]
+async fn a_namespace_new_to_the_outbox_starts_clean(pool: PgPool) {
+    schema(&pool).await;
+    let ns = unique_ns("new-ns");
+    let before = Cache::builder()
+        .redis(&redis_url())
+        .namespace(&ns)
+        .build()
+        .await
+        .unwrap();
+    assert!(reads(&pool, &before, 1, "Ada").await);
+    sqlx::query("UPDATE users SET name = 'Ada X' WHERE id = 1")
+        .execute(&pool)
+        .await
+        .unwrap();
+    let joined = redis(&pool, &ns).build().await.unwrap();
+    assert!(reads(&pool, &joined, 1, "Ada X").await);
+    // Registered now: a second process of it does not clear again.
+    assert!(reads(&pool, &joined, 1, "Ada X").await);
+    let second = redis(&pool, &ns).build().await.unwrap();
+    assert!(reads(&pool, &second, 1, "Ada X").await);
+    assert_eq!(
+        second.stats().hits,
+        1,
+        "still cached after the second process started"
+    );
+}

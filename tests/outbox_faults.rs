@@ -474,3 +474,49 @@ async fn writer_process() {
     println!("writer: committed");
     tokio::time::sleep(Duration::from_secs(60)).await;
 }
+
+/// The outbox's `SECURITY DEFINER` functions run as their owner: a role that can create
+/// functions in the outbox schema must not get them to run its code with the owner's rights
+/// (functions named like the built-ins they call, found first on a `search_path`).
+#[sqlx::test]
+async fn the_outbox_functions_cannot_be_hijacked(pool: PgPool) {
+    schema(&pool).await;
+    let _cache = Cache::builder().outbox(pool.clone()).build().await.unwrap();
+    let role = format!("cq_probe_{}", std::process::id());
+    let attack = format!(
+        r#"CREATE ROLE {role} LOGIN;
+        GRANT CREATE, USAGE ON SCHEMA public TO {role};
+        SET ROLE {role};
+        CREATE FUNCTION public.json_build_object(text, bigint, text, text[], text, text)
+        RETURNS json LANGUAGE plpgsql AS $$
+        BEGIN EXECUTE 'ALTER ROLE {role} SUPERUSER'; RETURN '{{}}'::json; END $$;
+        CREATE FUNCTION public.unnest(text[]) RETURNS SETOF text LANGUAGE plpgsql AS $$
+        BEGIN EXECUTE 'ALTER ROLE {role} SUPERUSER'; RETURN; END $$;
+        SELECT public.cached_query_record(ARRAY['user:1'], NULL);
+        RESET ROLE;"#
+    );
+    let result = sqlx::raw_sql(sqlx::AssertSqlSafe(attack))
+        .execute(&pool)
+        .await;
+    let superuser: Option<bool> =
+        sqlx::query_scalar("SELECT rolsuper FROM pg_roles WHERE rolname = $1")
+            .bind(&role)
+            .fetch_optional(&pool)
+            .await
+            .unwrap();
+    let cleanup = format!(
+        "RESET ROLE; DROP FUNCTION IF EXISTS public.json_build_object(text, bigint, text, text[], text, text);
+         DROP FUNCTION IF EXISTS public.unnest(text[]);
+         REVOKE ALL ON SCHEMA public FROM {role}; DROP ROLE IF EXISTS {role};"
+    );
+    sqlx::raw_sql(sqlx::AssertSqlSafe(cleanup))
+        .execute(&pool)
+        .await
+        .unwrap();
+    result.unwrap();
+    assert_eq!(
+        superuser,
+        Some(false),
+        "the probe role gained the owner's rights"
+    );
+}

@@ -321,8 +321,10 @@ impl CacheBuilder {
         Ok(())
     }
 
-    /// Builds the cache. Fails only on invalid settings or a malformed Redis URL; an
-    /// unreachable Redis is not an error (calls fall back to the database until it is back).
+    /// Builds the cache. Fails on invalid settings or a malformed Redis URL, and with an
+    /// [`outbox`](Self::outbox) when PostgreSQL cannot be reached or the outbox cannot be set
+    /// up (its objects created, its listener connected); an unreachable Redis is not an error
+    /// (calls fall back to the database until it is back).
     pub async fn build(self) -> Result<Cache, Error> {
         self.validate()?;
         let timeouts = self.timeouts();

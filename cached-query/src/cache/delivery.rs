@@ -76,9 +76,23 @@ mod outbox {
     struct Heartbeat {
         /// Tells this listener's pings from other processes'.
         token: String,
+        /// The random nonce of the last ping sent (0: none yet), and of the last one seen.
         sent: AtomicU64,
         seen: AtomicU64,
         lost: tokio::sync::Notify,
+    }
+
+    impl Heartbeat {
+        fn nonce() -> u64 {
+            let bytes = crate::keyspace::new_token();
+            u64::from_le_bytes(bytes[..8].try_into().expect("tokens are 16 bytes")) | 1
+        }
+
+        /// A fresh listener owes nothing for pings sent before it listened.
+        fn forgive(&self) {
+            self.seen
+                .store(self.sent.load(Ordering::SeqCst), Ordering::SeqCst);
+        }
     }
 
     /// Connects the listener (so nothing committed after `build()` returns is missed), runs
@@ -91,6 +105,18 @@ mod outbox {
         let listener = connect(&outbox)
             .await
             .map_err(|e| Error::outbox("listening for invalidations", e))?;
+        // A namespace that is new or was forgotten may have missed rows that are gone: its
+        // Redis entries are cleared once (pending until Redis takes it).
+        if cache.is_remote() {
+            match outbox.register(cache.namespace()).await {
+                Ok(true) => {
+                    tracing::info!("cached-query: namespace new to the outbox; clearing it once");
+                    let _ = cache.clear_unpublished().await;
+                }
+                Ok(false) => {}
+                Err(e) => return Err(Error::outbox("registering the namespace", e)),
+            }
+        }
         // Catch up before serving: rows committed while no process of this fleet could
         // deliver them (a writer killed while Redis was down) wait for a sweep.
         cache.outbox_sweep(&outbox).await;
@@ -165,6 +191,7 @@ mod outbox {
                 match connect(&outbox).await {
                     Ok(l) => {
                         listener = Some(l);
+                        heartbeat.forgive();
                         delay = RETRY_FIRST;
                         let Some(cache) = Cache::from_weak(&weak) else {
                             return;
@@ -197,14 +224,18 @@ mod outbox {
                         match sql::Notice::parse(n.payload()) {
                             Some(sql::Notice::Ping { from, n }) => {
                                 if from == heartbeat.token {
-                                    heartbeat.seen.fetch_max(n, Ordering::SeqCst);
+                                    heartbeat.seen.store(n, Ordering::SeqCst);
                                 }
                             }
                             Some(notice) => notices.push(notice),
-                            None => tracing::warn!(
-                                payload = n.payload(),
-                                "cached-query: unreadable outbox notice"
-                            ),
+                            None => {
+                                // Something this process cannot apply: assume the worst.
+                                tracing::warn!(
+                                    payload = n.payload(),
+                                    "cached-query: unreadable outbox notice; dropping local entries"
+                                );
+                                cache.drop_local();
+                            }
                         }
                         next = l.next_buffered();
                     }
@@ -224,6 +255,7 @@ mod outbox {
                 }
                 // Reconnected (sqlx reconnects before returning): notices may be lost.
                 Ok(None) => {
+                    heartbeat.forgive();
                     tracing::warn!("cached-query: outbox listener reconnected; catching up");
                     cache.outbox_gap(&outbox).await;
                 }
@@ -252,10 +284,11 @@ mod outbox {
                 return;
             };
             let sent = heartbeat.sent.load(Ordering::SeqCst);
-            let missed = heartbeat.seen.load(Ordering::SeqCst) < sent;
+            let missed = sent != 0 && heartbeat.seen.load(Ordering::SeqCst) != sent;
             // Each step gets one interval: a stalled connection must not stall the sweeper.
             let limit = outbox.sweep_interval;
-            let pinged = match tokio::time::timeout(limit, outbox.ping(&heartbeat.token, sent + 1))
+            let nonce = Heartbeat::nonce();
+            let pinged = match tokio::time::timeout(limit, outbox.ping(&heartbeat.token, nonce))
                 .await
             {
                 Ok(Ok(())) => true,
@@ -265,6 +298,9 @@ mod outbox {
                 }
                 Err(_) => false,
             };
+            if pinged {
+                heartbeat.sent.store(nonce, Ordering::SeqCst);
+            }
             if missed || !pinged {
                 // Either the listener is deaf or PostgreSQL cannot be reached: this process
                 // may miss invalidations, so it keeps nothing it could serve stale.
@@ -273,14 +309,9 @@ mod outbox {
                     "cached-query: the outbox heartbeat failed; dropping local entries and reconnecting the listener"
                 );
                 cache.drop_local();
-                heartbeat.lost.notify_one();
-            }
-            heartbeat.seen.store(
-                heartbeat.seen.load(Ordering::SeqCst).max(sent),
-                Ordering::SeqCst,
-            );
-            if pinged {
-                heartbeat.sent.store(sent + 1, Ordering::SeqCst);
+                if missed {
+                    heartbeat.lost.notify_one();
+                }
             }
             let _ = tokio::time::timeout(limit, cache.outbox_sweep(&outbox)).await;
         }
@@ -317,7 +348,9 @@ mod outbox {
             }
             self.apply_locally(&rows);
             if self.is_remote() {
-                self.deliver(outbox, Some(&ids)).await;
+                for chunk in ids.chunks(sql::SWEEP_BATCH as usize) {
+                    self.deliver(outbox, Some(chunk)).await;
+                }
             }
         }
 
@@ -366,7 +399,13 @@ mod outbox {
             }
             let (keys, tags, generation) = self.keys_of(&rows);
             self.inner.epoch.fetch_add(1, Ordering::SeqCst);
-            match self.bump(store, &keys).await {
+            // Rows that change nothing here (another namespace's clear) are delivered as is.
+            let bumped = if keys.is_empty() {
+                Ok(())
+            } else {
+                self.bump(store, &keys).await
+            };
+            match bumped {
                 Ok(()) => {
                     self.forget_near(&keys);
                     if let Err(e) = Outbox::delivered(tx, self.namespace(), &rows).await {

@@ -179,6 +179,16 @@ impl Cache {
         .await
     }
 
+    /// `clear` in this process and its Redis only (not published through the outbox).
+    #[cfg(feature = "postgres")]
+    pub(super) async fn clear_unpublished(&self) -> Result<(), Error> {
+        let owed = Owed {
+            tags: &[],
+            generation: true,
+        };
+        self.invalidate_now(owed, false).await
+    }
+
     /// Commits `tx`, then invalidates `tags`.
     ///
     /// Safe against cancellation and crashes: dropped at any point after COMMIT was sent,
@@ -386,6 +396,7 @@ impl Cache {
         };
         let sent = pending.snapshot();
         if sent.is_empty() {
+            pending.delivered(&sent);
             return Ok(());
         }
         let mut keys: Vec<StampKey> = sent.tags().map(|t| self.tag_stamp(t, None)).collect();

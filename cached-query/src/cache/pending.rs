@@ -62,6 +62,9 @@ impl Pending {
 
     /// Records undelivered invalidations (too many tags become one namespace bump).
     pub(crate) fn defer(&self, tags: &[String], generation: bool) {
+        if tags.is_empty() && !generation {
+            return;
+        }
         let mut state = self.state();
         state.seq += 1;
         let seq = state.seq;
@@ -147,6 +150,13 @@ mod tests {
         p.defer(&[], true);
         p.delivered(&sent);
         assert!(p.any() && p.snapshot().generation());
+    }
+
+    #[test]
+    fn nothing_owed_is_not_pending() {
+        let p = Pending::default();
+        p.defer(&[], false);
+        assert!(!p.any());
     }
 
     #[test]

@@ -23,21 +23,31 @@ pub(crate) const CHANNEL: &str = "cached_query_outbox";
 /// A `clear_namespace` value that clears every namespace (a watched table was truncated).
 pub(crate) const ALL_NAMESPACES: &str = "*";
 
-/// Rows claimed per statement by a sweep.
-const SWEEP_BATCH: i64 = 500;
+/// Rows claimed per statement by a sweep, and per claim of notified rows.
+pub(crate) const SWEEP_BATCH: i64 = 500;
+
+/// A row's tags as a plain one-dimensional array without NULLs, whoever inserted it.
+const TAGS: &str = "ARRAY(SELECT t FROM unnest(tags) t WHERE t IS NOT NULL)";
+
+/// A namespace whose processes have all been gone this long is forgotten: rows it did not
+/// deliver may then be removed, and its next process clears its Redis entries first.
+const CONSUMER_WINDOW_SECS: f64 = 3600.0;
 
 /// Marks the installed objects' version (a comment on the record function): processes find
 /// it current and run no DDL, so roles that do not own the objects can use them.
-const SCHEMA_VERSION: &str = "cached-query outbox 3";
+const SCHEMA_VERSION: &str = "cached-query outbox 4";
 
 /// Creates (or upgrades) the table, its notify trigger, and the record function, in the
 /// schema `{schema}` (the outbox pool's current schema). Serialised by an advisory lock, so
 /// processes starting together do not race on `CREATE … IF NOT EXISTS`.
 ///
 /// `cached_query_record` is what writers call inside their transactions: schema-qualified,
-/// `SECURITY DEFINER` with a fixed `search_path` (so the writer's `search_path` and grants do
-/// not matter), and catching its own errors (so a failure can never abort, and thereby
-/// silently roll back, the writer's transaction).
+/// `SECURITY DEFINER` (so the writer's `search_path` and table grants do not matter) with
+/// `search_path = pg_catalog, pg_temp` and every object qualified (so nothing a role can
+/// create in the outbox schema runs with the owner's rights), normalising its tags (one
+/// dimension, no NULLs), and catching its own errors (so a failure can never abort, and
+/// thereby silently roll back, the writer's transaction). `cached_query_register` lets
+/// Redis-backed processes register their namespace without grants on that table.
 const SCHEMA: &str = r#"
 BEGIN;
 SELECT pg_advisory_xact_lock(7421030571094261);
@@ -56,7 +66,7 @@ CREATE TABLE IF NOT EXISTS {schema}.cached_query_outbox_consumers (
 CREATE INDEX IF NOT EXISTS cached_query_outbox_created_at
     ON {schema}.cached_query_outbox (created_at);
 CREATE OR REPLACE FUNCTION {schema}.cached_query_outbox_notify() RETURNS trigger
-LANGUAGE plpgsql AS $$
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
 DECLARE payload TEXT := json_build_object(
     'id', NEW.id, 'tags', NEW.tags, 'clear', NEW.clear_namespace)::text;
 BEGIN
@@ -67,13 +77,26 @@ BEGIN
     RETURN NULL;
 END $$;
 CREATE OR REPLACE FUNCTION {schema}.cached_query_record(tags TEXT[], clear TEXT)
-RETURNS BOOLEAN LANGUAGE plpgsql SECURITY DEFINER SET search_path = {schema}, pg_temp AS $$
+RETURNS BOOLEAN LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 BEGIN
-    INSERT INTO cached_query_outbox (tags, clear_namespace) VALUES (tags, clear);
+    INSERT INTO {schema}.cached_query_outbox (tags, clear_namespace)
+    VALUES (ARRAY(SELECT DISTINCT t FROM unnest(coalesce(tags, '{}')) t WHERE t IS NOT NULL), clear);
     RETURN true;
 EXCEPTION WHEN OTHERS THEN
     RAISE WARNING 'cached-query: invalidation not recorded: %', SQLERRM;
     RETURN false;
+END $$;
+-- Returns whether the namespace is new or was gone long enough for rows to have expired
+-- without it (its process then clears its Redis entries once before serving).
+CREATE OR REPLACE FUNCTION {schema}.cached_query_register(ns TEXT, window_secs DOUBLE PRECISION)
+RETURNS BOOLEAN LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE previous TIMESTAMPTZ;
+BEGIN
+    SELECT last_seen INTO previous FROM {schema}.cached_query_outbox_consumers WHERE namespace = ns;
+    INSERT INTO {schema}.cached_query_outbox_consumers (namespace, last_seen)
+    VALUES (ns, clock_timestamp())
+    ON CONFLICT (namespace) DO UPDATE SET last_seen = excluded.last_seen;
+    RETURN previous IS NULL OR previous < clock_timestamp() - make_interval(secs => window_secs);
 END $$;
 DO $$
 BEGIN
@@ -159,7 +182,7 @@ impl Notice {
         #[derive(serde::Deserialize)]
         struct Payload {
             id: i64,
-            tags: Option<Vec<String>>,
+            tags: Option<Vec<Option<String>>>,
             #[serde(default)]
             clear: Option<String>,
         }
@@ -167,7 +190,7 @@ impl Notice {
         Some(match p.tags {
             Some(tags) => Notice::Row(Row {
                 id: p.id,
-                tags,
+                tags: tags.into_iter().flatten().collect(),
                 clear: p.clear,
             }),
             None => Notice::Id(p.id),
@@ -211,11 +234,13 @@ impl Outbox {
             sqlx::postgres::PgPoolOptions::new()
                 .max_connections(n)
                 .min_connections(0)
+                .acquire_timeout(Duration::from_secs(2))
                 .connect_lazy_with(options.clone())
         };
         Outbox {
             pool: pool(2),
-            listen_pool: pool(1),
+            // Two: a listener given up for dead may hold its connection while it closes.
+            listen_pool: pool(2),
             schema: String::new(),
             sweep_interval,
             retention,
@@ -284,7 +309,8 @@ impl Outbox {
     /// The rows among `ids` that still exist.
     pub(crate) async fn rows(&self, ids: &[i64]) -> Result<Vec<Row>, sqlx::Error> {
         let rows = sqlx::query(
-            "SELECT id, tags, clear_namespace FROM cached_query_outbox WHERE id = ANY($1)",
+            "SELECT id, ARRAY(SELECT t FROM unnest(tags) t WHERE t IS NOT NULL) AS tags, clear_namespace
+             FROM cached_query_outbox WHERE id = ANY($1)",
         )
         .bind(ids)
         .fetch_all(&self.pool)
@@ -305,15 +331,15 @@ impl Outbox {
         let lock = "pg_try_advisory_xact_lock(hashtextextended($1 || '/' || id::text, 7421))";
         let query = match ids {
             Some(ids) => sqlx::query(sqlx::AssertSqlSafe(format!(
-                "SELECT id, tags, clear_namespace FROM cached_query_outbox
+                "SELECT id, {TAGS} AS tags, clear_namespace FROM cached_query_outbox
                  WHERE id = ANY($2) AND NOT ($1 = ANY(delivered)) AND {lock}"
             )))
             .bind(namespace)
             .bind(ids),
             None => sqlx::query(sqlx::AssertSqlSafe(format!(
-                "SELECT id, tags, clear_namespace FROM (
+                "SELECT id, {TAGS} AS tags, clear_namespace FROM (
                      SELECT id, tags, clear_namespace FROM cached_query_outbox
-                     WHERE NOT ($1 = ANY(delivered)) ORDER BY id LIMIT $2) o
+                     WHERE NOT ($1 = ANY(delivered)) ORDER BY id LIMIT $2 OFFSET 0) o
                  WHERE {lock}"
             )))
             .bind(namespace)
@@ -343,16 +369,14 @@ impl Outbox {
     }
 
     /// Registers `namespace` as one that Redis-backed processes deliver to (each sweep).
-    pub(crate) async fn register(&self, namespace: &str) -> Result<(), sqlx::Error> {
-        sqlx::query(
-            "INSERT INTO cached_query_outbox_consumers (namespace, last_seen)
-             VALUES ($1, clock_timestamp())
-             ON CONFLICT (namespace) DO UPDATE SET last_seen = excluded.last_seen",
-        )
-        .bind(namespace)
-        .execute(&self.pool)
-        .await?;
-        Ok(())
+    /// Returns whether it is new or was forgotten (rows it never delivered may be gone).
+    pub(crate) async fn register(&self, namespace: &str) -> Result<bool, sqlx::Error> {
+        let sql = format!("SELECT {}.cached_query_register($1, $2)", self.schema);
+        sqlx::query_scalar(sqlx::AssertSqlSafe(sql))
+            .bind(namespace)
+            .bind(CONSUMER_WINDOW_SECS)
+            .fetch_one(&self.pool)
+            .await
     }
 
     /// Sends a heartbeat through the notification channel.
@@ -365,17 +389,21 @@ impl Outbox {
         Ok(())
     }
 
-    /// Removes rows older than the retention period that every namespace seen within the last
-    /// hour has delivered (in-memory fleets register none).
+    /// Removes rows that every registered namespace has delivered: at once when there are
+    /// such namespaces (Redis-backed fleets), after the retention period when there are none
+    /// (in-memory fleets, whose processes read rows too large for their notice).
     pub(crate) async fn expire(&self) -> Result<u64, sqlx::Error> {
         let done = sqlx::query(
-            "DELETE FROM cached_query_outbox
-             WHERE created_at < clock_timestamp() - $1::interval
-               AND delivered @> (
-                   SELECT coalesce(array_agg(namespace), '{}') FROM cached_query_outbox_consumers
-                   WHERE last_seen > clock_timestamp() - interval '1 hour')",
+            "WITH live AS (
+                 SELECT coalesce(array_agg(namespace), '{}') AS ns
+                 FROM cached_query_outbox_consumers
+                 WHERE last_seen > clock_timestamp() - make_interval(secs => $2))
+             DELETE FROM cached_query_outbox o USING live
+             WHERE o.delivered @> live.ns
+               AND (cardinality(live.ns) > 0 OR o.created_at < clock_timestamp() - $1::interval)",
         )
         .bind(format!("{} milliseconds", self.retention.as_millis()))
+        .bind(CONSUMER_WINDOW_SECS)
         .execute(&self.pool)
         .await?;
         Ok(done.rows_affected())

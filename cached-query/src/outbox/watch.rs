@@ -57,11 +57,11 @@ pub(crate) async fn install(outbox: &Outbox, table: &str, templates: &[&str]) ->
 BEGIN;
 SELECT pg_advisory_xact_lock(7421030571094261);
 CREATE OR REPLACE FUNCTION {function}() RETURNS trigger LANGUAGE plpgsql
-SECURITY DEFINER SET search_path = {schema}, pg_temp AS {quote}
+SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS {quote}
 DECLARE t TEXT[];
 BEGIN
     IF TG_OP = 'TRUNCATE' THEN
-        INSERT INTO cached_query_outbox (clear_namespace) VALUES ('*');
+        INSERT INTO {schema}.cached_query_outbox (clear_namespace) VALUES ('*');
         RETURN NULL;
     ELSIF TG_OP = 'INSERT' THEN
         SELECT array_agg(DISTINCT x) INTO t
@@ -76,9 +76,9 @@ BEGIN
         FROM (SELECT unnest(ARRAY[{tags}]) AS x FROM old_rows r) s WHERE x IS NOT NULL;
     END IF;
     IF cardinality(t) > {MAX_TAGS} THEN
-        INSERT INTO cached_query_outbox (clear_namespace) VALUES ('*');
+        INSERT INTO {schema}.cached_query_outbox (clear_namespace) VALUES ('*');
     ELSIF t IS NOT NULL THEN
-        INSERT INTO cached_query_outbox (tags) VALUES (t);
+        INSERT INTO {schema}.cached_query_outbox (tags) VALUES (t);
     END IF;
     RETURN NULL;
 END {quote};
