@@ -520,3 +520,33 @@ async fn the_outbox_functions_cannot_be_hijacked(pool: PgPool) {
         "the probe role gained the owner's rights"
     );
 }
+
+/// The clear a namespace new to the outbox owes its Redis is recorded durably: its first
+/// process starts while Redis is frozen and dies with the clear pending; the next process
+/// (which finds the namespace registered) still delivers it before serving.
+#[sqlx::test]
+async fn a_new_namespaces_clear_survives_its_first_process(pool: PgPool) {
+    schema(&pool).await;
+    let redis = RedisServer::start();
+    let ns = unique_ns("durable-clear");
+    let before = common::fail_fast(&redis.url(), &ns).build().await.unwrap();
+    assert!(reads(&pool, &before, 1, "Ada").await);
+    sqlx::query("UPDATE users SET name = 'Ada D' WHERE id = 1")
+        .execute(&pool)
+        .await
+        .unwrap();
+    redis.freeze();
+    let first = common::fail_fast(&redis.url(), &ns)
+        .outbox(pool.clone())
+        .build()
+        .await
+        .unwrap();
+    drop(first); // dies with the clear pending
+    redis.thaw();
+    let next = common::fail_fast(&redis.url(), &ns)
+        .outbox(pool.clone())
+        .build()
+        .await
+        .unwrap();
+    assert!(reads(&pool, &next, 1, "Ada D").await);
+}

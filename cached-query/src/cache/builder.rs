@@ -302,6 +302,13 @@ impl CacheBuilder {
                 return Err(Error::config(name, "0s", "a duration greater than zero"));
             }
         }
+        if self.outbox_sweep_interval > Duration::from_secs(300) {
+            return Err(Error::config(
+                "outbox_sweep_interval",
+                &format!("{:?}", self.outbox_sweep_interval),
+                "at most 5 minutes (sweeps also keep the namespace registered)",
+            ));
+        }
         if self.capacity == 0 {
             return Err(Error::config("capacity", "0", "at least 1 entry"));
         }

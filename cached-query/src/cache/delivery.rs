@@ -107,11 +107,11 @@ mod outbox {
             .map_err(|e| Error::outbox("listening for invalidations", e))?;
         // A namespace that is new or was forgotten may have missed rows that are gone: its
         // Redis entries are cleared once (pending until Redis takes it).
+        // (The clear is recorded by the registration itself and delivered by the sweep.)
         if cache.is_remote() {
             match outbox.register(cache.namespace()).await {
                 Ok(true) => {
-                    tracing::info!("cached-query: namespace new to the outbox; clearing it once");
-                    let _ = cache.clear_unpublished().await;
+                    tracing::info!("cached-query: namespace new to the outbox; clearing it once")
                 }
                 Ok(false) => {}
                 Err(e) => return Err(Error::outbox("registering the namespace", e)),
@@ -298,9 +298,10 @@ mod outbox {
                 }
                 Err(_) => false,
             };
-            if pinged {
-                heartbeat.sent.store(nonce, Ordering::SeqCst);
-            }
+            // A ping that timed out may still arrive: nothing is expected of the next check.
+            heartbeat
+                .sent
+                .store(if pinged { nonce } else { 0 }, Ordering::SeqCst);
             if missed || !pinged {
                 // Either the listener is deaf or PostgreSQL cannot be reached: this process
                 // may miss invalidations, so it keeps nothing it could serve stale.

@@ -179,16 +179,6 @@ impl Cache {
         .await
     }
 
-    /// `clear` in this process and its Redis only (not published through the outbox).
-    #[cfg(feature = "postgres")]
-    pub(super) async fn clear_unpublished(&self) -> Result<(), Error> {
-        let owed = Owed {
-            tags: &[],
-            generation: true,
-        };
-        self.invalidate_now(owed, false).await
-    }
-
     /// Commits `tx`, then invalidates `tags`.
     ///
     /// Safe against cancellation and crashes: dropped at any point after COMMIT was sent,

@@ -35,7 +35,7 @@ const CONSUMER_WINDOW_SECS: f64 = 3600.0;
 
 /// Marks the installed objects' version (a comment on the record function): processes find
 /// it current and run no DDL, so roles that do not own the objects can use them.
-const SCHEMA_VERSION: &str = "cached-query outbox 4";
+const SCHEMA_VERSION: &str = "cached-query outbox 5";
 
 /// Creates (or upgrades) the table, its notify trigger, and the record function, in the
 /// schema `{schema}` (the outbox pool's current schema). Serialised by an advisory lock, so
@@ -86,8 +86,9 @@ EXCEPTION WHEN OTHERS THEN
     RAISE WARNING 'cached-query: invalidation not recorded: %', SQLERRM;
     RETURN false;
 END $$;
--- Returns whether the namespace is new or was gone long enough for rows to have expired
--- without it (its process then clears its Redis entries once before serving).
+-- Registers a Redis-backed namespace. When it is new or was gone long enough for rows to have
+-- been removed without it, also records a clear of it, durably: every process of it delivers
+-- that clear like any other row (one that starts, or one whose sweep finds itself forgotten).
 CREATE OR REPLACE FUNCTION {schema}.cached_query_register(ns TEXT, window_secs DOUBLE PRECISION)
 RETURNS BOOLEAN LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 DECLARE previous TIMESTAMPTZ;
@@ -96,8 +97,13 @@ BEGIN
     INSERT INTO {schema}.cached_query_outbox_consumers (namespace, last_seen)
     VALUES (ns, clock_timestamp())
     ON CONFLICT (namespace) DO UPDATE SET last_seen = excluded.last_seen;
-    RETURN previous IS NULL OR previous < clock_timestamp() - make_interval(secs => window_secs);
+    IF previous IS NULL OR previous < clock_timestamp() - make_interval(secs => window_secs) THEN
+        INSERT INTO {schema}.cached_query_outbox (clear_namespace) VALUES (ns);
+        RETURN true;
+    END IF;
+    RETURN false;
 END $$;
+REVOKE EXECUTE ON FUNCTION {schema}.cached_query_register(TEXT, DOUBLE PRECISION) FROM PUBLIC;
 DO $$
 BEGIN
     IF NOT EXISTS (
@@ -230,17 +236,18 @@ impl Outbox {
             ("idle_in_transaction_session_timeout", "10s"),
             ("lock_timeout", "5s"),
         ]);
-        let pool = |n| {
+        let pool = |n, acquire| {
             sqlx::postgres::PgPoolOptions::new()
                 .max_connections(n)
                 .min_connections(0)
-                .acquire_timeout(Duration::from_secs(2))
+                .acquire_timeout(acquire)
                 .connect_lazy_with(options.clone())
         };
         Outbox {
-            pool: pool(2),
-            // Two: a listener given up for dead may hold its connection while it closes.
-            listen_pool: pool(2),
+            pool: pool(2, Duration::from_secs(30)),
+            // Two: a listener given up for dead may hold its connection while it closes; a
+            // short acquire keeps reconnecting attempts frequent.
+            listen_pool: pool(2, Duration::from_secs(2)),
             schema: String::new(),
             sweep_interval,
             retention,
@@ -369,7 +376,8 @@ impl Outbox {
     }
 
     /// Registers `namespace` as one that Redis-backed processes deliver to (each sweep).
-    /// Returns whether it is new or was forgotten (rows it never delivered may be gone).
+    /// Returns whether it is new or was forgotten; the function then also records a clear of
+    /// it, which the caller's sweep delivers.
     pub(crate) async fn register(&self, namespace: &str) -> Result<bool, sqlx::Error> {
         let sql = format!("SELECT {}.cached_query_register($1, $2)", self.schema);
         sqlx::query_scalar(sqlx::AssertSqlSafe(sql))
@@ -391,7 +399,7 @@ impl Outbox {
 
     /// Removes rows that every registered namespace has delivered: at once when there are
     /// such namespaces (Redis-backed fleets), after the retention period when there are none
-    /// (in-memory fleets, whose processes read rows too large for their notice).
+    /// or the row is too large for its notice (in-memory processes read those rows).
     pub(crate) async fn expire(&self) -> Result<u64, sqlx::Error> {
         let done = sqlx::query(
             "WITH live AS (
@@ -400,7 +408,8 @@ impl Outbox {
                  WHERE last_seen > clock_timestamp() - make_interval(secs => $2))
              DELETE FROM cached_query_outbox o USING live
              WHERE o.delivered @> live.ns
-               AND (cardinality(live.ns) > 0 OR o.created_at < clock_timestamp() - $1::interval)",
+               AND ((cardinality(live.ns) > 0 AND pg_column_size(o.tags) < 7000)
+                    OR o.created_at < clock_timestamp() - $1::interval)",
         )
         .bind(format!("{} milliseconds", self.retention.as_millis()))
         .bind(CONSUMER_WINDOW_SECS)
