@@ -8,6 +8,8 @@
 
 mod common;
 
+use common::users::{name, reads, rename, schema};
+
 use cached_query::{Cache, CacheBuilder, Error, cached_query, invalidates};
 use common::{percentiles, redis_url, unique_ns, within};
 use sqlx::{PgConnection, PgPool};
@@ -15,39 +17,6 @@ use std::time::Duration;
 
 /// The documented bound on delivery after a commit.
 const AFTER_COMMIT: Duration = Duration::from_secs(1);
-
-async fn schema(pool: &PgPool) {
-    sqlx::raw_sql(
-        "CREATE TABLE users (id BIGINT PRIMARY KEY, org_id BIGINT, name TEXT NOT NULL);
-         INSERT INTO users VALUES (1, 10, 'Ada'), (2, 10, 'Alan'), (3, NULL, 'Grace');",
-    )
-    .execute(pool)
-    .await
-    .unwrap();
-}
-
-#[cached_query(cache = cache, ttl = 300, invalidate = "user:<id>")]
-async fn name(pool: &PgPool, cache: &Cache, id: i64) -> Result<Option<String>, sqlx::Error> {
-    sqlx::query_scalar("SELECT name FROM users WHERE id = $1")
-        .bind(id)
-        .fetch_optional(pool)
-        .await
-}
-
-#[invalidates("user:<id>", cache = cache)]
-async fn rename(
-    conn: &mut PgConnection,
-    cache: &Cache,
-    id: i64,
-    to: &str,
-) -> Result<(), sqlx::Error> {
-    sqlx::query("UPDATE users SET name = $2 WHERE id = $1")
-        .bind(id)
-        .bind(to)
-        .execute(conn)
-        .await?;
-    Ok(())
-}
 
 fn memory(pool: &PgPool) -> CacheBuilder {
     Cache::builder().memory().outbox(pool.clone())
@@ -74,10 +43,6 @@ async fn undelivered(pool: &PgPool, namespace: &str) -> i64 {
         .fetch_one(pool)
         .await
         .unwrap()
-}
-
-async fn reads(pool: &PgPool, cache: &Cache, id: i64, expected: &str) -> bool {
-    name(pool, cache, id).await.unwrap().as_deref() == Some(expected)
 }
 
 /// `#[invalidates]` on `&mut PgConnection` inside a transaction: nothing happens before the
@@ -477,6 +442,34 @@ async fn bump_tx_counter(conn: &mut PgConnection, cache: &Cache) -> sqlx::Result
         .await
 }
 
+/// Two counters: one written in transactions through `#[invalidates]`, one written with raw
+/// SQL (watched by the stress tests).
+async fn create_counters(pool: &PgPool) {
+    sqlx::raw_sql(
+        "CREATE TABLE tx_counter (id INT PRIMARY KEY, value BIGINT NOT NULL);
+         CREATE TABLE raw_counter (id INT PRIMARY KEY, value BIGINT NOT NULL);
+         INSERT INTO tx_counter VALUES (1, 0); INSERT INTO raw_counter VALUES (1, 0);",
+    )
+    .execute(pool)
+    .await
+    .unwrap();
+}
+
+/// Prints the lags of `reads` behind returned commits and checks the documented bound.
+fn check_lags(what: &str, commits: usize, mut lags: Vec<Duration>) {
+    let worst = *lags.iter().max().unwrap();
+    let behind = lags.iter().filter(|l| !l.is_zero()).count();
+    let (p50, p99) = percentiles(&mut lags);
+    println!(
+        "{what}: {} reads during {commits} commits, {behind} behind a returned commit; lag p50 {p50:?}, p99 {p99:?}, worst {worst:?}",
+        lags.len()
+    );
+    assert!(
+        worst <= AFTER_COMMIT,
+        "a read lagged {worst:?} behind a returned commit"
+    );
+}
+
 /// When each value of a counter was committed (the instant `commit()` returned).
 #[derive(Default)]
 struct Commits(std::sync::Mutex<Vec<(i64, std::time::Instant)>>);
@@ -509,14 +502,7 @@ impl Commits {
 async fn no_stale_reads_across_processes(pool: PgPool, a: Cache, b: Cache) {
     use std::sync::Arc;
     use std::sync::atomic::{AtomicBool, Ordering::SeqCst};
-    sqlx::raw_sql(
-        "CREATE TABLE tx_counter (id INT PRIMARY KEY, value BIGINT NOT NULL);
-         CREATE TABLE raw_counter (id INT PRIMARY KEY, value BIGINT NOT NULL);
-         INSERT INTO tx_counter VALUES (1, 0); INSERT INTO raw_counter VALUES (1, 0);",
-    )
-    .execute(&pool)
-    .await
-    .unwrap();
+    create_counters(&pool).await;
     a.watch_table("raw_counter", &["raw_counter:<id>"])
         .await
         .unwrap();
@@ -586,17 +572,7 @@ async fn no_stale_reads_across_processes(pool: PgPool, a: Cache, b: Cache) {
     for r in readers {
         lags.extend(r.await.unwrap());
     }
-    let worst = *lags.iter().max().unwrap();
-    let stale = lags.iter().filter(|l| !l.is_zero()).count();
-    let (p50, p99) = percentiles(&mut lags);
-    println!(
-        "{} reads during {writes} commits: {stale} behind a returned commit; lag p50 {p50:?}, p99 {p99:?}, worst {worst:?}",
-        lags.len()
-    );
-    assert!(
-        worst <= AFTER_COMMIT,
-        "a read lagged {worst:?} behind a returned commit"
-    );
+    check_lags("two caches", writes, lags);
     let (sa, sb) = (a.stats(), b.stats());
     assert!(
         sa.hits > 0 && sb.hits > 0,
@@ -645,14 +621,7 @@ async fn a_dropped_outbox_table_is_created_again(pool: PgPool) {
 async fn no_stale_reads_across_two_real_processes(pool: PgPool) {
     use std::io::BufRead;
     use std::time::SystemTime;
-    sqlx::raw_sql(
-        "CREATE TABLE tx_counter (id INT PRIMARY KEY, value BIGINT NOT NULL);
-         CREATE TABLE raw_counter (id INT PRIMARY KEY, value BIGINT NOT NULL);
-         INSERT INTO tx_counter VALUES (1, 0); INSERT INTO raw_counter VALUES (1, 0);",
-    )
-    .execute(&pool)
-    .await
-    .unwrap();
+    create_counters(&pool).await;
     let reader = memory(&pool).build().await.unwrap();
     reader
         .watch_table("raw_counter", &["raw_counter:<id>"])
@@ -704,7 +673,7 @@ async fn no_stale_reads_across_two_real_processes(pool: PgPool) {
         "the writer committed: {}",
         commits.len()
     );
-    let mut lags: Vec<Duration> = reads
+    let lags: Vec<Duration> = reads
         .iter()
         .map(|(which, seen, start)| {
             commits
@@ -715,17 +684,7 @@ async fn no_stale_reads_across_two_real_processes(pool: PgPool) {
                 .unwrap_or_default()
         })
         .collect();
-    let worst = *lags.iter().max().unwrap();
-    let (p50, p99) = percentiles(&mut lags);
-    println!(
-        "two processes: {} reads during {} commits; lag p50 {p50:?}, p99 {p99:?}, worst {worst:?}",
-        lags.len(),
-        commits.len()
-    );
-    assert!(
-        worst <= AFTER_COMMIT,
-        "a read lagged {worst:?} behind a returned commit"
-    );
+    check_lags("two processes", commits.len(), lags);
     assert!(reader.stats().hits > 0);
 }
 

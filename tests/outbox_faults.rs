@@ -6,9 +6,11 @@
 
 mod common;
 
-use cached_query::{Cache, Error, cached_query, invalidates};
+use common::users::{committed, name, reads, rename, schema};
+
+use cached_query::{Cache, Error};
 use common::{PgServer, RedisServer, TcpProxy, redis_url, unique_ns, url_of, within};
-use sqlx::{PgConnection, PgPool};
+use sqlx::PgPool;
 use std::io::BufRead;
 use std::time::Duration;
 
@@ -16,16 +18,6 @@ use std::time::Duration;
 /// after Redis thaws for a crashed writer.
 const AFTER_FAULT: Duration = Duration::from_secs(2);
 const AFTER_THAW: Duration = Duration::from_secs(3);
-
-async fn schema(pool: &PgPool) {
-    sqlx::raw_sql(
-        "CREATE TABLE users (id BIGINT PRIMARY KEY, name TEXT NOT NULL);
-         INSERT INTO users VALUES (1, 'Ada'), (2, 'Alan');",
-    )
-    .execute(pool)
-    .await
-    .unwrap();
-}
 
 /// Every COMMIT that updated `users` takes `secs` on the server (a deferred trigger sleeps).
 async fn slow_commits(pool: &PgPool, secs: f64) {
@@ -38,42 +30,6 @@ async fn slow_commits(pool: &PgPool, secs: f64) {
     .execute(pool)
     .await
     .unwrap();
-}
-
-#[cached_query(cache = cache, ttl = 300, invalidate = "user:<id>")]
-async fn name(pool: &PgPool, cache: &Cache, id: i64) -> Result<Option<String>, sqlx::Error> {
-    sqlx::query_scalar("SELECT name FROM users WHERE id = $1")
-        .bind(id)
-        .fetch_optional(pool)
-        .await
-}
-
-#[invalidates("user:<id>", cache = cache)]
-async fn rename(
-    conn: &mut PgConnection,
-    cache: &Cache,
-    id: i64,
-    to: &str,
-) -> Result<(), sqlx::Error> {
-    sqlx::query("UPDATE users SET name = $2 WHERE id = $1")
-        .bind(id)
-        .bind(to)
-        .execute(conn)
-        .await?;
-    Ok(())
-}
-
-async fn reads(pool: &PgPool, cache: &Cache, id: i64, expected: &str) -> bool {
-    name(pool, cache, id).await.unwrap().as_deref() == Some(expected)
-}
-
-async fn committed(pool: &PgPool, id: i64, expected: &str) -> bool {
-    let v: String = sqlx::query_scalar("SELECT name FROM users WHERE id = $1")
-        .bind(id)
-        .fetch_one(pool)
-        .await
-        .unwrap();
-    v == expected
 }
 
 /// `commit_and_invalidate` dropped by a timeout while the server runs COMMIT: the commit

@@ -2,6 +2,8 @@
 //! private `redis-server` processes for tests that stop, stall or inspect a server.
 #![allow(dead_code)]
 
+pub mod users;
+
 use cached_query::Cache;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
