@@ -378,3 +378,60 @@ async fn calls_are_spread_over_the_configured_connections() {
         .unwrap_err();
     assert!(err.to_string().contains("redis_connections"), "{err}");
 }
+
+/// Stamps are read from Redis, so anything may be there: tag and generation keys holding
+/// values of every length. A value that can be a stamp (1 to 255 bytes) acts as one; an empty
+/// or longer one makes every call a miss, counted, never a panic and never a hit under it.
+#[tokio::test]
+async fn stamp_keys_holding_garbage_of_any_length() {
+    let ns = unique_ns("garbage");
+    let url = redis_url();
+    let cache = redis_cache(&url, &ns).await;
+    let calls = AtomicU32::new(0);
+    load_user(&cache, &calls, 1, "t").await.unwrap();
+    let stamp_keys: Vec<String> = keys_under(&url, &ns)
+        .await
+        .into_iter()
+        .filter(|k| k.contains(":t:") || k.ends_with(":g"))
+        .collect();
+    assert_eq!(
+        stamp_keys.len(),
+        3,
+        "generation and two tags: {stamp_keys:?}"
+    );
+    let mut conn = raw(&url).await;
+    for key in &stamp_keys {
+        for len in [0usize, 1, 16, 255, 256, 1000, 100_000] {
+            let garbage = vec![b'x' ^ (len as u8); len];
+            let _: () = redis::cmd("SET")
+                .arg(key)
+                .arg(&garbage)
+                .query_async(&mut conn)
+                .await
+                .unwrap();
+            let (before, errors) = (calls.load(SeqCst), cache.stats().decode_errors);
+            for _ in 0..2 {
+                let user = load_user(&cache, &calls, 1, "t").await.unwrap();
+                assert_eq!(user.id, 1);
+            }
+            let ran = calls.load(SeqCst) - before;
+            if (1..=255).contains(&len) {
+                assert_eq!(ran, 1, "{key} = {len} bytes: a new stamp, then a hit");
+            } else {
+                assert_eq!(ran, 2, "{key} = {len} bytes: never served from the cache");
+                assert!(cache.stats().decode_errors > errors, "counted");
+            }
+        }
+        // Gone (as after an eviction): a fresh token, and the next key is tested alone.
+        let _: () = redis::cmd("DEL")
+            .arg(key)
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+    }
+    let _: () = redis::cmd("DEL")
+        .arg(&stamp_keys)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+}

@@ -286,12 +286,15 @@ impl Cache {
             rec.oversized();
             return false;
         }
+        let Some(bytes) = envelope::encode(stamps, payload) else {
+            // A stamp read from Redis that cannot be one (evicted mid-read, or garbage).
+            rec.decode_error();
+            return false;
+        };
         if store.is_remote() && !self.inner.breaker.allow() {
             return false;
         }
-        let r = store
-            .write(entry, envelope::encode(stamps, payload), ttl)
-            .await;
+        let r = store.write(entry, bytes, ttl).await;
         self.observe(&r);
         if let Err(e) = &r {
             rec.error();

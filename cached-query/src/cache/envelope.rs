@@ -11,20 +11,32 @@ const MAGIC: u8 = 0xC9;
 /// Bumped whenever the layout changes; older entries then read as misses and are overwritten.
 pub(crate) const FORMAT_VERSION: u8 = 1;
 
-/// Encodes `payload` with the stamps the value was computed under.
-pub(crate) fn encode<S: AsRef<[u8]>>(stamps: &[S], payload: &[u8]) -> Vec<u8> {
+/// Whether `stamp` can be a stamp: 1 to 255 bytes. Stamps are read from Redis, so anything
+/// may come back: an empty value (a key evicted between its creation and its read) or
+/// garbage someone wrote. Such a stamp is never stored nor matched: the read is a miss.
+pub(crate) fn valid_stamp(stamp: &[u8]) -> bool {
+    (1..=255).contains(&stamp.len())
+}
+
+/// Encodes `payload` with the stamps the value was computed under; `None` when a stamp is
+/// not [valid](valid_stamp) or there are more than 255 (the value must not be stored).
+pub(crate) fn encode<S: AsRef<[u8]>>(stamps: &[S], payload: &[u8]) -> Option<Vec<u8>> {
+    let n = u8::try_from(stamps.len()).ok()?;
+    if !stamps.iter().all(|s| valid_stamp(s.as_ref())) {
+        return None;
+    }
     let header: usize = 3 + stamps.iter().map(|s| 1 + s.as_ref().len()).sum::<usize>();
     let mut out = Vec::with_capacity(header + payload.len());
     out.push(MAGIC);
     out.push(FORMAT_VERSION);
-    out.push(u8::try_from(stamps.len()).expect("at most 255 stamps per entry"));
+    out.push(n);
     for s in stamps {
         let s = s.as_ref();
-        out.push(u8::try_from(s.len()).expect("stamps are at most 255 bytes"));
+        out.push(s.len() as u8); // checked by valid_stamp
         out.extend_from_slice(s);
     }
     out.extend_from_slice(payload);
-    out
+    Some(out)
 }
 
 /// Why stored bytes were not usable.
@@ -64,7 +76,10 @@ pub(crate) fn decode<'a, S: AsRef<[u8]>>(bytes: &'a [u8], current: &[S]) -> Deco
         return Decoded::Corrupt;
     }
     let mut rest = rest;
-    let mut stale = usize::from(*n) != current.len();
+    // A current stamp that cannot be one matches nothing (an empty one must not equal an
+    // entry stored under an empty stamp by an older version: "absent = version 0").
+    let mut stale =
+        usize::from(*n) != current.len() || !current.iter().all(|c| valid_stamp(c.as_ref()));
     for i in 0..usize::from(*n) {
         let Some((&len, tail)) = rest.split_first() else {
             return Decoded::Corrupt;
@@ -95,8 +110,25 @@ mod tests {
     }
 
     #[test]
+    fn stamps_that_cannot_be_stamps_are_never_stored_nor_matched() {
+        for bad in [vec![], vec![7u8; 256], vec![7u8; 1000]] {
+            assert_eq!(encode(&[vec![1u8; 16], bad.clone()], b"1"), None);
+            // An entry stored (by hand, or an older version) under that stamp is not fresh.
+            let mut forged = vec![MAGIC, FORMAT_VERSION, 1, 0];
+            forged.extend_from_slice(b"1");
+            assert_ne!(
+                decode(&forged, std::slice::from_ref(&bad)),
+                Decoded::Fresh(b"1")
+            );
+        }
+        let too_many: Vec<Vec<u8>> = (0..256).map(|_| vec![1u8; 16]).collect();
+        assert_eq!(encode(&too_many, b"1"), None);
+        assert!(encode(&[vec![1u8; 255]], b"1").is_some());
+    }
+
+    #[test]
     fn round_trip() {
-        let bytes = encode(&stamps(), b"{\"a\":1}");
+        let bytes = encode(&stamps(), b"{\"a\":1}").unwrap();
         assert_eq!(decode(&bytes, &stamps()), Decoded::Fresh(b"{\"a\":1}"));
         assert_eq!(payload(&bytes), Some(&b"{\"a\":1}"[..]));
         assert_eq!(payload(&bytes[..10]), None);
@@ -104,7 +136,7 @@ mod tests {
 
     #[test]
     fn other_stamps_are_stale() {
-        let bytes = encode(&stamps(), b"1");
+        let bytes = encode(&stamps(), b"1").unwrap();
         let mut now = stamps();
         now[1][0] = 9;
         assert_eq!(decode(&bytes, &now), Decoded::Stale);
@@ -113,7 +145,7 @@ mod tests {
 
     #[test]
     fn garbage_and_truncation_are_corrupt_never_panics() {
-        let bytes = encode(&stamps(), b"1");
+        let bytes = encode(&stamps(), b"1").unwrap();
         for cut in 0..bytes.len() - 1 {
             let d = decode(&bytes[..cut], &stamps());
             assert!(matches!(d, Decoded::Corrupt | Decoded::Fresh(_)), "{cut}");
@@ -158,7 +190,7 @@ mod fuzz {
     fn decoding_garbage_never_panics() {
         let mut rng = Rng(0x9E37_79B9_7F4A_7C15);
         let stamps = vec![vec![7u8; 16], vec![9u8; 16], vec![1u8; 3]];
-        let valid = encode(&stamps, br#"{"id":1,"name":"x","tags":[1,null]}"#);
+        let valid = encode(&stamps, br#"{"id":1,"name":"x","tags":[1,null]}"#).unwrap();
         let (mut fresh, mut stale, mut corrupt) = (0, 0, 0);
         for round in 0..200_000 {
             let mut bytes = if round % 2 == 0 {
