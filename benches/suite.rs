@@ -402,6 +402,28 @@ async fn read_cases() -> Vec<Row> {
     rows
 }
 
+/// A Redis cache with an outbox on the bench database (every call: another process).
+async fn new_outbox_cache(pool: &PgPool) -> Cache {
+    Cache::builder()
+        .redis(&SETTINGS.redis_url)
+        .namespace(&format!("{}:write-outbox", SETTINGS.prefix))
+        .outbox(pool.clone())
+        .build()
+        .await
+        .unwrap()
+}
+
+/// A transaction that has updated user `id`'s karma, not yet committed.
+async fn begin_update(pool: &PgPool, id: i64) -> sqlx::Transaction<'static, sqlx::Postgres> {
+    let mut tx = pool.begin().await.unwrap();
+    sqlx::query("UPDATE cq_bench_users SET karma = karma + 1 WHERE id = $1")
+        .bind(id)
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+    tx
+}
+
 /// What invalidation adds to a single-row UPDATE transaction (BEGIN, UPDATE, COMMIT on one
 /// pooled connection): after the commit (`commit_and_invalidate`, no outbox), and inside the
 /// transaction through the outbox (`invalidate_on_commit`: one INSERT; the NOTIFY and the
@@ -410,26 +432,14 @@ async fn write_case() {
     let rounds = if SETTINGS.smoke { 50 } else { 3_000 };
     let pool = POOL.get().unwrap();
     let plain_cache = cache("write", None).await;
-    let outbox_cache = Cache::builder()
-        .redis(&SETTINGS.redis_url)
-        .namespace(&format!("{}:write-outbox", SETTINGS.prefix))
-        .outbox(pool.clone())
-        .build()
-        .await
-        .unwrap();
-    let update = "UPDATE cq_bench_users SET karma = karma + 1 WHERE id = $1";
+    let outbox_cache = new_outbox_cache(pool).await;
     let mut lat: [Vec<Duration>; 3] = Default::default();
     for round in 0..rounds {
         let id = 1 + (round as i64 % ROWS);
         let tags = [format!("user:{id}")];
         for (case, lat) in lat.iter_mut().enumerate() {
             let start = Instant::now();
-            let mut tx = pool.begin().await.unwrap();
-            sqlx::query(update)
-                .bind(id)
-                .execute(&mut *tx)
-                .await
-                .unwrap();
+            let mut tx = begin_update(pool, id).await;
             match case {
                 0 => tx.commit().await.unwrap(),
                 1 => plain_cache.commit_and_invalidate(tx, &tags).await.unwrap(),
@@ -468,16 +478,7 @@ async fn write_case() {
     // Delivery delay: another cache (standing for another process) reads through its own
     // connections until it sees the committed value, polling without pause.
     for (label, reader) in [
-        (
-            "Redis",
-            Cache::builder()
-                .redis(&SETTINGS.redis_url)
-                .namespace(&format!("{}:write-outbox", SETTINGS.prefix))
-                .outbox(pool.clone())
-                .build()
-                .await
-                .unwrap(),
-        ),
+        ("Redis", new_outbox_cache(pool).await),
         (
             "in-memory",
             Cache::builder()
@@ -493,12 +494,7 @@ async fn write_case() {
         for round in 0..rounds {
             let id = 1 + (round as i64 % ROWS);
             let before = cq_user(&reader, pool, id).await.unwrap().karma;
-            let mut tx = pool.begin().await.unwrap();
-            sqlx::query(update)
-                .bind(id)
-                .execute(&mut *tx)
-                .await
-                .unwrap();
+            let mut tx = begin_update(pool, id).await;
             outbox_cache
                 .invalidate_on_commit(&mut tx, [format!("user:{id}")])
                 .await

@@ -617,20 +617,23 @@ impl PgServer {
         }
     }
 
-    fn run(&self, tool: &str, args: &[&str]) {
+    /// `tool` of the server's binaries, as the `postgres` user when running as root.
+    fn command(&self, tool: &str) -> Command {
         let tool = self.bin.join(tool);
-        let mut cmd = if Self::as_root() {
+        if Self::as_root() {
             let mut c = Command::new("runuser");
             c.args(["-u", "postgres", "--"]).arg(&tool);
             c
         } else {
             Command::new(&tool)
-        };
-        let out = cmd.args(args).output().unwrap();
+        }
+    }
+
+    fn run(&self, tool: &str, args: &[&str]) {
+        let out = self.command(tool).args(args).output().unwrap();
         assert!(
             out.status.success(),
-            "{} {args:?}: {}",
-            tool.display(),
+            "{tool} {args:?}: {}",
             String::from_utf8_lossy(&out.stderr)
         );
     }
@@ -684,9 +687,8 @@ impl PgServer {
 impl Drop for PgServer {
     fn drop(&mut self) {
         let data = self.dir.join("data");
-        let _ = Command::new(if Self::as_root() { "runuser" } else { "true" })
-            .args(["-u", "postgres", "--"])
-            .arg(self.bin.join("pg_ctl"))
+        let _ = self
+            .command("pg_ctl")
             .args(["-D", data.to_str().unwrap(), "-m", "immediate", "stop"])
             .output();
         let _ = std::fs::remove_dir_all(&self.dir);

@@ -400,13 +400,7 @@ mod outbox {
             }
             let (keys, tags, generation) = self.keys_of(&rows);
             self.inner.epoch.fetch_add(1, Ordering::SeqCst);
-            // Rows that change nothing here (another namespace's clear) are delivered as is.
-            let bumped = if keys.is_empty() {
-                Ok(())
-            } else {
-                self.bump(store, &keys).await
-            };
-            match bumped {
+            match self.bump(store, &keys).await {
                 Ok(()) => {
                     self.forget_near(&keys);
                     if let Err(e) = Outbox::delivered(tx, self.namespace(), &rows).await {
@@ -462,10 +456,7 @@ mod outbox {
                 .iter()
                 .filter_map(|r| r.clear.as_deref())
                 .any(|c| c == namespace || c == ALL_NAMESPACES);
-            let mut keys: Vec<StampKey> = tags.iter().map(|t| self.tag_stamp(t, None)).collect();
-            if generation {
-                keys.push(self.generation_stamp());
-            }
+            let keys = self.stamp_keys(tags.iter().map(String::as_str), generation);
             (keys, tags, generation)
         }
     }

@@ -256,10 +256,7 @@ impl Cache {
         let Some(store) = &self.inner.store else {
             return Ok(());
         };
-        let mut keys: Vec<StampKey> = owed.tags.iter().map(|t| self.tag_stamp(t, None)).collect();
-        if owed.generation {
-            keys.push(self.generation_stamp());
-        }
+        let keys = self.stamp_keys(owed.tags.iter().map(String::as_str), owed.generation);
         let result = self.bump_or_defer(store, &keys, owed).await;
         #[cfg(feature = "postgres")]
         if let Some(outbox) = &self.inner.outbox
@@ -296,10 +293,7 @@ impl Cache {
         let Some(store) = &self.inner.store else {
             return;
         };
-        let mut keys: Vec<StampKey> = owed.tags.iter().map(|t| self.tag_stamp(t, None)).collect();
-        if owed.generation {
-            keys.push(self.generation_stamp());
-        }
+        let keys = self.stamp_keys(owed.tags.iter().map(String::as_str), owed.generation);
         if store.is_remote() {
             self.defer(owed.tags, owed.generation);
             self.forget_near(&keys);
@@ -355,8 +349,12 @@ impl Cache {
         })
     }
 
-    /// One bump round trip, when the breaker lets it through; the breaker observes it.
+    /// One bump round trip, when the breaker lets it through; the breaker observes it. No keys
+    /// (another namespace's clear) is nothing to send, whatever the breaker says.
     pub(super) async fn bump(&self, store: &Store, keys: &[StampKey]) -> Result<(), StoreError> {
+        if keys.is_empty() {
+            return Ok(());
+        }
         if !self.inner.breaker.allow() {
             return Err(StoreError::CircuitOpen);
         }
@@ -389,10 +387,7 @@ impl Cache {
             pending.delivered(&sent);
             return Ok(());
         }
-        let mut keys: Vec<StampKey> = sent.tags().map(|t| self.tag_stamp(t, None)).collect();
-        if sent.generation() {
-            keys.push(self.generation_stamp());
-        }
+        let keys = self.stamp_keys(sent.tags(), sent.generation());
         let result = self.bump(store, &keys).await;
         self.forget_near(&keys);
         result?;

@@ -186,6 +186,19 @@ impl Cache {
         }
     }
 
+    /// The stamps an invalidation of `tags` (and, with `generation`, of the namespace) changes.
+    fn stamp_keys<'t>(
+        &self,
+        tags: impl IntoIterator<Item = &'t str>,
+        generation: bool,
+    ) -> Vec<StampKey> {
+        let mut keys: Vec<StampKey> = tags.into_iter().map(|t| self.tag_stamp(t, None)).collect();
+        if generation {
+            keys.push(self.generation_stamp());
+        }
+        keys
+    }
+
     fn generation_stamp(&self) -> StampKey {
         StampKey {
             key: self.inner.generation_key.clone(),
