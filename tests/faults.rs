@@ -392,3 +392,51 @@ async fn hostile_tag_values_only_ever_address_their_own_tag() {
         );
     }
 }
+
+/// A pending invalidation reaches Redis once it is back, even if this process makes no
+/// further call (a process that only writes): a background task retries it. Bound: 5 s
+/// after Redis returns (the retry backs off to 1 s).
+#[tokio::test]
+async fn a_pending_invalidation_is_delivered_without_further_calls() {
+    let server = RedisServer::start();
+    let cache = common::fail_fast(&server.url(), "bg")
+        .build()
+        .await
+        .unwrap();
+    cache.invalidate("t").await.unwrap();
+    let keys = keys_under(&server.url(), "bg").await;
+    let [tag_key] = &keys[..] else {
+        panic!("one tag key: {keys:?}")
+    };
+    let mut conn = raw(&server.url()).await;
+    let token = |conn: &mut redis::aio::MultiplexedConnection| {
+        let mut conn = conn.clone();
+        let key = tag_key.clone();
+        async move {
+            redis::cmd("GET")
+                .arg(key)
+                .query_async::<Vec<u8>>(&mut conn)
+                .await
+                .unwrap()
+        }
+    };
+    let before = token(&mut conn).await;
+    server.freeze();
+    assert!(cache.invalidate("t").await.is_err(), "pending while frozen");
+    server.thaw();
+    common::within(
+        Duration::from_secs(5),
+        "delivered in the background",
+        || {
+            let next = token(&mut conn);
+            let before = before.clone();
+            async move { next.await != before }
+        },
+    )
+    .await;
+    assert_eq!(
+        cache.stats().hits + cache.stats().misses,
+        0,
+        "no call was made"
+    );
+}

@@ -806,3 +806,42 @@ async fn a_namespace_new_to_the_outbox_starts_clean(pool: PgPool) {
         "still cached after the second process started"
     );
 }
+
+/// An invalidation too large for its notice (over PostgreSQL's 8000-byte payload) travels as
+/// the row's id: the other process reads the row and applies it.
+#[sqlx::test]
+async fn an_invalidation_too_large_for_its_notice_is_read_from_the_table(pool: PgPool) {
+    schema(&pool).await;
+    let a = memory(&pool).build().await.unwrap();
+    let b = memory(&pool).build().await.unwrap();
+    assert!(reads(&pool, &b, 1, "Ada").await);
+    sqlx::query("UPDATE users SET name = 'Ada Big' WHERE id = 1")
+        .execute(&pool)
+        .await
+        .unwrap();
+    let mut tags: Vec<String> = (0..400).map(|i| format!("padding:{i:030}")).collect();
+    tags.push("user:1".to_owned());
+    a.invalidate_many(&tags).await.unwrap();
+    within(AFTER_COMMIT, "b applied the row", || {
+        reads(&pool, &b, 1, "Ada Big")
+    })
+    .await;
+}
+
+/// An in-memory cache's invalidation is published to the other processes even when its caller
+/// is dropped at the first await (a request timeout): the publishing runs in a task of its own.
+#[sqlx::test]
+async fn a_cancelled_in_memory_invalidation_is_still_published(pool: PgPool) {
+    schema(&pool).await;
+    let a = memory(&pool).build().await.unwrap();
+    let b = memory(&pool).build().await.unwrap();
+    assert!(reads(&pool, &b, 1, "Ada").await);
+    sqlx::query("UPDATE users SET name = 'Ada C' WHERE id = 1")
+        .execute(&pool)
+        .await
+        .unwrap();
+    let cancelled = tokio::time::timeout(Duration::ZERO, a.invalidate("user:1")).await;
+    assert!(cancelled.is_err(), "dropped before it finished");
+    assert!(reads(&pool, &a, 1, "Ada C").await, "applied here at once");
+    within(AFTER_COMMIT, "b", || reads(&pool, &b, 1, "Ada C")).await;
+}

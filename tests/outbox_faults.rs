@@ -506,3 +506,111 @@ async fn a_new_namespaces_clear_survives_its_first_process(pool: PgPool) {
         .unwrap();
     assert!(reads(&pool, &next, 1, "Ada D").await);
 }
+
+#[cached_query::invalidates("user:<id>", cache = cache)]
+async fn rename_then_hang(
+    pool: &PgPool,
+    cache: &Cache,
+    id: i64,
+    to: &str,
+) -> Result<(), sqlx::Error> {
+    sqlx::query("UPDATE users SET name = $2 WHERE id = $1")
+        .bind(id)
+        .bind(to)
+        .execute(pool)
+        .await?;
+    std::future::pending::<()>().await;
+    Ok(())
+}
+
+/// An `#[invalidates]` call dropped while its body runs (after an autocommitted write landed)
+/// still invalidates.
+#[sqlx::test]
+async fn an_invalidates_call_dropped_mid_body_still_invalidates(pool: PgPool) {
+    schema(&pool).await;
+    for cache in [
+        Cache::builder().build().await.unwrap(),
+        common::redis_cache(&redis_url(), &unique_ns("mid-body")).await,
+    ] {
+        let to = format!("Hung {}", cache.namespace());
+        assert!(
+            reads(
+                &pool,
+                &cache,
+                1,
+                &name(&pool, &cache, 1).await.unwrap().unwrap()
+            )
+            .await
+        );
+        let hung = tokio::time::timeout(
+            Duration::from_millis(200),
+            rename_then_hang(&pool, &cache, 1, &to),
+        );
+        assert!(hung.await.is_err(), "dropped mid-body");
+        assert!(committed(&pool, 1, &to).await);
+        within(AFTER_FAULT, "invalidated", || reads(&pool, &cache, 1, &to)).await;
+    }
+}
+
+/// A claimer frozen mid-claim (its Redis answers nothing while it holds the claim's
+/// transaction open, as a SIGSTOPped process would) is cut off by PostgreSQL after 10 s
+/// (`idle_in_transaction_session_timeout` on the outbox's connections); another process of
+/// the namespace then delivers the rows.
+#[sqlx::test]
+async fn a_frozen_claimer_does_not_hold_its_rows(pool: PgPool) {
+    schema(&pool).await;
+    let ns = unique_ns("frozen-claimer");
+    let frozen = RedisServer::start();
+    // The claimer: its Redis will hang for a minute on the bump, its claim held open.
+    let claimer = Cache::builder()
+        .redis(&frozen.url())
+        .namespace(&ns)
+        .response_timeout(Duration::from_secs(60))
+        .outbox(pool.clone())
+        .build()
+        .await
+        .unwrap();
+    // Connected before the freeze, so the bump waits on a reply, not on connecting.
+    assert!(reads(&pool, &claimer, 2, "Alan").await);
+    let reader = common::redis_cache(&redis_url(), &ns).await;
+    assert!(reads(&pool, &reader, 1, "Ada").await);
+    frozen.freeze();
+    let mut tx = pool.begin().await.unwrap();
+    sqlx::query("UPDATE users SET name = 'Unfrozen' WHERE id = 1")
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+    claimer
+        .invalidate_on_commit(&mut tx, ["user:1"])
+        .await
+        .unwrap();
+    tx.commit().await.unwrap();
+    // The claimer's listener claims the row and hangs on its Redis.
+    within(AFTER_FAULT, "the row is claimed", || async {
+        let idle: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM pg_stat_activity
+             WHERE datname = current_database() AND state = 'idle in transaction'",
+        )
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+        idle == 1
+    })
+    .await;
+    // Another process of the namespace, on a Redis that answers.
+    let other = Cache::builder()
+        .redis(&redis_url())
+        .namespace(&ns)
+        .outbox(pool.clone())
+        .build()
+        .await
+        .unwrap();
+    within(
+        Duration::from_secs(15),
+        "delivered by the other process",
+        || reads(&pool, &reader, 1, "Unfrozen"),
+    )
+    .await;
+    frozen.thaw();
+    drop((claimer, other));
+}
