@@ -85,6 +85,43 @@ async fn a_frozen_redis_costs_a_bounded_wait_then_is_skipped() {
     until_hits_return(&cache, &db, 1).await;
 }
 
+/// The deadline a user configures is the one they get: with a 30 s connect timeout and a
+/// 100 ms response timeout, a call on a frozen Redis waits at most the bound the cache
+/// reports (`max_redis_wait`, 2 × 100 ms), never the connect timeout, even while a new
+/// connection is being made. Each call's Redis step fails once and is counted.
+#[tokio::test]
+async fn a_stalled_redis_costs_a_call_at_most_the_reported_bound() {
+    let server = RedisServer::start();
+    let cache = Cache::builder()
+        .redis(&server.url())
+        .namespace("deadline")
+        .connect_timeout(Duration::from_secs(30))
+        .response_timeout(Duration::from_millis(100))
+        .circuit_breaker(1000, Duration::from_millis(1))
+        .build()
+        .await
+        .unwrap();
+    assert_eq!(cache.max_redis_wait(), Some(Duration::from_millis(200)));
+    let db = Db::default();
+    row(&cache, &db, 1).await.unwrap();
+    let reads = server.command_calls("mget");
+    server.freeze();
+    let started = std::time::Instant::now();
+    for _ in 0..5 {
+        assert_eq!(row(&cache, &db, 1).await.unwrap(), 1000);
+    }
+    let waited = started.elapsed();
+    server.thaw();
+    assert_eq!(cache.stats().errors, 5, "{:?}", cache.stats());
+    // One read reached the server and timed out; every later call waited (within its
+    // deadline) for the one new connection being made, which sent no read.
+    assert_eq!(server.command_calls("mget") - reads, 1);
+    // The reported bound per call, with seconds of room for a loaded machine: one call
+    // waiting for the connect timeout alone would take 30 s.
+    let bound = 5 * cache.max_redis_wait().unwrap() + Duration::from_secs(5);
+    assert!(waited < bound, "{waited:?} for 5 calls");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_undelivered_invalidation_is_honoured_and_delivered_later() {
     let server = RedisServer::start();

@@ -46,8 +46,8 @@ async fn miss_then_hit_with_namespaced_opaque_keys() {
     assert_eq!((per.hits, per.misses), (1, 1));
 
     let keys = keys_under(&redis_url(), &ns).await;
-    // one entry, the generation and two tags
-    assert_eq!(keys.len(), 4, "{keys:?}");
+    // one entry, the generation, the server identity and two tags
+    assert_eq!(keys.len(), 5, "{keys:?}");
     for k in &keys {
         assert!(k.starts_with(&format!("{ns}:")), "{k}");
         let rest = &k[ns.len()..];

@@ -3,6 +3,7 @@
 //!
 //! ```text
 //! {ns}:g            namespace generation token (`clear()` replaces it)
+//! {ns}:s            `run_id` of the Redis server the namespace was last made safe on
 //! {ns}:t:{32 hex}   tag version token (first 16 bytes of sha256(tag))
 //! {ns}:e:{64 hex}   cached entry (sha256 of the call's canonical key document)
 //! {ns}:session:{64 hex}   tower-sessions record (sha256 of the session id)
@@ -28,6 +29,12 @@ pub(crate) fn new_token() -> Vec<u8> {
 /// The key holding this namespace's generation token; `clear()` replaces it.
 pub(crate) fn generation_key(namespace: &str) -> String {
     format!("{namespace}:g")
+}
+
+/// The key holding the `run_id` of the server this namespace was last made safe on: see
+/// `backend::identity`.
+pub(crate) fn server_key(namespace: &str) -> String {
+    format!("{namespace}:s")
 }
 
 /// The key holding `tag`'s version token. The tag is hashed, so its text (which usually

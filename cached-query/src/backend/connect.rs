@@ -1,9 +1,13 @@
-//! Connections to Redis: a few multiplexed connections to one node, or a cluster, each
-//! connected lazily with connect/response timeouts and, for `rediss://`, a chosen CA.
-//! Shared by the cache's store and the session store.
+//! Connections to Redis: a few [`Link`]s to one node (each connected in the background,
+//! checked with the namespace's [`Guard`] when the cache gives one, replaced after errors),
+//! or a cluster; with connect/response timeouts and, for `rediss://`, a chosen CA. Shared by
+//! the cache's store and the session store.
 
+use super::identity::{self, Guard};
+use super::link::{Connect, Link, LinkConn};
 use crate::Error;
-use redis::aio::{ConnectionLike, ConnectionManager};
+use futures_util::FutureExt;
+use redis::aio::ConnectionLike;
 use redis::cluster::ClusterClient;
 use redis::cluster_async::ClusterConnection;
 use redis::{Cmd, Pipeline, RedisFuture, Value};
@@ -20,8 +24,18 @@ pub(crate) struct Timeouts {
 /// One connection to a node or to a cluster, for one operation.
 #[derive(Clone)]
 pub(crate) enum Conn {
-    Single(ConnectionManager),
+    Single(LinkConn),
     Cluster(ClusterConnection),
+}
+
+impl Conn {
+    /// Gives up on this connection (it timed out): the next operation makes a new one.
+    /// The cluster client manages its own connections.
+    pub(crate) fn discard(&self) {
+        if let Conn::Single(c) = self {
+            c.discard();
+        }
+    }
 }
 
 impl ConnectionLike for Conn {
@@ -57,7 +71,7 @@ pub(crate) enum Connections {
     /// Requests are spread over these connections in turn: each multiplexed connection
     /// has one task that writes every request and parses every reply, so one connection
     /// caps throughput at what one core can parse.
-    Single(Box<[ConnectionManager]>, AtomicUsize),
+    Single(Box<[Link]>, AtomicUsize),
     /// Connected on first use; a failed attempt is retried by the next call.
     /// (Boxed: the client is large and lives once per cache.)
     Cluster(Box<(ClusterClient, tokio::sync::OnceCell<ClusterConnection>)>),
@@ -73,17 +87,25 @@ impl std::fmt::Debug for Connections {
 }
 
 impl Connections {
-    /// `count` lazily connected connections to the node at `url`.
+    /// `count` lazily connected connections to the node at `url`, each checked with `guard`
+    /// before use when given.
     pub(crate) fn single(
         url: &str,
         root_cert: Option<&[u8]>,
         count: usize,
         timeouts: Timeouts,
+        guard: Option<Guard>,
     ) -> Result<Self, Error> {
-        let conns = (0..count.max(1))
-            .map(|_| connection_manager(url, root_cert, timeouts))
-            .collect::<Result<Box<[_]>, _>>()?;
-        Ok(Connections::Single(conns, AtomicUsize::new(0)))
+        let client = client(url, false, root_cert)?;
+        let links = (0..count.max(1))
+            .map(|_| {
+                Link::new(
+                    checked_connect(client.clone(), timeouts, guard.clone()),
+                    timeouts.connect,
+                )
+            })
+            .collect();
+        Ok(Connections::Single(links, AtomicUsize::new(0)))
     }
 
     /// A cluster discovered from `urls` (any of its nodes), connected on first use.
@@ -148,44 +170,55 @@ impl Connections {
                 &format!("a Redis URL: {what_needs_it} needs Redis (neither REDIS_URL nor REDIS_CLUSTER_URLS is set)"),
             )
         })?;
-        Self::single(url, root_cert, 1, timeouts)
+        Self::single(url, root_cert, 1, timeouts, None)
     }
 
     pub(crate) fn is_cluster(&self) -> bool {
         matches!(self, Connections::Cluster(..))
     }
 
-    /// A connection for one operation.
-    pub(crate) async fn get(&self) -> redis::RedisResult<Conn> {
+    /// A connection for one operation, and whether it was made for it (see [`Link::get`]).
+    pub(crate) async fn get(&self) -> redis::RedisResult<(Conn, bool)> {
         match self {
-            Connections::Single(conns, next) => {
+            Connections::Single(links, next) => {
                 let i = next.fetch_add(1, Relaxed);
-                Ok(Conn::Single(conns[i % conns.len()].clone()))
+                let (conn, fresh) = links[i % links.len()].get().await?;
+                Ok((Conn::Single(conn), fresh))
             }
             Connections::Cluster(cluster) => {
                 let (client, cell) = &**cluster;
                 let c = cell
                     .get_or_try_init(|| client.get_async_connection())
                     .await?;
-                Ok(Conn::Cluster(c.clone()))
+                Ok((Conn::Cluster(c.clone()), false))
             }
         }
     }
 }
 
-/// A lazily connecting single-node connection with the given timeouts.
-fn connection_manager(
-    url: &str,
-    root_cert: Option<&[u8]>,
+/// Connects to `client`'s node and, with a guard, checks its identity before the
+/// connection is used (see [`identity`]).
+pub(crate) fn checked_connect(
+    client: redis::Client,
     timeouts: Timeouts,
-) -> Result<ConnectionManager, Error> {
-    let config = redis::aio::ConnectionManagerConfig::new()
+    guard: Option<Guard>,
+) -> Connect {
+    let config = redis::AsyncConnectionConfig::new()
         .set_connection_timeout(Some(timeouts.connect))
-        .set_response_timeout(Some(timeouts.response))
-        .set_number_of_retries(1)
-        .set_max_delay(timeouts.response);
-    ConnectionManager::new_lazy_with_config(client(url, false, root_cert)?, config)
-        .map_err(|e| Error::invalid_url(url, e))
+        .set_response_timeout(Some(timeouts.response));
+    Box::new(move |_id| {
+        let (client, config, guard) = (client.clone(), config.clone(), guard.clone());
+        async move {
+            let mut conn = client
+                .get_multiplexed_async_connection_with_config(&config)
+                .await?;
+            if let Some(guard) = &guard {
+                identity::check(&mut conn, guard).await?;
+            }
+            Ok(conn)
+        }
+        .boxed()
+    })
 }
 
 /// A client for `url`, speaking RESP3 when `resp3` (client-side caching needs it).

@@ -3,6 +3,8 @@
 //! once; backend differences stay behind [`Store`]'s methods.
 
 pub(crate) mod connect;
+pub(crate) mod identity;
+pub(crate) mod link;
 pub(crate) mod memory;
 pub(crate) mod near;
 pub(crate) mod redis;
@@ -10,6 +12,7 @@ pub(crate) mod redis;
 use bytes::Bytes;
 use near::NearCache;
 use std::time::Duration;
+use tokio::time::Instant;
 
 /// A stamp key (namespace generation or tag) and the expiry it gets when (re)created.
 #[derive(Debug, Clone)]
@@ -61,17 +64,34 @@ pub(crate) enum Store {
 }
 
 impl Store {
-    /// Reads an entry and its stamps (over `near`'s tracking connection when given, which
-    /// keeps the entry at most `entry_ttl`).
+    /// When a remote operation starting now must be over (the response timeout).
+    pub(crate) fn until(&self) -> Instant {
+        match self {
+            Store::Redis(r) => r.until(),
+            Store::Memory(_) => Instant::now(),
+        }
+    }
+
+    /// The response timeout of a remote backend.
+    pub(crate) fn deadline(&self) -> Option<Duration> {
+        match self {
+            Store::Redis(r) => Some(r.deadline()),
+            Store::Memory(_) => None,
+        }
+    }
+
+    /// Reads an entry and its stamps by `until` (over `near`'s tracking connection when
+    /// given, which keeps the entry at most `entry_ttl`).
     pub(crate) async fn read(
         &self,
         entry: &str,
         entry_ttl: Duration,
         stamps: &[StampKey],
         near: Option<&NearCache>,
+        until: Instant,
     ) -> Result<Read, StoreError> {
         match self {
-            Store::Redis(r) => r.read(entry, entry_ttl, stamps, near).await,
+            Store::Redis(r) => r.read(entry, entry_ttl, stamps, near, until).await,
             Store::Memory(m) => Ok(m.read(entry, stamps)),
         }
     }
@@ -91,10 +111,10 @@ impl Store {
         }
     }
 
-    /// Gives every key a fresh random token (invalidation, `clear`).
-    pub(crate) async fn bump(&self, keys: &[StampKey]) -> Result<(), StoreError> {
+    /// Gives every key a fresh random token (invalidation, `clear`), by `until`.
+    pub(crate) async fn bump(&self, keys: &[StampKey], until: Instant) -> Result<(), StoreError> {
         match self {
-            Store::Redis(r) => r.bump(keys).await,
+            Store::Redis(r) => r.bump(keys, until).await,
             Store::Memory(m) => {
                 m.bump(keys);
                 Ok(())

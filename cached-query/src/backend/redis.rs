@@ -1,6 +1,7 @@
 //! The Redis protocol of the cache, single node or cluster: one `MGET` per read in the
 //! steady state, `SET NX` for missing stamps, `SET PX` for entries, `SET` of fresh tokens to
-//! invalidate; every call under one deadline.
+//! invalidate; every operation by a deadline (the response timeout, or less when the call's
+//! budget ends sooner).
 //!
 //! On a cluster, entry and tag keys live in different slots. `MGET` is split per slot by
 //! redis-rs (one request per node involved, sent concurrently); creating missing stamps and
@@ -9,13 +10,14 @@
 
 use super::connect::{Conn, Connections};
 use super::near::NearCache;
-use super::{Read, StampKey, StoreError};
+use super::{Read, StampKey, StoreError, link};
 use crate::keyspace::new_token;
 use bytes::Bytes;
 use futures_util::future::try_join_all;
 use redis::{Cmd, Pipeline};
 use std::future::Future;
 use std::time::Duration;
+use tokio::time::Instant;
 
 #[derive(Debug)]
 pub(crate) struct RedisStore {
@@ -24,55 +26,75 @@ pub(crate) struct RedisStore {
 }
 
 impl RedisStore {
-    /// A store on `conns`; every operation (connecting included) must finish by `deadline`.
+    /// A store on `conns` whose operations each get `deadline` (the response timeout) unless
+    /// the caller's budget ends sooner.
     pub(crate) fn new(conns: Connections, deadline: Duration) -> Self {
         RedisStore { conns, deadline }
     }
 
-    /// Runs `op` (which gets a connection) under the deadline.
-    async fn run<T, F, Fut>(&self, op: F) -> Result<T, StoreError>
-    where
-        F: FnOnce(Conn) -> Fut,
-        Fut: Future<Output = redis::RedisResult<T>>,
-    {
-        self.deadline(async { op(self.conns.get().await?).await })
-            .await
+    /// When an operation starting now must be over.
+    pub(crate) fn until(&self) -> Instant {
+        Instant::now() + self.deadline
     }
 
-    async fn deadline<T>(
-        &self,
-        work: impl Future<Output = redis::RedisResult<T>>,
-    ) -> Result<T, StoreError> {
-        match tokio::time::timeout(self.deadline, work).await {
-            Ok(result) => Ok(result?),
-            Err(_) => Err(StoreError::Timeout(self.deadline)),
+    /// The response timeout: the deadline of one operation.
+    pub(crate) fn deadline(&self) -> Duration {
+        self.deadline
+    }
+
+    /// Runs `op` on a connection, all of it (waiting for a connection included) by `until`.
+    /// A connection that times out is discarded (a silent link would never fail on its own);
+    /// an operation that failed on a connection made before it, because that connection
+    /// broke, runs once more on a new one while time remains.
+    async fn run<T, F, Fut>(&self, until: Instant, op: F) -> Result<T, StoreError>
+    where
+        F: Fn(Conn) -> Fut,
+        Fut: Future<Output = redis::RedisResult<T>>,
+    {
+        let mut retried = false;
+        loop {
+            let (conn, fresh) = match tokio::time::timeout_at(until, self.conns.get()).await {
+                Ok(got) => got?,
+                Err(_) => return Err(StoreError::Timeout(self.deadline)),
+            };
+            let used = conn.clone();
+            match tokio::time::timeout_at(until, op(conn)).await {
+                Ok(Ok(v)) => return Ok(v),
+                Ok(Err(e)) if !fresh && !retried && link::breaks_connection(&e) => retried = true,
+                Ok(Err(e)) => return Err(e.into()),
+                Err(_) => {
+                    used.discard();
+                    return Err(StoreError::Timeout(self.deadline));
+                }
+            }
         }
     }
 
-    /// One round trip for the entry and its stamps. With a near cache the `MGET` goes over
-    /// its tracking connection and what it returns is kept there (`entry_ttl` at most).
+    /// One round trip for the entry and its stamps (two when stamps must be created), all
+    /// by `until`. With a near cache the `MGET` goes over its tracking connection and what
+    /// it returns is kept there (`entry_ttl` at most).
     pub(crate) async fn read(
         &self,
         entry: &str,
         entry_ttl: Duration,
         stamps: &[StampKey],
         near: Option<&NearCache>,
+        until: Instant,
     ) -> Result<Read, StoreError> {
         let mut mget = redis::cmd("MGET");
         mget.arg(entry);
         for s in stamps {
             mget.arg(&s.key);
         }
+        let mget = &mget;
         let mut values: Vec<Option<Bytes>> = match near {
             None => {
-                self.run(|mut c| async move { mget.query_async(&mut c).await })
+                self.run(until, |mut c| async move { mget.query_async(&mut c).await })
                     .await?
             }
             Some(near) => {
                 let seq = near.seq();
-                let values: Vec<Option<Bytes>> = self
-                    .deadline(async { mget.query_async(&mut near.connection().await?).await })
-                    .await?;
+                let values: Vec<Option<Bytes>> = near.read(mget, until, self.deadline).await?;
                 if values.len() == stamps.len() + 1 {
                     near.fill(seq, (entry, entry_ttl), stamps, &values);
                 }
@@ -95,7 +117,7 @@ impl RedisStore {
         if !missing.is_empty() {
             // First use of a tag, or its key expired or was evicted: create it with a random
             // token unless a concurrent caller won the race, and use whichever token is there.
-            let created = self.create_stamps(&missing).await?;
+            let created = self.create_stamps(&missing, until).await?;
             let mut created = created.into_iter();
             for v in values.iter_mut().filter(|v| v.is_none()) {
                 *v = created.next().flatten();
@@ -118,15 +140,20 @@ impl RedisStore {
         pipe.cmd("GET").arg(&stamp.key);
     }
 
-    async fn create_stamps(&self, missing: &[&StampKey]) -> Result<Vec<Option<Bytes>>, StoreError> {
+    async fn create_stamps(
+        &self,
+        missing: &[&StampKey],
+        until: Instant,
+    ) -> Result<Vec<Option<Bytes>>, StoreError> {
         if !self.conns.is_cluster() {
             let mut pipe = redis::pipe();
             missing.iter().for_each(|s| Self::create_pipe(&mut pipe, s));
+            let pipe = &pipe;
             return self
-                .run(|mut c| async move { pipe.query_async(&mut c).await })
+                .run(until, |mut c| async move { pipe.query_async(&mut c).await })
                 .await;
         }
-        self.run(|c| async move {
+        self.run(until, |c| async move {
             try_join_all(missing.iter().map(|s| {
                 let mut c = c.clone();
                 let mut pipe = redis::pipe();
@@ -142,8 +169,10 @@ impl RedisStore {
     }
 
     pub(crate) async fn ping(&self) -> Result<(), StoreError> {
-        self.run(|mut c| async move { redis::cmd("PING").query_async::<()>(&mut c).await })
-            .await
+        self.run(self.until(), |mut c| async move {
+            redis::cmd("PING").query_async::<()>(&mut c).await
+        })
+        .await
     }
 
     pub(crate) async fn write(
@@ -154,8 +183,11 @@ impl RedisStore {
     ) -> Result<(), StoreError> {
         let mut set = redis::cmd("SET");
         set.arg(entry).arg(bytes).arg("PX").arg(millis(ttl));
-        self.run(|mut c| async move { set.query_async::<()>(&mut c).await })
-            .await
+        let set = &set;
+        self.run(self.until(), |mut c| async move {
+            set.query_async::<()>(&mut c).await
+        })
+        .await
     }
 
     fn bump_cmd(k: &StampKey) -> Cmd {
@@ -167,18 +199,21 @@ impl RedisStore {
         set
     }
 
-    /// Replaces the tokens of `keys` with fresh ones.
-    pub(crate) async fn bump(&self, keys: &[StampKey]) -> Result<(), StoreError> {
+    /// Replaces the tokens of `keys` with fresh ones, by `until`.
+    pub(crate) async fn bump(&self, keys: &[StampKey], until: Instant) -> Result<(), StoreError> {
         if !self.conns.is_cluster() {
             let mut pipe = redis::pipe();
             for k in keys {
                 pipe.add_command(Self::bump_cmd(k)).ignore();
             }
+            let pipe = &pipe;
             return self
-                .run(|mut c| async move { pipe.query_async::<()>(&mut c).await })
+                .run(until, |mut c| async move {
+                    pipe.query_async::<()>(&mut c).await
+                })
                 .await;
         }
-        self.run(|c| async move {
+        self.run(until, |c| async move {
             try_join_all(keys.iter().map(|k| {
                 let mut c = c.clone();
                 let set = Self::bump_cmd(k);

@@ -2,11 +2,14 @@
 
 use super::{Cache, Settings};
 use crate::backend::connect::{self, Connections, Timeouts};
+use crate::backend::identity::Guard;
 use crate::backend::near::NearCache;
 use crate::backend::redis::RedisStore;
 use crate::backend::{Store, memory::MemoryStore};
 use crate::setup::env::{non_empty, parse_bool, parse_secs, parse_u64};
 use crate::{Error, RedisConfig, redact_url};
+use std::sync::Arc;
+use std::sync::atomic::AtomicU64;
 use std::time::Duration;
 
 #[derive(Debug, Clone)]
@@ -24,6 +27,7 @@ pub struct CacheBuilder {
     backend: Backend,
     capacity: u64,
     near_capacity: Option<u64>,
+    near_lease: Duration,
     connections: usize,
     namespace: String,
     default_ttl: Duration,
@@ -68,6 +72,7 @@ impl Default for CacheBuilder {
             backend: Backend::Memory,
             capacity: 10_000,
             near_capacity: None,
+            near_lease: Duration::from_secs(1),
             connections: 2,
             namespace: "cq".to_owned(),
             default_ttl: Duration::from_secs(300),
@@ -172,6 +177,18 @@ impl CacheBuilder {
         self
     }
 
+    /// The near cache's staleness bound under a silent network partition (default 1 s):
+    /// entries are served from process memory only while a request sent on the tracking
+    /// connection at most this long ago has been answered (Redis sends invalidation messages
+    /// before later replies, so such an answer proves they arrived). Near hits past half of
+    /// it renew it with a background `PING`. A partition that drops nothing (no FIN, no RST)
+    /// is otherwise invisible: without this, held entries would be served for their TTL.
+    #[must_use]
+    pub fn near_cache_lease(mut self, lease: Duration) -> Self {
+        self.near_lease = lease;
+        self
+    }
+
     /// Number of multiplexed connections to single-node Redis that calls are spread over
     /// (default 2). Each one parses all of its replies on one task, so one connection caps
     /// throughput at what one core parses; more than the number of cores gains nothing.
@@ -211,15 +228,17 @@ impl CacheBuilder {
         self
     }
 
-    /// Deadline for establishing a Redis connection (default 1 s).
+    /// Deadline for establishing a Redis connection, checks included (default 1 s). Connections
+    /// are made in the background: a call waits for one only within its response timeout.
     #[must_use]
     pub fn connect_timeout(mut self, timeout: Duration) -> Self {
         self.connect_timeout = timeout;
         self
     }
 
-    /// Deadline for every Redis operation (default 250 ms); past it the query runs
-    /// against the database and the call counts as an error.
+    /// Deadline for every Redis operation, waiting for a connection included (default
+    /// 250 ms); past it the query runs against the database and the call counts as an error.
+    /// A call waits on Redis at most twice this in all: see [`Cache::max_redis_wait`].
     #[must_use]
     pub fn response_timeout(mut self, timeout: Duration) -> Self {
         self.response_timeout = timeout;
@@ -294,6 +313,7 @@ impl CacheBuilder {
             ("tag_ttl", self.tag_ttl),
             ("connect_timeout", self.connect_timeout),
             ("response_timeout", self.response_timeout),
+            ("near_cache_lease", self.near_lease),
             ("outbox_sweep_interval", self.outbox_sweep_interval),
             ("outbox_retention", self.outbox_retention),
         ];
@@ -336,17 +356,22 @@ impl CacheBuilder {
         self.validate()?;
         let timeouts = self.timeouts();
         let root_cert = self.root_certificate.as_deref();
+        let server_changes = Arc::new(AtomicU64::new(0));
+        let guard = Some(self.guard(&server_changes));
         let (store, near) = match &self.backend {
             Backend::Disabled => (None, None),
             Backend::Memory => (Some(Store::Memory(MemoryStore::new(self.capacity))), None),
             Backend::Redis(url) => {
-                let conns = Connections::single(url, root_cert, self.connections, timeouts)?;
+                let conns =
+                    Connections::single(url, root_cert, self.connections, timeouts, guard.clone())?;
                 let near = match self.near_capacity {
                     Some(capacity) => Some(NearCache::new(
                         connect::client(url, true, root_cert)?,
                         capacity,
                         timeouts.connect,
                         timeouts.response,
+                        self.near_lease,
+                        guard,
                     )),
                     None => None,
                 };
@@ -368,11 +393,21 @@ impl CacheBuilder {
                 .create_schema()
                 .await
                 .map_err(|e| Error::outbox("creating the outbox table", e))?;
-            let cache = Cache::with_outbox(store, near, self.settings(), Some(outbox));
+            let cache =
+                Cache::with_outbox(store, near, self.settings(server_changes), Some(outbox));
             super::delivery::start(&cache).await?;
             return Ok(cache);
         }
-        Ok(Cache::new(store, near, self.settings()))
+        Ok(Cache::new(store, near, self.settings(server_changes)))
+    }
+
+    /// What every new connection to a single node checks (restart and failover detection).
+    fn guard(&self, server_changes: &Arc<AtomicU64>) -> Guard {
+        Guard {
+            server_key: crate::keyspace::server_key(&self.namespace),
+            generation_key: crate::keyspace::generation_key(&self.namespace),
+            clears: server_changes.clone(),
+        }
     }
 
     fn timeouts(&self) -> Timeouts {
@@ -382,14 +417,13 @@ impl CacheBuilder {
         }
     }
 
-    /// A Redis store on `conns`. Its deadline covers connecting too: the first call may have
-    /// to connect; later calls only wait for a response.
+    /// A Redis store on `conns`: every operation by the response timeout, waiting for a
+    /// connection included (connecting goes on in the background up to the connect timeout).
     fn redis_store(&self, conns: Connections) -> Store {
-        let deadline = self.response_timeout.max(self.connect_timeout);
-        Store::Redis(RedisStore::new(conns, deadline))
+        Store::Redis(RedisStore::new(conns, self.response_timeout))
     }
 
-    fn settings(self) -> Settings {
+    fn settings(self, server_changes: Arc<AtomicU64>) -> Settings {
         Settings {
             namespace: self.namespace,
             default_ttl: self.default_ttl,
@@ -397,6 +431,7 @@ impl CacheBuilder {
             max_value_size: self.max_value_size,
             breaker_failures: self.breaker_failures,
             breaker_cooldown: self.breaker_cooldown,
+            server_changes,
         }
     }
 
@@ -406,8 +441,15 @@ impl CacheBuilder {
         let Backend::Redis(url) = &self.backend else {
             unreachable!("tests pass a Redis URL")
         };
-        let store = self.redis_store(Connections::single(url, None, 1, self.timeouts())?);
-        Ok(Cache::new(Some(store), Some(near), self.settings()))
+        let server_changes = Arc::new(AtomicU64::new(0));
+        let guard = Some(self.guard(&server_changes));
+        let conns = Connections::single(url, None, 1, self.timeouts(), guard)?;
+        let store = self.redis_store(conns);
+        Ok(Cache::new(
+            Some(store),
+            Some(near),
+            self.settings(server_changes),
+        ))
     }
 
     /// A builder configured from the process environment, as [`Cache::from_env`] reads it,

@@ -227,15 +227,17 @@ impl Cache {
         stamps: &[StampKey],
         near: Option<&NearCache>,
     ) -> Result<Read, StoreError> {
+        // One budget for everything before the query: the response timeout.
+        let until = store.until();
         if store.is_remote() {
             if self.inner.pending.any() {
-                self.deliver_pending(store, false).await?;
+                self.deliver_pending(store, false, until).await?;
             }
             if !self.inner.breaker.allow() {
                 return Err(StoreError::CircuitOpen);
             }
         }
-        let r = store.read(entry, entry_ttl, stamps, near).await;
+        let r = store.read(entry, entry_ttl, stamps, near, until).await;
         self.observe(&r);
         r
     }

@@ -47,7 +47,7 @@ impl Cache {
                 let Some(store) = &cache.inner.store else {
                     return;
                 };
-                delay = match cache.deliver_pending(store, false).await {
+                delay = match cache.deliver_pending(store, false, store.until()).await {
                     Ok(()) => RETRY_FIRST,
                     Err(_) => (delay * 2).min(RETRY_MAX),
                 };
@@ -400,7 +400,7 @@ mod outbox {
             }
             let (keys, tags, generation) = self.keys_of(&rows);
             self.inner.epoch.fetch_add(1, Ordering::SeqCst);
-            match self.bump(store, &keys).await {
+            match self.bump(store, &keys, store.until()).await {
                 Ok(()) => {
                     self.forget_near(&keys);
                     if let Err(e) = Outbox::delivered(tx, self.namespace(), &rows).await {

@@ -8,6 +8,7 @@ use crate::backend::{StampKey, Store, StoreError};
 use crate::timing::calls;
 use std::future::Future;
 use std::sync::atomic::Ordering;
+use tokio::time::Instant;
 
 /// When an `#[invalidates]` call's invalidation takes effect; decided before its body runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -328,9 +329,9 @@ impl Cache {
                 // Older invalidations are undelivered: queue behind them and deliver everything.
                 self.defer(owed.tags, owed.generation);
                 self.forget_near(keys);
-                self.deliver_pending(store, true).await
+                self.deliver_pending(store, true, store.until()).await
             } else {
-                let r = self.bump(store, keys).await;
+                let r = self.bump(store, keys, store.until()).await;
                 if r.is_err() {
                     // Pending before the near cache forgets: no fill can bring the old tokens
                     // back in between (reads go to Redis only after delivering).
@@ -342,7 +343,7 @@ impl Cache {
             guard.disarm();
             r
         } else {
-            store.bump(keys).await
+            store.bump(keys, store.until()).await
         };
         result.map_err(|e| Error::InvalidationPending {
             source: e.into_source(),
@@ -351,14 +352,19 @@ impl Cache {
 
     /// One bump round trip, when the breaker lets it through; the breaker observes it. No keys
     /// (another namespace's clear) is nothing to send, whatever the breaker says.
-    pub(super) async fn bump(&self, store: &Store, keys: &[StampKey]) -> Result<(), StoreError> {
+    pub(super) async fn bump(
+        &self,
+        store: &Store,
+        keys: &[StampKey],
+        until: Instant,
+    ) -> Result<(), StoreError> {
         if keys.is_empty() {
             return Ok(());
         }
         if !self.inner.breaker.allow() {
             return Err(StoreError::CircuitOpen);
         }
-        let r = store.bump(keys).await;
+        let r = store.bump(keys, until).await;
         self.observe(&r);
         r
     }
@@ -371,12 +377,13 @@ impl Cache {
         }
     }
 
-    /// Delivers every pending invalidation. `wait` makes an invalidating caller queue behind
-    /// another delivery instead of giving up.
+    /// Delivers every pending invalidation by `until`. `wait` makes an invalidating caller
+    /// queue behind another delivery instead of giving up.
     pub(super) async fn deliver_pending(
         &self,
         store: &Store,
         wait: bool,
+        until: Instant,
     ) -> Result<(), StoreError> {
         let pending = &self.inner.pending;
         let Some(_guard) = pending.lock_delivery(wait).await else {
@@ -388,7 +395,7 @@ impl Cache {
             return Ok(());
         }
         let keys = self.stamp_keys(sent.tags(), sent.generation());
-        let result = self.bump(store, &keys).await;
+        let result = self.bump(store, &keys, until).await;
         self.forget_near(&keys);
         result?;
         pending.delivered(&sent);

@@ -23,7 +23,7 @@ use flights::Flights;
 use pending::Pending;
 use stats::{CacheStats, Stats};
 use std::sync::Arc;
-use std::sync::atomic::AtomicU64;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 /// A query-result cache: Redis, in-memory, or pass-through. Cheap to clone (one `Arc`);
@@ -40,6 +40,8 @@ pub(crate) struct Settings {
     pub(crate) max_value_size: usize,
     pub(crate) breaker_failures: u32,
     pub(crate) breaker_cooldown: Duration,
+    /// Counted by the Redis connections' identity checks (`backend::identity`).
+    pub(crate) server_changes: Arc<AtomicU64>,
 }
 
 struct Inner {
@@ -148,7 +150,10 @@ impl Cache {
     /// Counters since the cache was built, in total and per query name.
     pub fn stats(&self) -> CacheStats {
         let (invalidations, resets) = self.inner.near.as_ref().map_or((0, 0), NearCache::counters);
-        self.inner.stats.snapshot(invalidations, resets)
+        let server_changes = self.inner.settings.server_changes.load(Ordering::Relaxed);
+        self.inner
+            .stats
+            .snapshot(invalidations, resets, server_changes)
     }
 
     /// Entries held in this process: by the in-memory backend, or by the near cache in front
@@ -170,6 +175,14 @@ impl Cache {
             }),
             None => Ok(()),
         }
+    }
+
+    /// The longest a cached call can wait on Redis in all, whatever Redis does: one
+    /// response timeout for everything before the query (pending invalidations, the read,
+    /// creating missing stamps) and one for storing the result. `None` without Redis.
+    /// Connecting never adds to it: connections are made in the background.
+    pub fn max_redis_wait(&self) -> Option<Duration> {
+        Some(2 * self.inner.store.as_ref()?.deadline()?)
     }
 
     /// Callers currently waiting for another caller's identical query (single-flight);

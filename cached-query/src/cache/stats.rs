@@ -35,6 +35,11 @@ pub struct CacheStats {
     /// `#[invalidates]` calls that ran inside a transaction on a cache without an outbox, so
     /// their invalidation was sent before the commit (each also logged as an error).
     pub invalidations_before_commit: u64,
+    /// Times a new Redis connection found a server this namespace was not last made safe
+    /// on (first use, a restart from disk, a failover, another server) and replaced the
+    /// namespace generation: every entry stored before became a miss. See the README's
+    /// failure modes.
+    pub server_changes: u64,
     /// The same figures per query name (`name = …`, by default `module_path::fn_name`).
     pub queries: BTreeMap<String, QueryStats>,
 }
@@ -152,7 +157,12 @@ impl Stats {
     }
 
     /// The counters, with the near cache's own message and reset counts.
-    pub(crate) fn snapshot(&self, near_invalidations: u64, near_resets: u64) -> CacheStats {
+    pub(crate) fn snapshot(
+        &self,
+        near_invalidations: u64,
+        near_resets: u64,
+        server_changes: u64,
+    ) -> CacheStats {
         let total = self.total.snapshot();
         let queries = self
             .per_query
@@ -172,6 +182,7 @@ impl Stats {
             oversized: total.oversized,
             bypassed: total.bypassed,
             invalidations_before_commit: self.before_commit.load(Relaxed),
+            server_changes,
             queries,
         }
     }

@@ -12,25 +12,36 @@
 //!   flight, so a message that overtook its reply cannot be undone by it;
 //! - an entry whose stamps were checked is served without checking them again until a
 //!   stamp is dropped (a tag or generation message, an own invalidation, a reset); messages
-//!   about entries (every miss in any process writes one) do not end that state.
+//!   about entries (every miss in any process writes one) do not end that state;
+//! - nothing is served from process memory unless a request sent on the current tracking
+//!   connection at most `lease` ago was answered: Redis writes an invalidation message
+//!   before the replies to requests it receives after the change, so such an answer proves
+//!   every invalidation that returned before that request was sent has been applied. A
+//!   silent partition (no FIN, no RST: nothing ever fails) thus costs at most `lease` of
+//!   staleness. Near hits past half the lease send a `PING` in the background to renew it.
 
 mod shards;
 
-use super::{Read, StampKey};
+use super::identity::{self, Guard};
+use super::link::Link;
+use super::{Read, StampKey, StoreError};
 use crate::keyspace::is_entry_key;
 use bytes::Bytes;
-use redis::aio::MultiplexedConnection;
-use redis::{AsyncConnectionConfig, Client, PushInfo, PushKind, Value};
+use futures_util::FutureExt;
+use redis::{AsyncConnectionConfig, Client, Cmd, PushInfo, PushKind, Value};
 use shards::Shards;
-use std::sync::atomic::{AtomicU64, Ordering::SeqCst};
-use std::sync::{Arc, Mutex, RwLock, Weak};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::SeqCst};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
+use tokio::time::Instant;
 
 pub(crate) struct NearCache {
     shared: Arc<Shared>,
-    client: Client,
-    config: AsyncConnectionConfig,
-    connecting: tokio::sync::Mutex<()>,
+    /// The tracking connection: made in the background, checked with the namespace's
+    /// guard, and everything held dropped before it is used.
+    link: Link,
+    /// How long an answered request vouches for what is held (module docs).
+    lease: Duration,
 }
 
 struct Shared {
@@ -44,9 +55,15 @@ struct Shared {
     stamp_seq: AtomicU64,
     /// Makes "bump `seq` and drop" and "check `seq` and fill" exclusive.
     drops: Mutex<()>,
-    /// The tracking connection and its id; `None` until first use and after a loss.
-    conn: RwLock<Option<(u64, MultiplexedConnection)>>,
-    next_id: AtomicU64,
+    /// Origin of the times below.
+    origin: std::time::Instant,
+    /// The tracking connection in use (its link id).
+    current: AtomicU64,
+    /// When (µs after `origin`, plus one; 0: never) the latest answered request on the
+    /// current connection was sent.
+    acked: AtomicU64,
+    /// A heartbeat `PING` is in flight.
+    pinging: AtomicBool,
     invalidations: AtomicU64,
     resets: AtomicU64,
 }
@@ -67,29 +84,109 @@ impl NearCache {
         capacity: u64,
         connect_timeout: Duration,
         response_timeout: Duration,
+        lease: Duration,
+        guard: Option<Guard>,
     ) -> Self {
+        let shared = Arc::new(Shared {
+            entries: Shards::new(capacity),
+            stamps: Shards::new(capacity),
+            seq: AtomicU64::new(0),
+            stamp_seq: AtomicU64::new(0),
+            drops: Mutex::new(()),
+            origin: std::time::Instant::now(),
+            current: AtomicU64::new(u64::MAX),
+            acked: AtomicU64::new(0),
+            pinging: AtomicBool::new(false),
+            invalidations: AtomicU64::new(0),
+            resets: AtomicU64::new(0),
+        });
+        let config = AsyncConnectionConfig::new()
+            .set_connection_timeout(Some(connect_timeout))
+            .set_response_timeout(Some(response_timeout));
+        let weak = Arc::downgrade(&shared);
+        let connect = Box::new(move |id: u64| {
+            let (client, guard, weak) = (client.clone(), guard.clone(), weak.clone());
+            let config = {
+                let weak = weak.clone();
+                config
+                    .clone()
+                    .set_push_sender(move |info: PushInfo| on_push(&weak, info))
+            };
+            async move {
+                let mut conn = client
+                    .get_multiplexed_async_connection_with_config(&config)
+                    .await?;
+                redis::cmd("CLIENT")
+                    .arg("TRACKING")
+                    .arg("ON")
+                    .query_async::<()>(&mut conn)
+                    .await?;
+                if let Some(guard) = &guard {
+                    identity::check(&mut conn, guard).await?;
+                }
+                // Whatever was held came from an earlier connection: start from nothing, with
+                // no answer on this one yet.
+                if let Some(shared) = weak.upgrade() {
+                    shared.drop_all();
+                    shared.acked.store(0, SeqCst);
+                    shared.current.store(id, SeqCst);
+                }
+                Ok(conn)
+            }
+            .boxed()
+        });
         NearCache {
-            shared: Arc::new(Shared {
-                entries: Shards::new(capacity),
-                stamps: Shards::new(capacity),
-                seq: AtomicU64::new(0),
-                stamp_seq: AtomicU64::new(0),
-                drops: Mutex::new(()),
-                conn: RwLock::new(None),
-                next_id: AtomicU64::new(0),
-                invalidations: AtomicU64::new(0),
-                resets: AtomicU64::new(0),
-            }),
-            client,
-            config: AsyncConnectionConfig::new()
-                .set_connection_timeout(Some(connect_timeout))
-                .set_response_timeout(Some(response_timeout)),
-            connecting: tokio::sync::Mutex::new(()),
+            shared,
+            link: Link::new(connect, connect_timeout),
+            lease,
         }
+    }
+
+    /// Whether what is held may be served: an answer to a request sent within the lease
+    /// came back on the current connection. Renews the lease in the background past half.
+    fn leased(&self) -> bool {
+        let acked = self.shared.acked.load(SeqCst);
+        if acked == 0 {
+            return false;
+        }
+        let age = Duration::from_micros(self.shared.now().saturating_sub(acked - 1));
+        if age > self.lease / 2 {
+            self.heartbeat();
+        }
+        age <= self.lease
+    }
+
+    /// Sends one `PING` on the tracking connection (unless one is in flight); its answer
+    /// renews the lease, its timeout discards the connection.
+    fn heartbeat(&self) {
+        let shared = &self.shared;
+        if shared.pinging.swap(true, SeqCst) {
+            return;
+        }
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            shared.pinging.store(false, SeqCst);
+            return;
+        };
+        let (link, shared, patience) = (self.link.clone(), shared.clone(), self.lease);
+        runtime.spawn(async move {
+            let sent = shared.now();
+            if let Ok(Ok((mut conn, _))) = tokio::time::timeout(patience, link.get()).await {
+                let ping = redis::cmd("PING");
+                match tokio::time::timeout(patience, ping.query_async::<()>(&mut conn)).await {
+                    Ok(Ok(())) => shared.ack(conn.id(), sent),
+                    Ok(Err(_)) => {}
+                    Err(_) => conn.discard(),
+                }
+            }
+            shared.pinging.store(false, SeqCst);
+        });
     }
 
     /// The entry, if it is held and its stamps were checked with no stamp dropped since.
     pub(crate) fn checked(&self, entry: &str) -> Option<Bytes> {
+        if !self.leased() {
+            return None;
+        }
         let stamp_seq = self.shared.stamp_seq.load(SeqCst);
         match self.shared.entries.get_checked(entry, stamp_seq) {
             Some((bytes, true)) => Some(bytes),
@@ -105,6 +202,9 @@ impl NearCache {
 
     /// The entry and every stamp, if all are held locally.
     pub(crate) fn lookup(&self, entry: &str, stamps: &[StampKey]) -> Option<Read> {
+        if !self.leased() {
+            return None;
+        }
         let s = &*self.shared;
         let stamp_seq = s.stamp_seq.load(SeqCst);
         let entry = s.entries.get(entry)?;
@@ -124,34 +224,30 @@ impl NearCache {
         self.shared.seq.load(SeqCst)
     }
 
-    /// The tracking connection, connecting (and enabling tracking) if there is none.
-    pub(crate) async fn connection(&self) -> redis::RedisResult<MultiplexedConnection> {
-        if let Some((_, c)) = &*self.shared.read_conn() {
-            return Ok(c.clone());
+    /// Sends `mget` on the tracking connection by `until` (a connection that times out is
+    /// discarded: a silent link would never fail by itself).
+    pub(crate) async fn read(
+        &self,
+        mget: &Cmd,
+        until: Instant,
+        deadline: Duration,
+    ) -> Result<Vec<Option<Bytes>>, StoreError> {
+        let (mut conn, _) = match tokio::time::timeout_at(until, self.link.get()).await {
+            Ok(got) => got?,
+            Err(_) => return Err(StoreError::Timeout(deadline)),
+        };
+        let sent = self.shared.now();
+        match tokio::time::timeout_at(until, mget.query_async(&mut conn)).await {
+            Ok(values) => {
+                let values = values?;
+                self.shared.ack(conn.id(), sent);
+                Ok(values)
+            }
+            Err(_) => {
+                conn.discard();
+                Err(StoreError::Timeout(deadline))
+            }
         }
-        let _guard = self.connecting.lock().await;
-        if let Some((_, c)) = &*self.shared.read_conn() {
-            return Ok(c.clone());
-        }
-        let id = self.shared.next_id.fetch_add(1, SeqCst);
-        let weak = Arc::downgrade(&self.shared);
-        let config = self
-            .config
-            .clone()
-            .set_push_sender(move |info: PushInfo| on_push(&weak, id, info));
-        let mut conn = self
-            .client
-            .get_multiplexed_async_connection_with_config(&config)
-            .await?;
-        redis::cmd("CLIENT")
-            .arg("TRACKING")
-            .arg("ON")
-            .query_async::<()>(&mut conn)
-            .await?;
-        // Whatever was held came from an earlier connection: start from nothing.
-        self.shared.drop_all();
-        *self.shared.conn.write().unwrap_or_else(|e| e.into_inner()) = Some((id, conn.clone()));
-        Ok(conn)
     }
 
     /// Keeps what an `MGET` of `entry` then `stamps` on the tracking connection returned
@@ -215,8 +311,16 @@ impl NearCache {
 }
 
 impl Shared {
-    fn read_conn(&self) -> std::sync::RwLockReadGuard<'_, Option<(u64, MultiplexedConnection)>> {
-        self.conn.read().unwrap_or_else(|e| e.into_inner())
+    /// µs since `origin`.
+    fn now(&self) -> u64 {
+        u64::try_from(self.origin.elapsed().as_micros()).unwrap_or(u64::MAX - 1)
+    }
+
+    /// A request sent at `sent` on connection `id` was answered.
+    fn ack(&self, id: u64, sent: u64) {
+        if self.current.load(SeqCst) == id {
+            self.acked.fetch_max(sent + 1, SeqCst);
+        }
     }
 
     fn drop_lock(&self) -> std::sync::MutexGuard<'_, ()> {
@@ -260,8 +364,9 @@ impl Shared {
     }
 }
 
-/// Runs on the connection's reader, in the order messages arrive.
-fn on_push(shared: &Weak<Shared>, id: u64, info: PushInfo) -> Result<(), ()> {
+/// Runs on the connection's reader, in the order messages arrive. (A lost connection also
+/// fails its next request, which discards it from the link.)
+fn on_push(shared: &Weak<Shared>, info: PushInfo) -> Result<(), ()> {
     let Some(shared) = shared.upgrade() else {
         return Err(());
     };
@@ -274,14 +379,7 @@ fn on_push(shared: &Weak<Shared>, id: u64, info: PushInfo) -> Result<(), ()> {
                 _ => shared.reset(),
             }
         }
-        PushKind::Disconnection => {
-            let mut conn = shared.conn.write().unwrap_or_else(|e| e.into_inner());
-            if conn.as_ref().is_some_and(|(current, _)| *current == id) {
-                *conn = None;
-            }
-            drop(conn);
-            shared.reset();
-        }
+        PushKind::Disconnection => shared.reset(),
         _ => {}
     }
     Ok(())
@@ -294,7 +392,17 @@ pub(crate) mod tests {
     /// A near cache that never connects: only what the tests put in and take out.
     pub(crate) fn offline() -> NearCache {
         let client = Client::open("redis://127.0.0.1:1").unwrap();
-        NearCache::new(client, 100, Duration::from_secs(1), Duration::from_secs(1))
+        let near = NearCache::new(
+            client,
+            100,
+            Duration::from_secs(1),
+            Duration::from_secs(1),
+            Duration::from_secs(3600),
+            None,
+        );
+        // As if a request had just been answered.
+        near.shared.acked.store(1, SeqCst);
+        near
     }
 
     pub(crate) fn key(name: &str) -> StampKey {

@@ -1,0 +1,168 @@
+//! Restart and failover detection. Redis restarted from an RDB or AOF file, or a replica
+//! promoted after missing the last writes of asynchronous replication, serves *older* tag
+//! tokens than the ones invalidations already returned for: entries computed before those
+//! invalidations would be fresh again. Every new connection therefore checks the server's
+//! `run_id` (random, new on every start) against the one recorded under the namespace's
+//! server key before any request uses it:
+//!
+//! - the same: this server process has held the namespace's data since it was last made
+//!   safe (the key is part of that data: a dataset restored from disk, or replicated from
+//!   another server, carries the `run_id` of the server it was made safe on);
+//! - anything else (restart, promotion, another server, a namespace this server never
+//!   saw): the namespace generation is replaced and the `run_id` recorded, in one
+//!   `MULTI`/`EXEC` under `WATCH` (so connections checking at once clear only once), and
+//!   every entry written before is stale.
+//!
+//! (`master_replid` is not part of it: a master changes it when its first replica attaches,
+//! which loses nothing.)
+//!
+//! Requests on a connection only reach the server checked when it was made, so nothing
+//! read from a restarted or promoted server is used before the namespace is safe.
+//! A replica (`role:slave`) is refused: it cannot take invalidations.
+//! Cost: one pipelined round trip (`INFO server`, `INFO replication`, `GET`) per new
+//! connection, plus one `MULTI`/`EXEC` and a namespace-wide miss when the server changed.
+//! When `INFO` is not allowed (an ACL without `@dangerous`), the identity is unknown and
+//! every new connection clears the namespace, which stays safe and costs misses.
+
+use crate::keyspace::new_token;
+use redis::Value;
+use redis::aio::MultiplexedConnection;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+
+/// What a connection to a cache's Redis checks before use: the keys of its namespace.
+#[derive(Debug, Clone)]
+pub(crate) struct Guard {
+    pub(crate) server_key: String,
+    pub(crate) generation_key: String,
+    /// Times a check replaced the generation (shared by every connection of the cache).
+    pub(crate) clears: Arc<AtomicU64>,
+}
+
+/// The identity as recorded (the `run_id`), or `None` when `INFO` was refused; an error for
+/// a replica.
+fn identity(server: &Value, replication: &Value) -> redis::RedisResult<Option<String>> {
+    let (Some(server), Some(replication)) = (text(server), text(replication)) else {
+        return Ok(None);
+    };
+    let field = |info: &str, name: &str| {
+        info.lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(':'))
+            .map(|v| v.trim().to_owned())
+    };
+    if field(&replication, "role").is_some_and(|r| r != "master") {
+        return Err(redis::RedisError::from((
+            redis::ErrorKind::Server(redis::ServerErrorKind::ReadOnly),
+            "the Redis server is a replica",
+            "the cache needs the master: invalidations are writes".to_owned(),
+        )));
+    }
+    Ok(field(&server, "run_id"))
+}
+
+fn text(v: &Value) -> Option<String> {
+    match v {
+        Value::BulkString(b) => Some(String::from_utf8_lossy(b).into_owned()),
+        Value::VerbatimString { text, .. } => Some(text.clone()),
+        Value::SimpleString(s) => Some(s.clone()),
+        _ => None,
+    }
+}
+
+/// Checks the server behind `conn` and makes the namespace safe on it (module docs).
+/// Returns whether the generation was replaced.
+pub(crate) async fn check(
+    conn: &mut MultiplexedConnection,
+    guard: &Guard,
+) -> redis::RedisResult<bool> {
+    let replies: Vec<Value> = redis::pipe()
+        .ignore_errors()
+        .cmd("INFO")
+        .arg("server")
+        .cmd("INFO")
+        .arg("replication")
+        .cmd("GET")
+        .arg(&guard.server_key)
+        .query_async(conn)
+        .await?;
+    let [server, replication, held] = &replies[..] else {
+        return Err(unexpected());
+    };
+    let identity = identity(server, replication)?;
+    let held = match held {
+        Value::BulkString(b) => Some(b.as_slice()),
+        Value::Nil => None,
+        Value::ServerError(e) => return Err(e.clone().into()),
+        _ => return Err(unexpected()),
+    };
+    let current =
+        |held: Option<&[u8]>| identity.is_some() && held == identity.as_deref().map(str::as_bytes);
+    if current(held) {
+        return Ok(false);
+    }
+    // Clear once, not once per connection checking at the same time: under `WATCH`, look
+    // again, and replace the generation only if nobody recorded this server in between.
+    // (The connection is not shared yet, so `WATCH` applies to this check alone.)
+    let (_, held): ((), Option<Vec<u8>>) = redis::pipe()
+        .cmd("WATCH")
+        .arg(&guard.server_key)
+        .cmd("GET")
+        .arg(&guard.server_key)
+        .query_async(conn)
+        .await?;
+    if current(held.as_deref()) {
+        redis::cmd("UNWATCH").query_async::<()>(conn).await?;
+        return Ok(false);
+    }
+    let mut clear = redis::pipe();
+    clear
+        .atomic()
+        .cmd("SET")
+        .arg(&guard.generation_key)
+        .arg(new_token())
+        .ignore();
+    match &identity {
+        Some(id) => clear.cmd("SET").arg(&guard.server_key).arg(id).ignore(),
+        None => clear.cmd("DEL").arg(&guard.server_key).ignore(),
+    };
+    // `None`: another connection recorded this server first (and cleared).
+    let done: Option<()> = clear.query_async(conn).await?;
+    if done.is_none() {
+        return Ok(false);
+    }
+    guard.clears.fetch_add(1, Relaxed);
+    tracing::warn!(
+        server_key = %guard.server_key,
+        identity = identity.as_deref().unwrap_or("unknown (INFO refused)"),
+        "cached-query: the Redis server is new to this namespace (first use, restart, failover \
+         or another server): its generation was replaced, so every entry stored before is a miss"
+    );
+    Ok(true)
+}
+
+fn unexpected() -> redis::RedisError {
+    redis::RedisError::from((
+        redis::ErrorKind::Parse,
+        "unexpected reply to the server identity check",
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn bulk(s: &str) -> Value {
+        Value::BulkString(s.as_bytes().to_vec())
+    }
+
+    #[test]
+    fn identity_is_the_run_id_of_a_master() {
+        let server = bulk("# Server\r\nredis_version:7.0.15\r\nrun_id:abc\r\n");
+        let repl = bulk("# Replication\r\nrole:master\r\nmaster_replid:def\r\n");
+        assert_eq!(identity(&server, &repl).unwrap().as_deref(), Some("abc"));
+        let replica = bulk("role:slave\r\nmaster_replid:def\r\n");
+        assert!(identity(&server, &replica).is_err());
+        // `INFO` refused: an error reply, not text.
+        assert_eq!(identity(&Value::Nil, &repl).unwrap(), None);
+    }
+}

@@ -1,0 +1,176 @@
+//! Redis that comes back with older data than the invalidations that returned: restarted
+//! from an RDB dump or an AOF file, or a replica promoted after missing the last writes.
+//! Each test first shows the hazard is real (the old tag token and the old entry are back
+//! in Redis), then that no cache, old or new, serves the old row.
+
+mod common;
+
+use cached_query::Cache;
+use common::users::{self, reads};
+use common::{RedisServer, TcpProxy, unique_ns};
+use sqlx::PgPool;
+use std::path::Path;
+use std::time::Duration;
+
+fn builder(url: &str, ns: &str) -> cached_query::CacheBuilder {
+    Cache::builder()
+        .redis(url)
+        .namespace(ns)
+        .response_timeout(Duration::from_millis(500))
+}
+
+/// A plain cache and one with a near cache, on the same namespace.
+async fn caches(url: &str, ns: &str) -> [Cache; 2] {
+    [
+        builder(url, ns).build().await.unwrap(),
+        builder(url, ns).near_cache(100).build().await.unwrap(),
+    ]
+}
+
+/// Both caches hold user 1 as "Ada" (the second read a hit).
+async fn warm(pool: &PgPool, caches: &[Cache; 2]) {
+    for cache in caches {
+        assert!(reads(pool, cache, 1, "Ada").await);
+        let hits = cache.stats().hits;
+        assert!(reads(pool, cache, 1, "Ada").await);
+        assert_eq!(cache.stats().hits, hits + 1, "{:?}", cache.stats());
+    }
+}
+
+/// Renames user 1 through `cache` (UPDATE, then an invalidation that returns Ok); both
+/// caches read the new name.
+async fn rename(pool: &PgPool, caches: &[Cache; 2]) {
+    let mut conn = pool.acquire().await.unwrap();
+    users::rename(&mut conn, &caches[0], 1, "Ada Lovelace")
+        .await
+        .unwrap();
+    for cache in caches {
+        assert!(reads(pool, cache, 1, "Ada Lovelace").await);
+    }
+}
+
+/// The tag token of user 1 in `ns`, read from `server` directly.
+fn token(server: &RedisServer, cache: &Cache) -> String {
+    let keys = server.cli(&["--scan", "--pattern", &format!("{}:t:*", cache.namespace())]);
+    let key = keys.lines().next().expect("a tag key").to_owned();
+    server.cli(&["GET", &key])
+}
+
+/// Server changes the caches found so far.
+fn changes(caches: &[Cache; 2]) -> u64 {
+    caches.iter().map(|c| c.stats().server_changes).sum()
+}
+
+/// After the bad restart: every cache (and a new one) reads the committed row, the first
+/// old cache to reconnect having found the server changed (`changes_before`: before it).
+async fn nothing_stale(pool: &PgPool, url: &str, caches: &[Cache; 2], changes_before: u64) {
+    for cache in caches {
+        for _ in 0..3 {
+            assert!(
+                reads(pool, cache, 1, "Ada Lovelace").await,
+                "stale read: {:?}",
+                cache.stats()
+            );
+        }
+    }
+    assert!(changes(caches) > changes_before, "{:?}", caches[0].stats());
+    let fresh = builder(url, caches[0].namespace()).build().await.unwrap();
+    assert!(reads(pool, &fresh, 1, "Ada Lovelace").await);
+    // Hits come back on the new server.
+    assert!(reads(pool, &caches[0], 1, "Ada Lovelace").await);
+    let before = caches[0].stats().hits;
+    assert!(reads(pool, &caches[0], 1, "Ada Lovelace").await);
+    assert_eq!(caches[0].stats().hits, before + 1);
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        std::fs::copy(entry.path(), to.join(entry.file_name())).unwrap();
+    }
+}
+
+#[sqlx::test]
+async fn a_restart_from_an_rdb_dump_serves_nothing_stale(pool: PgPool) {
+    users::schema(&pool).await;
+    let mut server = RedisServer::start();
+    let ns = unique_ns("rdb");
+    let caches = caches(&server.url(), &ns).await;
+    warm(&pool, &caches).await;
+    let saved = token(&server, &caches[0]);
+    assert_eq!(server.cli(&["SAVE"]).trim(), "OK");
+    rename(&pool, &caches).await;
+    assert_ne!(token(&server, &caches[0]), saved);
+
+    let before = changes(&caches);
+    server.kill();
+    server.restart();
+    assert_eq!(
+        token(&server, &caches[0]),
+        saved,
+        "the dump brought the old token back"
+    );
+    nothing_stale(&pool, &server.url(), &caches, before).await;
+}
+
+#[sqlx::test]
+async fn a_restart_from_an_aof_file_that_missed_the_invalidation_serves_nothing_stale(
+    pool: PgPool,
+) {
+    users::schema(&pool).await;
+    let mut server = RedisServer::start_with(&["--appendonly", "yes", "--appendfsync", "always"]);
+    let ns = unique_ns("aof");
+    let caches = caches(&server.url(), &ns).await;
+    warm(&pool, &caches).await;
+    let saved = token(&server, &caches[0]);
+    // The AOF as of now: what a crash keeps when the last second was never fsynced
+    // (`appendfsync everysec`, the default).
+    let aof = server.dir().join("appendonlydir");
+    let kept = server.dir().with_extension("kept-aof");
+    copy_dir(&aof, &kept);
+    rename(&pool, &caches).await;
+
+    let before = changes(&caches);
+    server.kill();
+    std::fs::remove_dir_all(&aof).unwrap();
+    copy_dir(&kept, &aof);
+    std::fs::remove_dir_all(&kept).unwrap();
+    server.restart();
+    assert_eq!(
+        token(&server, &caches[0]),
+        saved,
+        "the AOF brought the old token back"
+    );
+    nothing_stale(&pool, &server.url(), &caches, before).await;
+}
+
+/// The replica's replication link goes through a proxy that the test stalls, so it misses
+/// the invalidation; the application reaches Redis through another proxy, switched to the
+/// replica when it is promoted (a failover behind a fixed address).
+#[sqlx::test]
+async fn a_replica_promoted_after_missing_the_invalidation_serves_nothing_stale(pool: PgPool) {
+    users::schema(&pool).await;
+    let mut master = RedisServer::start_with(&["--repl-diskless-sync-delay", "0"]);
+    let replica = RedisServer::start();
+    let link = TcpProxy::start(&master.addr()).await;
+    replica.replicate(&format!("127.0.0.1:{}", link.port)).await;
+    let front = TcpProxy::start(&master.addr()).await;
+    let url = front.redis_url();
+    let ns = unique_ns("promoted");
+    let caches = caches(&url, &ns).await;
+    warm(&pool, &caches).await;
+    replica.caught_up(&master).await;
+    let saved = token(&replica, &caches[0]);
+
+    link.stall();
+    rename(&pool, &caches).await;
+    assert_eq!(token(&replica, &caches[0]), saved, "the replica missed it");
+
+    let before = changes(&caches);
+    assert_eq!(replica.cli(&["REPLICAOF", "NO", "ONE"]).trim(), "OK");
+    front.switch(&replica.addr());
+    front.cut();
+    master.kill();
+    nothing_stale(&pool, &url, &caches, before).await;
+}
