@@ -100,6 +100,14 @@ async fn bad_values_name_the_variable_and_value() {
             ("CACHE_NAMESPACE", "has space"),
             "namespace=\"has space\": expected 1 to 64 printable ASCII",
         ),
+        (
+            ("REDIS_SENTINEL_URLS", "redis://127.0.0.1:26379"),
+            "REDIS_SENTINEL_MASTER=\"\": expected the master's name",
+        ),
+        (
+            ("REDIS_SENTINEL_MASTER", "mymaster"),
+            "REDIS_SENTINEL_URLS=\"\": expected Sentinel URLs",
+        ),
     ];
     for ((name, value), expected) in cases {
         let err = Cache::from_lookup(lookup(&[(name, value)]))

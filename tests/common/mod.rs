@@ -772,3 +772,75 @@ impl Drop for PgServer {
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
+
+/// A Redis Sentinel of this test's own on a free port, monitoring `master` (`host:port`)
+/// under `name` with a quorum of 2 and a 1 s down-after time; killed on drop.
+pub struct Sentinel {
+    pub port: u16,
+    dir: PathBuf,
+    child: Child,
+}
+
+impl Sentinel {
+    pub fn start(name: &str, master: &str) -> Self {
+        let port = free_port();
+        let dir = std::env::temp_dir().join(format!("cq-sentinel-{port}-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let (host, master_port) = master.split_once(':').unwrap();
+        let conf = dir.join("sentinel.conf");
+        std::fs::write(
+            &conf,
+            format!(
+                "port {port}\nbind 127.0.0.1\ndir {}\n\
+                 sentinel monitor {name} {host} {master_port} 2\n\
+                 sentinel down-after-milliseconds {name} 1000\n\
+                 sentinel failover-timeout {name} 5000\n\
+                 sentinel parallel-syncs {name} 1\n",
+                dir.display()
+            ),
+        )
+        .unwrap();
+        let child = Command::new("redis-server")
+            .arg(&conf)
+            .arg("--sentinel")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("redis-server runs as a sentinel");
+        let sentinel = Sentinel { port, dir, child };
+        for _ in 0..500 {
+            if sentinel.cli(&["PING"]).trim() == "PONG" {
+                return sentinel;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        panic!("sentinel on port {port} did not come up");
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    pub fn cli(&self, args: &[&str]) -> String {
+        let out = Command::new("redis-cli")
+            .args(["-p", &self.port.to_string()])
+            .args(args)
+            .output()
+            .expect("redis-cli runs");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// The port of the master this sentinel names for `name`.
+    pub fn master_port(&self, name: &str) -> Option<u16> {
+        let out = self.cli(&["SENTINEL", "GET-MASTER-ADDR-BY-NAME", name]);
+        out.lines().nth(1)?.trim().parse().ok()
+    }
+}
+
+impl Drop for Sentinel {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}

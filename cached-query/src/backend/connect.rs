@@ -11,6 +11,7 @@ use redis::aio::ConnectionLike;
 use redis::cluster::ClusterClient;
 use redis::cluster_async::ClusterConnection;
 use redis::{Cmd, Pipeline, RedisFuture, Value};
+use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
 use std::time::Duration;
 
@@ -87,20 +88,18 @@ impl std::fmt::Debug for Connections {
 }
 
 impl Connections {
-    /// `count` lazily connected connections to the node at `url`, each checked with `guard`
-    /// before use when given.
+    /// `count` lazily connected connections to the node `source` names, each checked with
+    /// `guard` before use when given.
     pub(crate) fn single(
-        url: &str,
-        root_cert: Option<&[u8]>,
+        source: &Source,
         count: usize,
         timeouts: Timeouts,
         guard: Option<Guard>,
     ) -> Result<Self, Error> {
-        let client = client(url, false, root_cert)?;
         let links = (0..count.max(1))
             .map(|_| {
                 Link::new(
-                    checked_connect(client.clone(), timeouts, guard.clone()),
+                    checked_connect(source.clone(), timeouts, guard.clone()),
                     timeouts.connect,
                 )
             })
@@ -163,6 +162,10 @@ impl Connections {
         if !config.cluster_urls.is_empty() {
             return Self::cluster(&config.cluster_urls, root_cert, timeouts);
         }
+        if let Some(master) = &config.sentinel_master {
+            let source = Source::sentinel(&config.sentinel_urls, master, false, root_cert)?;
+            return Self::single(&source, 1, timeouts, None);
+        }
         let url = config.url.as_deref().ok_or_else(|| {
             Error::config(
                 "REDIS_URL",
@@ -170,7 +173,7 @@ impl Connections {
                 &format!("a Redis URL: {what_needs_it} needs Redis (neither REDIS_URL nor REDIS_CLUSTER_URLS is set)"),
             )
         })?;
-        Self::single(url, root_cert, 1, timeouts, None)
+        Self::single(&Source::node(url, false, root_cert)?, 1, timeouts, None)
     }
 
     pub(crate) fn is_cluster(&self) -> bool {
@@ -196,20 +199,16 @@ impl Connections {
     }
 }
 
-/// Connects to `client`'s node and, with a guard, checks its identity before the
+/// Connects to the node `source` names and, with a guard, checks its identity before the
 /// connection is used (see [`identity`]).
-pub(crate) fn checked_connect(
-    client: redis::Client,
-    timeouts: Timeouts,
-    guard: Option<Guard>,
-) -> Connect {
-    let config = redis::AsyncConnectionConfig::new()
-        .set_connection_timeout(Some(timeouts.connect))
-        .set_response_timeout(Some(timeouts.response));
+pub(crate) fn checked_connect(source: Source, timeouts: Timeouts, guard: Option<Guard>) -> Connect {
+    let config = timeouts.config();
     Box::new(move |_id| {
-        let (client, config, guard) = (client.clone(), config.clone(), guard.clone());
+        let (source, config, guard) = (source.clone(), config.clone(), guard.clone());
         async move {
-            let mut conn = client
+            let mut conn = source
+                .resolve(timeouts)
+                .await?
                 .get_multiplexed_async_connection_with_config(&config)
                 .await?;
             if let Some(guard) = &guard {
@@ -219,6 +218,121 @@ pub(crate) fn checked_connect(
         }
         .boxed()
     })
+}
+
+impl Timeouts {
+    /// A connection configuration with these timeouts.
+    pub(crate) fn config(&self) -> redis::AsyncConnectionConfig {
+        redis::AsyncConnectionConfig::new()
+            .set_connection_timeout(Some(self.connect))
+            .set_response_timeout(Some(self.response))
+    }
+}
+
+/// Where a single-node connection goes: a fixed node, or the master that Redis Sentinel
+/// names, asked again for every new connection so a failover is followed. (A Sentinel that
+/// still names the old master, now a replica, is caught by the identity check.)
+#[derive(Clone)]
+pub(crate) enum Source {
+    Node(Arc<redis::Client>),
+    Sentinel(Arc<SentinelSource>),
+}
+
+pub(crate) struct SentinelSource {
+    sentinels: Vec<redis::Client>,
+    master: String,
+    root_cert: Option<Vec<u8>>,
+}
+
+impl Source {
+    /// The node at `url` (RESP3 when `resp3`: client-side caching needs it).
+    pub(crate) fn node(url: &str, resp3: bool, root_cert: Option<&[u8]>) -> Result<Self, Error> {
+        Ok(Source::Node(Arc::new(client(url, resp3, root_cert)?)))
+    }
+
+    /// The master named `master` by the Sentinels at `urls` (spoken to in RESP3 when
+    /// `resp3`). The master is reached with the scheme, credentials, database and protocol
+    /// of the Sentinel URL that named it.
+    pub(crate) fn sentinel(
+        urls: &[String],
+        master: &str,
+        resp3: bool,
+        root_cert: Option<&[u8]>,
+    ) -> Result<Self, Error> {
+        if urls.is_empty() || master.is_empty() {
+            return Err(Error::config(
+                "redis_sentinel",
+                &format!("{} URLs, master {master:?}", urls.len()),
+                "at least one Sentinel URL and a master name",
+            ));
+        }
+        let sentinels = urls
+            .iter()
+            .map(|u| client(u, resp3, root_cert))
+            .collect::<Result<_, _>>()?;
+        Ok(Source::Sentinel(Arc::new(SentinelSource {
+            sentinels,
+            master: master.to_owned(),
+            root_cert: root_cert.map(<[u8]>::to_vec),
+        })))
+    }
+
+    /// A client for the node to connect to now.
+    pub(crate) async fn resolve(&self, timeouts: Timeouts) -> redis::RedisResult<redis::Client> {
+        let s = match self {
+            Source::Node(client) => return Ok((**client).clone()),
+            Source::Sentinel(s) => s,
+        };
+        let mut last = None;
+        for sentinel in &s.sentinels {
+            let asked = async {
+                let mut conn = sentinel
+                    .get_multiplexed_async_connection_with_config(&timeouts.config())
+                    .await?;
+                redis::cmd("SENTINEL")
+                    .arg("GET-MASTER-ADDR-BY-NAME")
+                    .arg(&s.master)
+                    .query_async::<Option<(String, u16)>>(&mut conn)
+                    .await
+            };
+            match asked.await {
+                Ok(Some((host, port))) => return s.master_client(sentinel, host, port),
+                Ok(None) => {
+                    last = Some(redis::RedisError::from((
+                        redis::ErrorKind::MasterNameNotFoundBySentinel,
+                        "Sentinel does not know the master",
+                        s.master.clone(),
+                    )));
+                }
+                Err(e) => last = Some(e),
+            }
+        }
+        Err(last.unwrap_or_else(|| {
+            redis::RedisError::from((redis::ErrorKind::EmptySentinelList, "no Sentinel"))
+        }))
+    }
+}
+
+impl SentinelSource {
+    fn master_client(
+        &self,
+        sentinel: &redis::Client,
+        host: String,
+        port: u16,
+    ) -> redis::RedisResult<redis::Client> {
+        let info = sentinel.get_connection_info().clone();
+        let addr = match info.addr() {
+            redis::ConnectionAddr::TcpTls { insecure, .. } => redis::ConnectionAddr::TcpTls {
+                host,
+                port,
+                insecure: *insecure,
+                tls_params: None,
+            },
+            _ => redis::ConnectionAddr::Tcp(host, port),
+        };
+        // Credentials, database and protocol (RESP3 for the near cache) come along.
+        open(info.set_addr(addr), self.root_cert.as_deref())
+    }
 }
 
 /// A client for `url`, speaking RESP3 when `resp3` (client-side caching needs it).

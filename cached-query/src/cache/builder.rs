@@ -1,7 +1,7 @@
 //! `CacheBuilder`: choose a backend and tune it, by hand or from the environment.
 
 use super::{Cache, Settings};
-use crate::backend::connect::{self, Connections, Timeouts};
+use crate::backend::connect::{Connections, Source, Timeouts};
 use crate::backend::identity::Guard;
 use crate::backend::near::NearCache;
 use crate::backend::redis::RedisStore;
@@ -17,6 +17,8 @@ enum Backend {
     Memory,
     Redis(String),
     RedisCluster(Vec<String>),
+    /// Sentinel URLs and the master's name.
+    RedisSentinel(Vec<String>, String),
     Disabled,
 }
 
@@ -51,6 +53,13 @@ impl std::fmt::Debug for CacheBuilder {
             Backend::Redis(url) => format!("redis({})", redact_url(url)),
             Backend::RedisCluster(urls) => format!(
                 "redis_cluster({})",
+                urls.iter()
+                    .map(|u| redact_url(u))
+                    .collect::<Vec<_>>()
+                    .join(",")
+            ),
+            Backend::RedisSentinel(urls, master) => format!(
+                "redis_sentinel({}, {master})",
                 urls.iter()
                     .map(|u| redact_url(u))
                     .collect::<Vec<_>>()
@@ -113,12 +122,33 @@ impl CacheBuilder {
         self
     }
 
+    /// Store entries in the Redis master that Redis Sentinel names `master_name`, given one
+    /// or more Sentinels' URLs (e.g. `redis://sentinel-1:26379`). Every new connection asks
+    /// the Sentinels again, so a failover is followed; a promoted replica is checked like any
+    /// new server (see the README's failure modes), and a Sentinel that still names a demoted
+    /// master is caught (a replica is refused). The master is reached with the scheme,
+    /// credentials and database of the Sentinel URL that named it. Works with the near cache.
+    #[must_use]
+    pub fn redis_sentinel<I, S>(mut self, urls: I, master_name: &str) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<str>,
+    {
+        let urls = urls.into_iter().map(|u| u.as_ref().to_owned()).collect();
+        self.backend = Backend::RedisSentinel(urls, master_name.to_owned());
+        self
+    }
+
     /// Applies Redis settings (typically [`RedisConfig::from_env`]): Redis when it has a
     /// URL, the in-memory backend otherwise, its timeouts and its root certificate.
     #[must_use]
     pub fn redis_config(mut self, config: RedisConfig) -> Self {
         self.backend = match (config.cluster_urls.is_empty(), config.url) {
             (false, _) => Backend::RedisCluster(config.cluster_urls),
+            _ if !config.sentinel_urls.is_empty() => Backend::RedisSentinel(
+                config.sentinel_urls,
+                config.sentinel_master.unwrap_or_default(),
+            ),
             (true, Some(url)) => Backend::Redis(url),
             (true, None) => Backend::Memory,
         };
@@ -361,12 +391,23 @@ impl CacheBuilder {
         let (store, near) = match &self.backend {
             Backend::Disabled => (None, None),
             Backend::Memory => (Some(Store::Memory(MemoryStore::new(self.capacity))), None),
-            Backend::Redis(url) => {
-                let conns =
-                    Connections::single(url, root_cert, self.connections, timeouts, guard.clone())?;
+            Backend::Redis(_) | Backend::RedisSentinel(..) => {
+                let source = |resp3| match &self.backend {
+                    Backend::RedisSentinel(urls, master) => {
+                        Source::sentinel(urls, master, resp3, root_cert)
+                    }
+                    Backend::Redis(url) => Source::node(url, resp3, root_cert),
+                    _ => unreachable!("a single-node backend"),
+                };
+                let conns = Connections::single(
+                    &source(false)?,
+                    self.connections,
+                    timeouts,
+                    guard.clone(),
+                )?;
                 let near = match self.near_capacity {
                     Some(capacity) => Some(NearCache::new(
-                        connect::client(url, true, root_cert)?,
+                        source(true)?,
                         capacity,
                         timeouts.connect,
                         timeouts.response,
@@ -443,7 +484,8 @@ impl CacheBuilder {
         };
         let server_changes = Arc::new(AtomicU64::new(0));
         let guard = Some(self.guard(&server_changes));
-        let conns = Connections::single(url, None, 1, self.timeouts(), guard)?;
+        let conns =
+            Connections::single(&Source::node(url, false, None)?, 1, self.timeouts(), guard)?;
         let store = self.redis_store(conns);
         Ok(Cache::new(
             Some(store),
@@ -480,7 +522,7 @@ impl CacheBuilder {
         if !enabled {
             return Ok(builder.disabled());
         }
-        if redis.url.is_none() && redis.cluster_urls.is_empty() {
+        if redis.url.is_none() && redis.cluster_urls.is_empty() && redis.sentinel_urls.is_empty() {
             tracing::info!("REDIS_URL is not set: cached-query uses its in-process memory backend");
         }
         if let Some(v) = get("CACHE_NEAR_CAPACITY") {

@@ -19,6 +19,12 @@ pub struct RedisConfig {
     /// `REDIS_CLUSTER_URLS` (comma-separated node URLs, same password rule); when set, a
     /// Redis Cluster is used and `url` is ignored.
     pub cluster_urls: Vec<String>,
+    /// `REDIS_SENTINEL_URLS` (comma-separated Sentinel URLs, same password rule) with
+    /// `REDIS_SENTINEL_MASTER` (the master's name): when set (and no cluster is), the cache
+    /// uses the master the Sentinels name, and `url` is ignored.
+    pub sentinel_urls: Vec<String>,
+    /// `REDIS_SENTINEL_MASTER`: see `sentinel_urls`.
+    pub sentinel_master: Option<String>,
     /// `REDIS_CONNECT_TIMEOUT_MS` (1000).
     pub connect_timeout: Duration,
     /// `REDIS_RESPONSE_TIMEOUT_MS` (250): the deadline of every Redis operation.
@@ -33,6 +39,8 @@ impl Default for RedisConfig {
         RedisConfig {
             url: None,
             cluster_urls: Vec::new(),
+            sentinel_urls: Vec::new(),
+            sentinel_master: None,
             connect_timeout: Duration::from_secs(1),
             response_timeout: Duration::from_millis(250),
             root_certificate: None,
@@ -52,6 +60,15 @@ impl std::fmt::Debug for RedisConfig {
                     .map(|u| redact_url(u))
                     .collect::<Vec<_>>(),
             )
+            .field(
+                "sentinel_urls",
+                &self
+                    .sentinel_urls
+                    .iter()
+                    .map(|u| redact_url(u))
+                    .collect::<Vec<_>>(),
+            )
+            .field("sentinel_master", &self.sentinel_master)
             .field("connect_timeout", &self.connect_timeout)
             .field("response_timeout", &self.response_timeout)
             .field("root_certificate", &self.root_certificate.is_some())
@@ -80,8 +97,9 @@ impl RedisConfig {
         }
     }
 
-    /// Reads `REDIS_URL`, `REDIS_CLUSTER_URLS`, `REDIS_PASSWORD`, `REDIS_CONNECT_TIMEOUT_MS`,
-    /// `REDIS_RESPONSE_TIMEOUT_MS` and `REDIS_CA_CERT` from the process environment.
+    /// Reads `REDIS_URL`, `REDIS_CLUSTER_URLS`, `REDIS_SENTINEL_URLS`, `REDIS_SENTINEL_MASTER`,
+    /// `REDIS_PASSWORD`, `REDIS_CONNECT_TIMEOUT_MS`, `REDIS_RESPONSE_TIMEOUT_MS` and
+    /// `REDIS_CA_CERT` from the process environment.
     pub fn from_env() -> Result<RedisConfig, Error> {
         Self::from_lookup(|name| std::env::var(name).ok())
     }
@@ -113,14 +131,36 @@ impl RedisConfig {
             None => url.trim().to_owned(),
         };
         config.url = get("REDIS_URL").map(|url| with_password(&url));
-        config.cluster_urls = get("REDIS_CLUSTER_URLS")
-            .map(|urls| {
-                urls.split(',')
-                    .filter(|u| !u.trim().is_empty())
-                    .map(with_password)
-                    .collect()
-            })
-            .unwrap_or_default();
+        let list = |name: &str| -> Vec<String> {
+            get(name)
+                .map(|urls| {
+                    urls.split(',')
+                        .filter(|u| !u.trim().is_empty())
+                        .map(with_password)
+                        .collect()
+                })
+                .unwrap_or_default()
+        };
+        config.cluster_urls = list("REDIS_CLUSTER_URLS");
+        config.sentinel_urls = list("REDIS_SENTINEL_URLS");
+        config.sentinel_master = get("REDIS_SENTINEL_MASTER").map(|m| m.trim().to_owned());
+        match (config.sentinel_urls.is_empty(), &config.sentinel_master) {
+            (false, None) => {
+                return Err(Error::config(
+                    "REDIS_SENTINEL_MASTER",
+                    "",
+                    "the master's name (REDIS_SENTINEL_URLS is set)",
+                ));
+            }
+            (true, Some(master)) => {
+                return Err(Error::config(
+                    "REDIS_SENTINEL_URLS",
+                    "",
+                    &format!("Sentinel URLs (REDIS_SENTINEL_MASTER is set to {master:?})"),
+                ));
+            }
+            _ => {}
+        }
         Ok(config)
     }
 }

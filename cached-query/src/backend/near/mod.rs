@@ -22,13 +22,14 @@
 
 mod shards;
 
+use super::connect::{Source, Timeouts};
 use super::identity::{self, Guard};
 use super::link::Link;
 use super::{Read, StampKey, StoreError};
 use crate::keyspace::is_entry_key;
 use bytes::Bytes;
 use futures_util::FutureExt;
-use redis::{AsyncConnectionConfig, Client, Cmd, PushInfo, PushKind, Value};
+use redis::{Cmd, PushInfo, PushKind, Value};
 use shards::Shards;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::SeqCst};
 use std::sync::{Arc, Mutex, Weak};
@@ -77,10 +78,10 @@ impl std::fmt::Debug for NearCache {
 }
 
 impl NearCache {
-    /// A near cache of at most `capacity` entries (and as many stamps). `client` must speak
+    /// A near cache of at most `capacity` entries (and as many stamps). `source` must speak
     /// RESP3; nothing connects until the first read.
     pub(crate) fn new(
-        client: Client,
+        source: Source,
         capacity: u64,
         connect_timeout: Duration,
         response_timeout: Duration,
@@ -100,12 +101,14 @@ impl NearCache {
             invalidations: AtomicU64::new(0),
             resets: AtomicU64::new(0),
         });
-        let config = AsyncConnectionConfig::new()
-            .set_connection_timeout(Some(connect_timeout))
-            .set_response_timeout(Some(response_timeout));
+        let timeouts = Timeouts {
+            connect: connect_timeout,
+            response: response_timeout,
+        };
+        let config = timeouts.config();
         let weak = Arc::downgrade(&shared);
         let connect = Box::new(move |id: u64| {
-            let (client, guard, weak) = (client.clone(), guard.clone(), weak.clone());
+            let (source, guard, weak) = (source.clone(), guard.clone(), weak.clone());
             let config = {
                 let weak = weak.clone();
                 config
@@ -113,7 +116,9 @@ impl NearCache {
                     .set_push_sender(move |info: PushInfo| on_push(&weak, info))
             };
             async move {
-                let mut conn = client
+                let mut conn = source
+                    .resolve(timeouts)
+                    .await?
                     .get_multiplexed_async_connection_with_config(&config)
                     .await?;
                 redis::cmd("CLIENT")
@@ -391,9 +396,9 @@ pub(crate) mod tests {
 
     /// A near cache that never connects: only what the tests put in and take out.
     pub(crate) fn offline() -> NearCache {
-        let client = Client::open("redis://127.0.0.1:1").unwrap();
+        let source = Source::node("redis://127.0.0.1:1", true, None).unwrap();
         let near = NearCache::new(
-            client,
+            source,
             100,
             Duration::from_secs(1),
             Duration::from_secs(1),
