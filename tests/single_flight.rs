@@ -157,3 +157,61 @@ async fn a_read_after_an_invalidation_never_joins_or_sees_an_older_query() {
         assert_eq!(cache.stats().misses, 3, "{cache:?}");
     }
 }
+
+/// A query whose first execution waits to be released; every execution returns the
+/// database's version at its start.
+#[derive(Default)]
+struct SlowDb {
+    version: AtomicI64,
+    runs: AtomicU32,
+    entered: Notify,
+    release: Notify,
+}
+
+#[cached_query(cache = cache, invalidate = "slow", skip(db))]
+async fn slow(cache: &Cache, db: &SlowDb) -> Result<i64, String> {
+    let v = db.version.load(SeqCst);
+    if db.runs.fetch_add(1, SeqCst) == 0 {
+        db.entered.notify_one();
+        db.release.notified().await;
+    }
+    Ok(v)
+}
+
+/// While Redis is unreadable there are no stamps to key a flight by: a caller that arrives
+/// after a commit (and another process's invalidation, which it cannot see) must not join a
+/// query that started before it. It runs its own and gets the new row.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn while_redis_is_unreadable_a_caller_never_joins_an_older_query() {
+    let mut server = common::RedisServer::start();
+    let url = server.url();
+    server.kill();
+    let cache = common::fail_fast(&url, "unreadable").build().await.unwrap();
+    let db = Arc::new(SlowDb::default());
+    let older = {
+        let (cache, db) = (cache.clone(), db.clone());
+        tokio::spawn(async move { slow(&cache, &db).await })
+    };
+    db.entered.notified().await;
+    db.version.store(1, SeqCst); // committed while the older query runs
+    let newer = {
+        let (cache, db) = (cache.clone(), db.clone());
+        tokio::spawn(async move { slow(&cache, &db).await })
+    };
+    // It either finishes on its own or waits on the older query (the bug).
+    tokio::time::timeout(Duration::from_secs(20), async {
+        while !newer.is_finished() && cache.shared_waiters() == 0 {
+            tokio::task::yield_now().await;
+        }
+    })
+    .await
+    .unwrap();
+    db.release.notify_one();
+    assert_eq!(
+        newer.await.unwrap().unwrap(),
+        1,
+        "joined a query older than it"
+    );
+    assert_eq!(older.await.unwrap().unwrap(), 0);
+    assert_eq!(db.runs.load(SeqCst), 2);
+}

@@ -130,6 +130,7 @@ impl Cache {
         let epoch = inner.epoch.load(Ordering::SeqCst);
         // Before the read: a result stored after this point must be visible to it.
         let ticket = inner.flights.ticket();
+        let arrival = inner.flights.arrival();
 
         // 1–2. Entry and stamps from the near layer (not while the breaker is open: held
         // stamps are only as current as a connection Redis may no longer answer on), else one
@@ -161,10 +162,10 @@ impl Cache {
         };
 
         // 4. Single-flight.
-        let leader = match inner
-            .flights
-            .join(flight_key(&entry, epoch, stamps.as_deref()), ticket)
-        {
+        // Without stamps, only a query that started after this caller arrived is shared.
+        let started_after = stamps.is_none().then_some(arrival);
+        let key = flight_key(&entry, epoch, stamps.as_deref());
+        let leader = match inner.flights.join(key, ticket, started_after) {
             Role::Leader(leader) => Some(leader),
             Role::Follower(rx) => {
                 if let Some(payload) = inner.flights.follow(rx).await

@@ -58,14 +58,26 @@ impl Flights {
         self.clock.load(SeqCst)
     }
 
+    /// Taken by a caller when it arrives: with [`join`](Self::join)'s `started_after`, it
+    /// joins only flights whose query started after that point.
+    pub(crate) fn arrival(&self) -> u64 {
+        self.next_id.load(SeqCst)
+    }
+
     /// Joins the flight for `key` (or one that landed after `ticket`), or leads a new one.
-    pub(crate) fn join(&self, key: Vec<u8>, ticket: u64) -> Role<'_> {
+    /// With `started_after` (an [`arrival`](Self::arrival)), only a flight whose leader
+    /// started after it is joined: without stamps (Redis unreadable) the key cannot tell a
+    /// query that began before an invalidation this caller has seen.
+    pub(crate) fn join(&self, key: Vec<u8>, ticket: u64, started_after: Option<u64>) -> Role<'_> {
         let mut map = self.map.lock().unwrap_or_else(|e| e.into_inner());
-        let joinable = |f: &&Flight| f.landed.is_none_or(|landed| ticket < landed);
+        let joinable = |f: &&Flight| {
+            f.landed.is_none_or(|landed| ticket < landed)
+                && started_after.is_none_or(|arrived| f.id >= arrived)
+        };
         if let Some(flight) = map.get(&key).filter(joinable) {
             return Role::Follower(flight.rx.clone());
         }
-        let id = self.next_id.fetch_add(1, Relaxed);
+        let id = self.next_id.fetch_add(1, SeqCst);
         let (tx, rx) = watch::channel(None);
         map.insert(
             key.clone(),
@@ -146,10 +158,10 @@ mod tests {
     #[tokio::test]
     async fn followers_get_the_leaders_bytes() {
         let f = Flights::default();
-        let Role::Leader(leader) = f.join(b"k".to_vec(), f.ticket()) else {
+        let Role::Leader(leader) = f.join(b"k".to_vec(), f.ticket(), None) else {
             panic!("first caller must lead")
         };
-        let Role::Follower(rx) = f.join(b"k".to_vec(), f.ticket()) else {
+        let Role::Follower(rx) = f.join(b"k".to_vec(), f.ticket(), None) else {
             panic!("second caller must follow")
         };
         let (got, ()) = tokio::join!(f.follow(rx), async {
@@ -166,42 +178,67 @@ mod tests {
     #[tokio::test]
     async fn a_stored_result_serves_only_reads_from_before_it_landed() {
         let f = Flights::default();
-        let Role::Leader(leader) = f.join(b"k".to_vec(), f.ticket()) else {
+        let Role::Leader(leader) = f.join(b"k".to_vec(), f.ticket(), None) else {
             panic!("first caller must lead")
         };
         let missed_before = f.ticket();
         leader.publish(Arc::from(&b"7"[..]), true);
-        let Role::Follower(rx) = f.join(b"k".to_vec(), missed_before) else {
+        let Role::Follower(rx) = f.join(b"k".to_vec(), missed_before, None) else {
             panic!("a caller whose read came before the write joins the stored result")
         };
         assert_eq!(f.follow(rx).await.as_deref(), Some(&b"7"[..]));
         // A read after the write that still missed (entry deleted, corrupt): run again.
-        assert!(matches!(f.join(b"k".to_vec(), f.ticket()), Role::Leader(_)));
+        assert!(matches!(
+            f.join(b"k".to_vec(), f.ticket(), None),
+            Role::Leader(_)
+        ));
     }
 
     #[tokio::test]
     async fn an_unstored_result_is_not_kept() {
         let f = Flights::default();
-        let Role::Leader(leader) = f.join(b"k".to_vec(), f.ticket()) else {
+        let Role::Leader(leader) = f.join(b"k".to_vec(), f.ticket(), None) else {
             panic!("first caller must lead")
         };
         let missed_before = f.ticket();
         leader.publish(Arc::from(&b"7"[..]), false);
         assert!(matches!(
-            f.join(b"k".to_vec(), missed_before),
+            f.join(b"k".to_vec(), missed_before, None),
             Role::Leader(_)
+        ));
+    }
+
+    #[test]
+    fn without_stamps_only_a_query_that_started_after_arrival_is_shared() {
+        let f = Flights::default();
+        let arrived = f.arrival();
+        let Role::Leader(_older) = f.join(b"k".to_vec(), f.ticket(), None) else {
+            panic!("first caller must lead")
+        };
+        let late = f.arrival();
+        // Arrived after that query started: it must run its own.
+        let Role::Leader(_own) = f.join(b"k".to_vec(), f.ticket(), Some(late)) else {
+            panic!("a query that started before this caller arrived was joined")
+        };
+        // Arrived before the (new) query started: sharing it is safe.
+        assert!(matches!(
+            f.join(b"k".to_vec(), f.ticket(), Some(arrived)),
+            Role::Follower(_)
         ));
     }
 
     #[tokio::test]
     async fn a_dropped_leader_releases_followers_empty_handed() {
         let f = Flights::default();
-        let leader = f.join(b"k".to_vec(), f.ticket());
-        let Role::Follower(rx) = f.join(b"k".to_vec(), f.ticket()) else {
+        let leader = f.join(b"k".to_vec(), f.ticket(), None);
+        let Role::Follower(rx) = f.join(b"k".to_vec(), f.ticket(), None) else {
             panic!("second caller must follow")
         };
         drop(leader);
         assert_eq!(f.follow(rx).await, None);
-        assert!(matches!(f.join(b"k".to_vec(), f.ticket()), Role::Leader(_)));
+        assert!(matches!(
+            f.join(b"k".to_vec(), f.ticket(), None),
+            Role::Leader(_)
+        ));
     }
 }
