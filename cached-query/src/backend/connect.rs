@@ -206,11 +206,7 @@ pub(crate) fn checked_connect(source: Source, timeouts: Timeouts, guard: Option<
     Box::new(move |_id| {
         let (source, config, guard) = (source.clone(), config.clone(), guard.clone());
         async move {
-            let mut conn = source
-                .resolve(timeouts)
-                .await?
-                .get_multiplexed_async_connection_with_config(&config)
-                .await?;
+            let mut conn = source.connect(timeouts, &config).await?;
             if let Some(guard) = &guard {
                 identity::check(&mut conn, guard).await?;
             }
@@ -275,6 +271,18 @@ impl Source {
             master: master.to_owned(),
             root_cert: root_cert.map(<[u8]>::to_vec),
         })))
+    }
+
+    /// A new connection to the node to connect to now, with `config`.
+    pub(crate) async fn connect(
+        &self,
+        timeouts: Timeouts,
+        config: &redis::AsyncConnectionConfig,
+    ) -> redis::RedisResult<redis::aio::MultiplexedConnection> {
+        self.resolve(timeouts)
+            .await?
+            .get_multiplexed_async_connection_with_config(config)
+            .await
     }
 
     /// A client for the node to connect to now.

@@ -116,11 +116,7 @@ impl NearCache {
                     .set_push_sender(move |info: PushInfo| on_push(&weak, info))
             };
             async move {
-                let mut conn = source
-                    .resolve(timeouts)
-                    .await?
-                    .get_multiplexed_async_connection_with_config(&config)
-                    .await?;
+                let mut conn = source.connect(timeouts, &config).await?;
                 redis::cmd("CLIENT")
                     .arg("TRACKING")
                     .arg("ON")
