@@ -195,17 +195,19 @@ async fn flush_and_connection_loss_drop_the_whole_layer() {
     let before = warm(&a, &runs, 1).await;
     warm(&a, &runs, 2).await;
     let seen = a.stats().near_invalidations;
+    let resets = a.stats().near_resets;
     server.cli(&["FLUSHALL"]);
     await_invalidation(&a, seen).await;
-    assert_eq!(a.stats().near_resets, 1);
+    assert_eq!(a.stats().near_resets, resets + 1);
     assert_eq!(a.entry_count(), Some(0));
     assert!(item(&a, &runs, 1).await.unwrap() > before);
 
     // The tracking connection is cut: whatever changes meanwhile is never announced, so
     // nothing held before may be served after.
     let before = warm(&a, &runs, 1).await;
+    let resets = a.stats().near_resets;
     server.cli(&["CLIENT", "KILL", "TYPE", "normal"]);
-    wait_for(&a, "the connection loss", |s| s.near_resets >= 2).await;
+    wait_for(&a, "the connection loss", |s| s.near_resets > resets).await;
     assert_eq!(a.entry_count(), Some(0));
     other(&server.url(), "near")
         .await
@@ -216,8 +218,9 @@ async fn flush_and_connection_loss_drop_the_whole_layer() {
 
     // Redis dies: the layer is dropped and calls fall back to the database.
     let before = warm(&a, &runs, 1).await;
+    let resets = a.stats().near_resets;
     server.kill();
-    wait_for(&a, "the server's death", |s| s.near_resets >= 3).await;
+    wait_for(&a, "the server's death", |s| s.near_resets > resets).await;
     assert!(item(&a, &runs, 1).await.unwrap() > before);
     // Back up: once the main connection has reconnected (calls before that run their query
     // uncached), hits come from the near cache again.
@@ -375,15 +378,14 @@ async fn near_hits_do_not_feed_the_circuit_breaker() {
     server.freeze();
     for (id, v) in (0..6).zip(&warm_values) {
         item(&cache, &runs, 1000 + id).await.unwrap(); // Redis unreadable: runs the query
-        let value = item(&cache, &runs, id).await.unwrap();
-        if id < 2 {
-            assert_eq!(value, *v, "near hit while the breaker is still closed");
-        }
+        // The read that timed out gave up on the tracking connection, and with it on
+        // everything it vouched for: no near hit from here on, however the breaker stands.
+        assert_ne!(item(&cache, &runs, id).await.unwrap(), *v);
     }
     server.thaw();
     let stats = cache.stats();
-    assert_eq!(stats.near_hits - near_hits, 2, "{stats:?}");
-    assert_eq!(stats.errors, 6 + 4, "{stats:?}");
+    assert_eq!(stats.near_hits, near_hits, "{stats:?}");
+    assert_eq!(stats.errors, 12, "{stats:?}");
     // Each failure sent at most one request: a timed-out read, or the handshake of the
     // connection replacing it.
     let sent = requests() - before;

@@ -174,3 +174,55 @@ async fn a_replica_promoted_after_missing_the_invalidation_serves_nothing_stale(
     master.kill();
     nothing_stale(&pool, &url, &caches, before).await;
 }
+
+/// Every tag token of `cache`'s namespace on `server`.
+fn tokens(server: &RedisServer, cache: &Cache) -> std::collections::BTreeMap<String, String> {
+    let pattern = format!("{}:t:*", cache.namespace());
+    server
+        .cli(&["--scan", "--pattern", &pattern])
+        .lines()
+        .map(|k| (k.to_owned(), server.cli(&["GET", k])))
+        .collect()
+}
+
+/// With `invalidation_replicas(1, …)`, an invalidation returns Ok only once the replica holds
+/// it; while the replica's link is frozen it is pending (never Ok), and once the link is back
+/// it is delivered in the background.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn invalidation_replicas_return_ok_only_once_the_replica_has_it() {
+    let master = RedisServer::start_with(&["--repl-diskless-sync-delay", "0"]);
+    let replica = RedisServer::start();
+    let link = TcpProxy::start(&master.addr()).await;
+    replica.replicate(&format!("127.0.0.1:{}", link.port)).await;
+    let ns = unique_ns("replicas");
+    let cache = builder(&master.url(), &ns)
+        .invalidation_replicas(1, Duration::from_millis(300))
+        .build()
+        .await
+        .unwrap();
+    cache.invalidate("t").await.unwrap();
+    // Ok: the replica already has the new token, with no waiting by the test.
+    assert_eq!(tokens(&replica, &cache), tokens(&master, &cache));
+
+    link.stall();
+    let err = cache.invalidate("t").await.unwrap_err();
+    assert!(
+        matches!(err, cached_query::Error::InvalidationPending { .. }),
+        "{err}"
+    );
+    let cause = std::error::Error::source(&err).unwrap().to_string();
+    assert!(cause.contains("0 of the 1 replicas"), "{cause}");
+    assert_ne!(tokens(&replica, &cache), tokens(&master, &cache));
+
+    link.resume();
+    common::within(
+        Duration::from_secs(5),
+        "the pending invalidation delivered",
+        || {
+            let cache = cache.clone();
+            async move { cache.invalidate("other").await.is_ok() }
+        },
+    )
+    .await;
+    assert_eq!(tokens(&replica, &cache), tokens(&master, &cache));
+}

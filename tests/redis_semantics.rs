@@ -435,3 +435,28 @@ async fn stamp_keys_holding_garbage_of_any_length() {
         .await
         .unwrap();
 }
+
+#[cached_query(cache = cache, skip(calls))]
+async fn scaled(cache: &Cache, calls: &AtomicU32, x: Option<f64>) -> Result<String, String> {
+    calls.fetch_add(1, SeqCst);
+    Ok(format!("{x:?}"))
+}
+
+/// serde_json writes NaN and the infinities as `null`: as keys they would share one entry
+/// with each other and with `None`. They run uncached instead, each counted as an error.
+#[tokio::test]
+async fn non_finite_floats_run_uncached_and_never_share_an_entry() {
+    let cache = redis_cache(&redis_url(), &unique_ns("floats")).await;
+    let calls = AtomicU32::new(0);
+    assert_eq!(scaled(&cache, &calls, None).await.unwrap(), "None");
+    for x in [f64::NAN, f64::INFINITY, f64::NEG_INFINITY] {
+        for _ in 0..2 {
+            let got = scaled(&cache, &calls, Some(x)).await.unwrap();
+            assert_eq!(got, format!("{:?}", Some(x)));
+        }
+    }
+    assert_eq!(scaled(&cache, &calls, None).await.unwrap(), "None");
+    let stats = cache.stats();
+    assert_eq!(calls.load(SeqCst), 1 + 6, "{stats:?}");
+    assert_eq!((stats.errors, stats.hits), (6, 1), "{stats:?}");
+}

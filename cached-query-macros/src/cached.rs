@@ -92,6 +92,14 @@ pub(crate) fn block(
     }
 
     let krate = &args.krate;
+    // A parameter left out of the key for its type's name must really be a pool or a cache.
+    for p in info.named_handles() {
+        let Some(ident) = p.ident.filter(|i| !skip.contains(i)) else {
+            continue;
+        };
+        let span = p.ty.span();
+        key_parts.push(quote_spanned!(span=> #krate::__private::skipped_handle(&#ident);));
+    }
     // Connection arguments: inside a transaction the call bypasses the cache.
     let mut in_transaction = Vec::new();
     for (p, derefs) in info.connection_params() {

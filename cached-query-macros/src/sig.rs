@@ -35,6 +35,18 @@ const TRANSACTION_TYPES: &[&str] = &[
     "MySqlTransaction",
     "AnyTransaction",
 ];
+/// Executor types left out of the key that no other generated code checks (connections and
+/// transactions are checked by their transaction test): each gets a compile-time check that
+/// it really is a sqlx pool or a `Cache`, so a domain type that happens to share the name is
+/// not silently left out of the key.
+const HANDLE_TYPES: &[&str] = &[
+    "Pool",
+    "PgPool",
+    "SqlitePool",
+    "MySqlPool",
+    "AnyPool",
+    "Cache",
+];
 /// Traits whose implementors may be a transaction that the macro cannot see.
 const EXECUTOR_TRAITS: &[&str] = &[
     "Executor",
@@ -125,6 +137,16 @@ impl<'a> FnInfo<'a> {
     pub(crate) fn mutable_connection(&self) -> Option<(&Param<'a>, usize)> {
         self.connection_params()
             .find(|(p, _)| matches!(p.ty, Type::Reference(r) if r.mutability.is_some()))
+    }
+
+    /// Parameters left out of the key because their type is named like a pool or a `Cache`
+    /// (see [`HANDLE_TYPES`]).
+    pub(crate) fn named_handles(&self) -> impl Iterator<Item = &Param<'a>> {
+        self.params.iter().filter(|p| {
+            !p.unchecked
+                && last_segment(strip_refs(p.ty))
+                    .is_some_and(|s| HANDLE_TYPES.contains(&s.as_str()))
+        })
     }
 
     /// The first executor parameter known only by a trait bound.

@@ -3,7 +3,7 @@
 
 pub use crate::Cache;
 pub use crate::cache::call::{Site, cached, in_transaction, key};
-pub use crate::cache::digest::KeyBuilder;
+pub use crate::cache::digest::{KeyBuilder, skipped_handle};
 pub use crate::cache::global::{as_cache, default_cache};
 pub use crate::cache::invalidate::{When, invalidating, on_connection};
 pub use crate::timing::{SlowLevel, Timer, timed_body, timed_body_sync};

@@ -591,6 +591,11 @@ impl TcpProxy {
     pub fn stall(&self) {
         self.gate.send_replace(true);
     }
+
+    /// Forwards again what a [`stall`](Self::stall) held, and everything after it.
+    pub fn resume(&self) {
+        self.gate.send_replace(false);
+    }
 }
 
 /// Copies `from` to `to`, holding the bytes while the gate is closed.
@@ -830,10 +835,25 @@ impl Sentinel {
         String::from_utf8_lossy(&out.stdout).into_owned()
     }
 
-    /// The port of the master this sentinel names for `name`.
-    pub fn master_port(&self, name: &str) -> Option<u16> {
-        let out = self.cli(&["SENTINEL", "GET-MASTER-ADDR-BY-NAME", name]);
-        out.lines().nth(1)?.trim().parse().ok()
+    /// The port of the master the sentinel on `port` names for `name` (blocking: call it off
+    /// the test's runtime).
+    pub fn master_port_at(port: u16, name: &str) -> Option<u16> {
+        let out = Command::new("redis-cli")
+            .args([
+                "-p",
+                &port.to_string(),
+                "SENTINEL",
+                "GET-MASTER-ADDR-BY-NAME",
+                name,
+            ])
+            .output()
+            .ok()?;
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .nth(1)?
+            .trim()
+            .parse()
+            .ok()
     }
 }
 

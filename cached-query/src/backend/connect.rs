@@ -71,17 +71,19 @@ impl ConnectionLike for Conn {
 pub(crate) enum Connections {
     /// Requests are spread over these connections in turn: each multiplexed connection
     /// has one task that writes every request and parses every reply, so one connection
-    /// caps throughput at what one core can parse.
+    /// caps throughput at what one core can parse. The last one is kept for requests that
+    /// block their connection (`WAIT`), so reads never queue behind them.
     Single(Box<[Link]>, AtomicUsize),
-    /// Connected on first use; a failed attempt is retried by the next call.
-    /// (Boxed: the client is large and lives once per cache.)
-    Cluster(Box<(ClusterClient, tokio::sync::OnceCell<ClusterConnection>)>),
+    /// Connected on first use; a failed attempt is retried by the next call. The second
+    /// connection is for requests that block theirs. (Boxed: the client is large and lives
+    /// once per cache.)
+    Cluster(Box<(ClusterClient, [tokio::sync::OnceCell<ClusterConnection>; 2])>),
 }
 
 impl std::fmt::Debug for Connections {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            Connections::Single(conns, _) => write!(f, "Single({} connections)", conns.len()),
+            Connections::Single(conns, _) => write!(f, "Single({} connections)", conns.len() - 1),
             Connections::Cluster(_) => f.write_str("Cluster"),
         }
     }
@@ -96,7 +98,7 @@ impl Connections {
         timeouts: Timeouts,
         guard: Option<Guard>,
     ) -> Result<Self, Error> {
-        let links = (0..count.max(1))
+        let links = (0..=count.max(1))
             .map(|_| {
                 Link::new(
                     checked_connect(source.clone(), timeouts, guard.clone()),
@@ -142,10 +144,7 @@ impl Connections {
         #[cfg(not(feature = "tls"))]
         let _ = root_cert;
         let client = builder.build().map_err(|e| invalid(e.into()))?;
-        Ok(Connections::Cluster(Box::new((
-            client,
-            tokio::sync::OnceCell::new(),
-        ))))
+        Ok(Connections::Cluster(Box::new((client, Default::default()))))
     }
 
     /// The connections described by `config`: its cluster if it names one, else its node.
@@ -180,17 +179,23 @@ impl Connections {
         matches!(self, Connections::Cluster(..))
     }
 
-    /// A connection for one operation, and whether it was made for it (see [`Link::get`]).
-    pub(crate) async fn get(&self) -> redis::RedisResult<(Conn, bool)> {
+    /// A connection for one operation, and whether it was made for it (see [`Link::get`]);
+    /// `blocking`: for a request that blocks its connection.
+    pub(crate) async fn get(&self, blocking: bool) -> redis::RedisResult<(Conn, bool)> {
         match self {
             Connections::Single(links, next) => {
-                let i = next.fetch_add(1, Relaxed);
-                let (conn, fresh) = links[i % links.len()].get().await?;
+                let (shared, reserved) = links.split_at(links.len() - 1);
+                let link = if blocking {
+                    &reserved[0]
+                } else {
+                    &shared[next.fetch_add(1, Relaxed) % shared.len()]
+                };
+                let (conn, fresh) = link.get().await?;
                 Ok((Conn::Single(conn), fresh))
             }
             Connections::Cluster(cluster) => {
-                let (client, cell) = &**cluster;
-                let c = cell
+                let (client, cells) = &**cluster;
+                let c = cells[usize::from(blocking)]
                     .get_or_try_init(|| client.get_async_connection())
                     .await?;
                 Ok((Conn::Cluster(c.clone()), false))
@@ -285,26 +290,54 @@ impl Source {
             .await
     }
 
-    /// A client for the node to connect to now.
+    /// A client for the node to connect to now. For Sentinel: every Sentinel is asked at
+    /// once, and the address a majority of them name is taken as soon as they agree (a
+    /// Sentinel cut off from the others, or just restarted, may still name an old master);
+    /// no majority is an error, and the next connection asks again.
     pub(crate) async fn resolve(&self, timeouts: Timeouts) -> redis::RedisResult<redis::Client> {
         let s = match self {
             Source::Node(client) => return Ok((**client).clone()),
             Source::Sentinel(s) => s,
         };
+        let majority = s.sentinels.len() / 2 + 1;
+        let mut asking: futures_util::stream::FuturesUnordered<_> = s
+            .sentinels
+            .iter()
+            .enumerate()
+            .map(|(i, sentinel)| async move {
+                let asked = async {
+                    let mut conn = sentinel
+                        .get_multiplexed_async_connection_with_config(&timeouts.config())
+                        .await?;
+                    redis::cmd("SENTINEL")
+                        .arg("GET-MASTER-ADDR-BY-NAME")
+                        .arg(&s.master)
+                        .query_async::<Option<(String, u16)>>(&mut conn)
+                        .await
+                };
+                (i, asked.await)
+            })
+            .collect();
+        let mut named: Vec<((String, u16), usize)> = Vec::new();
         let mut last = None;
-        for sentinel in &s.sentinels {
-            let asked = async {
-                let mut conn = sentinel
-                    .get_multiplexed_async_connection_with_config(&timeouts.config())
-                    .await?;
-                redis::cmd("SENTINEL")
-                    .arg("GET-MASTER-ADDR-BY-NAME")
-                    .arg(&s.master)
-                    .query_async::<Option<(String, u16)>>(&mut conn)
-                    .await
-            };
-            match asked.await {
-                Ok(Some((host, port))) => return s.master_client(sentinel, host, port),
+        while let Some((i, answer)) = futures_util::StreamExt::next(&mut asking).await {
+            match answer {
+                Ok(Some(addr)) => {
+                    let votes = match named.iter_mut().find(|(a, _)| *a == addr) {
+                        Some((_, votes)) => {
+                            *votes += 1;
+                            *votes
+                        }
+                        None => {
+                            named.push((addr.clone(), 1));
+                            1
+                        }
+                    };
+                    if votes >= majority {
+                        let (host, port) = addr;
+                        return s.master_client(&s.sentinels[i], host, port);
+                    }
+                }
                 Ok(None) => {
                     last = Some(redis::RedisError::from((
                         redis::ErrorKind::MasterNameNotFoundBySentinel,
@@ -315,9 +348,14 @@ impl Source {
                 Err(e) => last = Some(e),
             }
         }
-        Err(last.unwrap_or_else(|| {
-            redis::RedisError::from((redis::ErrorKind::EmptySentinelList, "no Sentinel"))
-        }))
+        Err(match (last, named.is_empty()) {
+            (Some(e), true) => e,
+            _ => redis::RedisError::from((
+                redis::ErrorKind::MasterNameNotFoundBySentinel,
+                "no majority of the Sentinels names the same master",
+                format!("{} of {} needed: {named:?}", majority, s.sentinels.len()),
+            )),
+        })
     }
 }
 

@@ -37,8 +37,13 @@ enum State {
     Ready(Ready),
 }
 
+/// Told the id of a connection the link gives up on (its owner may hold state that only
+/// that connection kept current, such as client-side caching).
+pub(crate) type OnDiscard = Box<dyn Fn(u64) + Send + Sync>;
+
 struct Inner {
     connect: Connect,
+    on_discard: Option<OnDiscard>,
     connect_timeout: Duration,
     state: Mutex<State>,
     next_id: AtomicU64,
@@ -56,8 +61,18 @@ impl std::fmt::Debug for Link {
 
 impl Link {
     pub(crate) fn new(connect: Connect, connect_timeout: Duration) -> Self {
+        Self::with_on_discard(connect, connect_timeout, None)
+    }
+
+    /// A link that calls `on_discard` when it gives up on its current connection.
+    pub(crate) fn with_on_discard(
+        connect: Connect,
+        connect_timeout: Duration,
+        on_discard: Option<OnDiscard>,
+    ) -> Self {
         Link(Arc::new(Inner {
             connect,
+            on_discard,
             connect_timeout,
             state: Mutex::new(State::Idle),
             next_id: AtomicU64::new(0),
@@ -138,6 +153,10 @@ impl Link {
         let mut state = self.0.lock();
         if matches!(&*state, State::Ready(r) if r.id == id) {
             *state = State::Idle;
+            drop(state);
+            if let Some(on_discard) = &self.0.on_discard {
+                on_discard(id);
+            }
         }
     }
 }

@@ -44,6 +44,8 @@ pub(crate) enum StoreError {
     CircuitOpen,
     #[error("pending invalidations are being delivered by another call")]
     PendingBusy,
+    #[error("{acked} of the {wanted} replicas asked for acknowledged the invalidation in time")]
+    NotReplicated { acked: i64, wanted: usize },
 }
 
 impl StoreError {

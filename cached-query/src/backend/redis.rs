@@ -23,13 +23,23 @@ use tokio::time::Instant;
 pub(crate) struct RedisStore {
     conns: Connections,
     deadline: Duration,
+    /// After a bump, `WAIT` for this many replicas, at most this long.
+    replicas: Option<(usize, Duration)>,
 }
 
 impl RedisStore {
     /// A store on `conns` whose operations each get `deadline` (the response timeout) unless
-    /// the caller's budget ends sooner.
-    pub(crate) fn new(conns: Connections, deadline: Duration) -> Self {
-        RedisStore { conns, deadline }
+    /// the caller's budget ends sooner; bumps also wait for `replicas`.
+    pub(crate) fn new(
+        conns: Connections,
+        deadline: Duration,
+        replicas: Option<(usize, Duration)>,
+    ) -> Self {
+        RedisStore {
+            conns,
+            deadline,
+            replicas,
+        }
     }
 
     /// When an operation starting now must be over.
@@ -51,9 +61,25 @@ impl RedisStore {
         F: Fn(Conn) -> Fut,
         Fut: Future<Output = redis::RedisResult<T>>,
     {
+        self.run_on(false, until, op).await
+    }
+
+    /// [`run`](Self::run) on the connection kept for requests that block theirs when
+    /// `blocking`.
+    async fn run_on<T, F, Fut>(
+        &self,
+        blocking: bool,
+        until: Instant,
+        op: F,
+    ) -> Result<T, StoreError>
+    where
+        F: Fn(Conn) -> Fut,
+        Fut: Future<Output = redis::RedisResult<T>>,
+    {
         let mut retried = false;
         loop {
-            let (conn, fresh) = match tokio::time::timeout_at(until, self.conns.get()).await {
+            let got = self.conns.get(blocking);
+            let (conn, fresh) = match tokio::time::timeout_at(until, got).await {
                 Ok(got) => got?,
                 Err(_) => return Err(StoreError::Timeout(self.deadline)),
             };
@@ -199,30 +225,48 @@ impl RedisStore {
         set
     }
 
-    /// Replaces the tokens of `keys` with fresh ones, by `until`.
+    /// Replaces the tokens of `keys` with fresh ones, by `until` (plus the replicas' wait),
+    /// then, when replicas are asked for, waits for them to acknowledge: fewer in time is
+    /// an error (the invalidation stays pending and is sent again).
     pub(crate) async fn bump(&self, keys: &[StampKey], until: Instant) -> Result<(), StoreError> {
-        if !self.conns.is_cluster() {
+        let until = until + self.replicas.map_or(Duration::ZERO, |(_, wait)| wait);
+        // One pipeline per node: all keys on a single node, one key each on a cluster (the
+        // `WAIT` goes to that key's node, after its `SET`).
+        let pipe = |keys: &[StampKey]| {
             let mut pipe = redis::pipe();
             for k in keys {
                 pipe.add_command(Self::bump_cmd(k)).ignore();
             }
-            let pipe = &pipe;
-            return self
-                .run(until, |mut c| async move {
-                    pipe.query_async::<()>(&mut c).await
-                })
-                .await;
+            if let Some((n, wait)) = self.replicas {
+                pipe.cmd("WAIT").arg(n).arg(millis(wait));
+            }
+            pipe
+        };
+        let pipes: Vec<Pipeline> = if self.conns.is_cluster() {
+            keys.chunks(1).map(pipe).collect()
+        } else {
+            vec![pipe(keys)]
+        };
+        let pipes = &pipes;
+        let acked: Vec<Vec<i64>> = self
+            .run_on(self.replicas.is_some(), until, |c| async move {
+                try_join_all(pipes.iter().map(|p| {
+                    let mut c = c.clone();
+                    async move { p.query_async::<Vec<i64>>(&mut c).await }
+                }))
+                .await
+            })
+            .await?;
+        if let Some((wanted, _)) = self.replicas {
+            let least = acked.iter().flatten().copied().min().unwrap_or(0);
+            if least < i64::try_from(wanted).unwrap_or(i64::MAX) {
+                return Err(StoreError::NotReplicated {
+                    acked: least,
+                    wanted,
+                });
+            }
         }
-        self.run(until, |c| async move {
-            try_join_all(keys.iter().map(|k| {
-                let mut c = c.clone();
-                let set = Self::bump_cmd(k);
-                async move { set.query_async::<()>(&mut c).await }
-            }))
-            .await
-            .map(drop)
-        })
-        .await
+        Ok(())
     }
 }
 

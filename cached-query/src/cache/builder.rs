@@ -31,6 +31,7 @@ pub struct CacheBuilder {
     near_capacity: Option<u64>,
     near_lease: Duration,
     connections: usize,
+    invalidation_replicas: Option<(usize, Duration)>,
     namespace: String,
     default_ttl: Duration,
     tag_ttl: Duration,
@@ -83,6 +84,7 @@ impl Default for CacheBuilder {
             near_capacity: None,
             near_lease: Duration::from_secs(1),
             connections: 2,
+            invalidation_replicas: None,
             namespace: "cq".to_owned(),
             default_ttl: Duration::from_secs(300),
             tag_ttl: Duration::from_secs(24 * 3600),
@@ -204,6 +206,18 @@ impl CacheBuilder {
     #[must_use]
     pub fn near_cache(mut self, capacity: u64) -> Self {
         self.near_capacity = Some(capacity);
+        self
+    }
+
+    /// After every invalidation (and `clear`), wait until `replicas` replicas have
+    /// acknowledged it (`WAIT`), at most `timeout`; fewer in time makes it pending (returned
+    /// as [`Error::InvalidationPending`], sent again in the background until they do). With
+    /// it, a replica promoted after a failover holds every invalidation that returned Ok
+    /// (the restart and failover check still runs). Costs the replication round trip on
+    /// each invalidation; reads are unchanged. `replicas = 0` turns it off (the default).
+    #[must_use]
+    pub fn invalidation_replicas(mut self, replicas: usize, timeout: Duration) -> Self {
+        self.invalidation_replicas = (replicas > 0).then_some((replicas, timeout));
         self
     }
 
@@ -344,6 +358,11 @@ impl CacheBuilder {
             ("connect_timeout", self.connect_timeout),
             ("response_timeout", self.response_timeout),
             ("near_cache_lease", self.near_lease),
+            (
+                "invalidation_replicas",
+                self.invalidation_replicas
+                    .map_or(Duration::from_secs(1), |(_, timeout)| timeout),
+            ),
             ("outbox_sweep_interval", self.outbox_sweep_interval),
             ("outbox_retention", self.outbox_retention),
         ];
@@ -461,7 +480,11 @@ impl CacheBuilder {
     /// A Redis store on `conns`: every operation by the response timeout, waiting for a
     /// connection included (connecting goes on in the background up to the connect timeout).
     fn redis_store(&self, conns: Connections) -> Store {
-        Store::Redis(RedisStore::new(conns, self.response_timeout))
+        Store::Redis(RedisStore::new(
+            conns,
+            self.response_timeout,
+            self.invalidation_replicas,
+        ))
     }
 
     fn settings(self, server_changes: Arc<AtomicU64>) -> Settings {

@@ -5,6 +5,24 @@ use serde::Serialize;
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 
+/// A parameter that `#[cached_query]` leaves out of the key because its type is named like a
+/// pool or a cache must be one: checked at compile time (see [`SkippedHandle`]).
+pub fn skipped_handle<T: ?Sized + SkippedHandle>(_: &T) {}
+
+/// A sqlx pool or a [`Cache`](crate::Cache): what a parameter named `Pool`, `PgPool`, …,
+/// or `Cache` must be to be left out of the key.
+#[diagnostic::on_unimplemented(
+    message = "`{Self}` is left out of the cache key because of its type's name, but it is not a sqlx pool nor a `cached_query::Cache`",
+    label = "named like a database handle",
+    note = "to key calls by it, import the type under another name (`use crate::model::Cache as Layer;`) or give the key with `key = …`; to leave it out of the key, list it in `skip(…)`"
+)]
+pub trait SkippedHandle {}
+
+impl<DB: sqlx::Database> SkippedHandle for sqlx::Pool<DB> {}
+impl SkippedHandle for crate::Cache {}
+impl<T: ?Sized + SkippedHandle> SkippedHandle for &T {}
+impl<T: ?Sized + SkippedHandle> SkippedHandle for &mut T {}
+
 /// Collects the parts of one call's cache key. Generated code feeds it arguments in order.
 #[derive(Debug)]
 pub struct KeyBuilder {
@@ -31,7 +49,7 @@ impl KeyBuilder {
     /// Adds one argument, converted to a `serde_json::Value` (maps and structs become
     /// objects whose keys are sorted when hashed).
     pub fn arg<T: Serialize + ?Sized>(&mut self, value: &T) {
-        match serde_json::to_value(value) {
+        match to_key_value(value) {
             Ok(v) => self.args.push(v),
             Err(e) => self.error = Some(e),
         }
@@ -39,7 +57,7 @@ impl KeyBuilder {
 
     /// Replaces the argument-derived key with this value (`key = …`).
     pub fn custom<T: Serialize + ?Sized>(&mut self, value: &T) {
-        match serde_json::to_value(value) {
+        match to_key_value(value) {
             Ok(v) => self.custom = Some(v),
             Err(e) => self.error = Some(e),
         }
@@ -81,6 +99,19 @@ impl KeyBuilder {
     }
 }
 
+/// `value` as JSON, refusing NaN and infinities: JSON has no form for them (serde_json writes
+/// `null`), so they would share one key with each other and with `None`. The call then runs
+/// uncached, counted as an error.
+fn to_key_value<T: Serialize + ?Sized>(value: &T) -> Result<Value, serde_json::Error> {
+    if value.serialize(finite::Probe).is_err_and(|e| e.0) {
+        return Err(serde::ser::Error::custom(
+            "a float argument is NaN or infinite: it has no JSON form, so it cannot be part of \
+             a cache key",
+        ));
+    }
+    serde_json::to_value(value)
+}
+
 /// Writes `value` as JSON with object keys sorted, whatever serde_json's `preserve_order`
 /// feature (which another crate in the build may enable) does to `Value` maps.
 pub(crate) fn write_canonical(out: &mut Vec<u8>, value: &Value) {
@@ -119,11 +150,217 @@ fn write_json<T: Serialize + ?Sized>(out: &mut Vec<u8>, value: &T) {
         .expect("writing JSON of plain values into memory cannot fail");
 }
 
+/// A serializer that only looks for non-finite floats (its error is `NonFinite(true)`;
+/// anything else a type's `Serialize` reports is `NonFinite(false)`, left to serde_json).
+mod finite {
+    use serde::Serialize;
+    use serde::ser::{self, Serializer};
+
+    #[derive(Debug)]
+    pub(super) struct NonFinite(pub(super) bool);
+
+    impl std::fmt::Display for NonFinite {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("non-finite float")
+        }
+    }
+
+    impl std::error::Error for NonFinite {}
+
+    impl ser::Error for NonFinite {
+        fn custom<T: std::fmt::Display>(_: T) -> Self {
+            NonFinite(false)
+        }
+    }
+
+    pub(super) struct Probe;
+
+    type R = Result<(), NonFinite>;
+
+    fn float(finite: bool) -> R {
+        if finite { Ok(()) } else { Err(NonFinite(true)) }
+    }
+
+    macro_rules! accept {
+        ($($name:ident: $ty:ty),* $(,)?) => {
+            $(fn $name(self, _: $ty) -> R { Ok(()) })*
+        };
+    }
+
+    impl Serializer for Probe {
+        type Ok = ();
+        type Error = NonFinite;
+        type SerializeSeq = Probe;
+        type SerializeTuple = Probe;
+        type SerializeTupleStruct = Probe;
+        type SerializeTupleVariant = Probe;
+        type SerializeMap = Probe;
+        type SerializeStruct = Probe;
+        type SerializeStructVariant = Probe;
+
+        accept!(
+            serialize_bool: bool, serialize_i8: i8, serialize_i16: i16, serialize_i32: i32,
+            serialize_i64: i64, serialize_i128: i128, serialize_u8: u8, serialize_u16: u16,
+            serialize_u32: u32, serialize_u64: u64, serialize_u128: u128, serialize_char: char,
+            serialize_str: &str, serialize_bytes: &[u8], serialize_unit_struct: &'static str,
+        );
+
+        fn serialize_f32(self, v: f32) -> R {
+            float(v.is_finite())
+        }
+        fn serialize_f64(self, v: f64) -> R {
+            float(v.is_finite())
+        }
+        fn serialize_none(self) -> R {
+            Ok(())
+        }
+        fn serialize_some<T: ?Sized + Serialize>(self, v: &T) -> R {
+            v.serialize(Probe)
+        }
+        fn serialize_unit(self) -> R {
+            Ok(())
+        }
+        fn serialize_unit_variant(self, _: &'static str, _: u32, _: &'static str) -> R {
+            Ok(())
+        }
+        fn serialize_newtype_struct<T: ?Sized + Serialize>(self, _: &'static str, v: &T) -> R {
+            v.serialize(Probe)
+        }
+        fn serialize_newtype_variant<T: ?Sized + Serialize>(
+            self,
+            _: &'static str,
+            _: u32,
+            _: &'static str,
+            v: &T,
+        ) -> R {
+            v.serialize(Probe)
+        }
+        fn serialize_seq(self, _: Option<usize>) -> Result<Probe, NonFinite> {
+            Ok(Probe)
+        }
+        fn serialize_tuple(self, _: usize) -> Result<Probe, NonFinite> {
+            Ok(Probe)
+        }
+        fn serialize_tuple_struct(self, _: &'static str, _: usize) -> Result<Probe, NonFinite> {
+            Ok(Probe)
+        }
+        fn serialize_tuple_variant(
+            self,
+            _: &'static str,
+            _: u32,
+            _: &'static str,
+            _: usize,
+        ) -> Result<Probe, NonFinite> {
+            Ok(Probe)
+        }
+        fn serialize_map(self, _: Option<usize>) -> Result<Probe, NonFinite> {
+            Ok(Probe)
+        }
+        fn serialize_struct(self, _: &'static str, _: usize) -> Result<Probe, NonFinite> {
+            Ok(Probe)
+        }
+        fn serialize_struct_variant(
+            self,
+            _: &'static str,
+            _: u32,
+            _: &'static str,
+            _: usize,
+        ) -> Result<Probe, NonFinite> {
+            Ok(Probe)
+        }
+    }
+
+    macro_rules! compound {
+        ($($trait:ident :: $method:ident),* $(,)?) => {
+            $(impl ser::$trait for Probe {
+                type Ok = ();
+                type Error = NonFinite;
+                fn $method<T: ?Sized + Serialize>(&mut self, v: &T) -> R {
+                    v.serialize(Probe)
+                }
+                fn end(self) -> R {
+                    Ok(())
+                }
+            })*
+        };
+    }
+
+    compound!(
+        SerializeSeq::serialize_element,
+        SerializeTuple::serialize_element,
+        SerializeTupleStruct::serialize_field,
+        SerializeTupleVariant::serialize_field,
+    );
+
+    impl ser::SerializeMap for Probe {
+        type Ok = ();
+        type Error = NonFinite;
+        fn serialize_key<T: ?Sized + Serialize>(&mut self, k: &T) -> R {
+            k.serialize(Probe)
+        }
+        fn serialize_value<T: ?Sized + Serialize>(&mut self, v: &T) -> R {
+            v.serialize(Probe)
+        }
+        fn end(self) -> R {
+            Ok(())
+        }
+    }
+
+    impl ser::SerializeStruct for Probe {
+        type Ok = ();
+        type Error = NonFinite;
+        fn serialize_field<T: ?Sized + Serialize>(&mut self, _: &'static str, v: &T) -> R {
+            v.serialize(Probe)
+        }
+        fn end(self) -> R {
+            Ok(())
+        }
+    }
+
+    impl ser::SerializeStructVariant for Probe {
+        type Ok = ();
+        type Error = NonFinite;
+        fn serialize_field<T: ?Sized + Serialize>(&mut self, _: &'static str, v: &T) -> R {
+            v.serialize(Probe)
+        }
+        fn end(self) -> R {
+            Ok(())
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use serde::Serialize;
     use std::collections::{BTreeMap, HashMap};
+
+    #[test]
+    fn non_finite_floats_are_refused_not_keyed_as_null() {
+        #[derive(Serialize)]
+        struct Nested {
+            at: Vec<Option<f32>>,
+        }
+        let key = |f: &dyn Fn(&mut KeyBuilder)| {
+            let mut k = KeyBuilder::new("q", 1);
+            f(&mut k);
+            k.digest()
+        };
+        for bad in [f64::NAN, f64::INFINITY, f64::NEG_INFINITY] {
+            assert!(key(&|k| k.arg(&bad)).is_err(), "{bad}");
+            assert!(key(&|k| k.arg(&Some(bad))).is_err(), "{bad}");
+            assert!(key(&|k| k.custom(&(1, bad))).is_err(), "{bad}");
+        }
+        let nested = Nested {
+            at: vec![Some(1.0), Some(f32::NAN)],
+        };
+        assert!(key(&|k| k.arg(&nested)).is_err());
+        // Finite floats and None are keys, all different.
+        let none = key(&|k| k.arg(&None::<f64>)).unwrap();
+        let zero = key(&|k| k.arg(&Some(0.0_f64))).unwrap();
+        let max = key(&|k| k.arg(&f64::MAX)).unwrap();
+        assert!(none != zero && zero != max && none != max);
+    }
 
     #[test]
     fn maps_hash_the_same_whatever_their_insertion_order() {

@@ -224,6 +224,8 @@ impl Cache {
         match result {
             Ok(_) => self.inner.breaker.success(),
             Err(StoreError::CircuitOpen | StoreError::PendingBusy) => {}
+            // Redis answered; its replicas were slow.
+            Err(StoreError::NotReplicated { .. }) => self.inner.breaker.success(),
             Err(_) => self.inner.breaker.failure(),
         }
     }

@@ -46,7 +46,7 @@ impl RedisSessionStore {
     }
 
     async fn conn(&self) -> session_store::Result<crate::backend::connect::Conn> {
-        self.conns.get().await.map(|(c, _)| c).map_err(backend)
+        self.conns.get(false).await.map(|(c, _)| c).map_err(backend)
     }
 
     /// Writes `record`; `only_new` makes it fail (return `false`) if the id is taken.

@@ -136,9 +136,21 @@ impl NearCache {
             }
             .boxed()
         });
+        // A connection given up on (a timeout) may still be open, but from now on it is not
+        // read: its messages no longer count, so nothing it vouched for may be served.
+        let weak = Arc::downgrade(&shared);
+        let on_discard = Box::new(move |id: u64| {
+            if let Some(shared) = weak.upgrade()
+                && shared.current.load(SeqCst) == id
+            {
+                shared.current.store(u64::MAX, SeqCst);
+                shared.acked.store(0, SeqCst);
+                shared.reset();
+            }
+        });
         NearCache {
             shared,
-            link: Link::new(connect, connect_timeout),
+            link: Link::with_on_discard(connect, connect_timeout, Some(on_discard)),
             lease,
         }
     }
