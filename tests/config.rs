@@ -101,6 +101,10 @@ async fn bad_values_name_the_variable_and_value() {
             "namespace=\"has space\": expected 1 to 64 printable ASCII",
         ),
         (
+            ("REDIS_RESPONSE_TIMEOUT_MS", "7200000"),
+            "response_timeout=\"7200s\": expected at most one hour",
+        ),
+        (
             ("REDIS_SENTINEL_URLS", "redis://127.0.0.1:26379"),
             "REDIS_SENTINEL_MASTER=\"\": expected the master's name",
         ),

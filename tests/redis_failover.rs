@@ -10,7 +10,7 @@ use common::users::{self, reads};
 use common::{RedisServer, TcpProxy, unique_ns};
 use sqlx::PgPool;
 use std::path::Path;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 fn builder(url: &str, ns: &str) -> cached_query::CacheBuilder {
     Cache::builder()
@@ -225,4 +225,43 @@ async fn invalidation_replicas_return_ok_only_once_the_replica_has_it() {
     )
     .await;
     assert_eq!(tokens(&replica, &cache), tokens(&master, &cache));
+}
+
+/// A master demoted with `REPLICAOF` keeps its clients connected and serves them its new
+/// master's data, here older than the last invalidation (a snapshot of its own from before
+/// it). Connections in use are checked again every second (a server that is no longer a
+/// master is given up), so past two seconds and a response timeout no cache serves the old
+/// row: the documented bound.
+#[sqlx::test]
+async fn a_master_demoted_under_open_connections_is_given_up_within_the_bound(pool: PgPool) {
+    users::schema(&pool).await;
+    let a = RedisServer::start();
+    let ns = unique_ns("demoted");
+    let caches = caches(&a.url(), &ns).await;
+    warm(&pool, &caches).await;
+    let saved = token(&a, &caches[0]);
+    assert_eq!(a.cli(&["SAVE"]).trim(), "OK");
+    let b = RedisServer::start_from_dump(&a.dir().join("dump.rdb"));
+    rename(&pool, &caches).await;
+
+    a.replicate(&b.addr()).await;
+    let demoted = Instant::now();
+    assert_eq!(
+        token(&a, &caches[0]),
+        saved,
+        "the demoted master serves the old token"
+    );
+    let bound = 2 * Duration::from_secs(1) + Duration::from_millis(500);
+    let mut stale = 0;
+    while demoted.elapsed() < bound + Duration::from_secs(1) {
+        for cache in &caches {
+            let started = demoted.elapsed();
+            if !reads(&pool, cache, 1, "Ada Lovelace").await {
+                assert!(started < bound, "stale read {started:?} after the demotion");
+                stale += 1;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    println!("demoted master: {stale} stale reads within the bound of {bound:?}");
 }

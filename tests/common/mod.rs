@@ -172,8 +172,21 @@ impl RedisServer {
         Self::start_on(port, args, Some(ca.to_owned()))
     }
 
+    /// A server that starts from a copy of the RDB file `dump` (a snapshot of another one).
+    pub fn start_from_dump(dump: &std::path::Path) -> Self {
+        let port = free_port();
+        let dir = Self::dir_for(port);
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::copy(dump, dir.join("dump.rdb")).unwrap();
+        Self::start_on(port, Vec::new(), None)
+    }
+
+    fn dir_for(port: u16) -> PathBuf {
+        std::env::temp_dir().join(format!("cq-redis-{port}-{}", std::process::id()))
+    }
+
     fn start_on(port: u16, args: Vec<String>, tls_ca: Option<PathBuf>) -> Self {
-        let dir = std::env::temp_dir().join(format!("cq-redis-{port}-{}", std::process::id()));
+        let dir = Self::dir_for(port);
         std::fs::create_dir_all(&dir).unwrap();
         let mut server = RedisServer {
             port,

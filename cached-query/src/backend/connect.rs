@@ -74,10 +74,10 @@ pub(crate) enum Connections {
     /// caps throughput at what one core can parse. The last one is kept for requests that
     /// block their connection (`WAIT`), so reads never queue behind them.
     Single(Box<[Link]>, AtomicUsize),
-    /// Connected on first use; a failed attempt is retried by the next call. The second
-    /// connection is for requests that block theirs. (Boxed: the client is large and lives
-    /// once per cache.)
-    Cluster(Box<(ClusterClient, [tokio::sync::OnceCell<ClusterConnection>; 2])>),
+    /// Connected on first use, in the background (a caller waits only within its own
+    /// deadline); a failed attempt is retried by the next call. The second connection is
+    /// for requests that block theirs.
+    Cluster(Arc<(ClusterClient, [tokio::sync::OnceCell<ClusterConnection>; 2])>),
 }
 
 impl std::fmt::Debug for Connections {
@@ -103,6 +103,8 @@ impl Connections {
                 Link::new(
                     checked_connect(source.clone(), timeouts, guard.clone()),
                     timeouts.connect,
+                    guard.as_ref().map(|_| identity::still_master()),
+                    None,
                 )
             })
             .collect();
@@ -144,7 +146,7 @@ impl Connections {
         #[cfg(not(feature = "tls"))]
         let _ = root_cert;
         let client = builder.build().map_err(|e| invalid(e.into()))?;
-        Ok(Connections::Cluster(Box::new((client, Default::default()))))
+        Ok(Connections::Cluster(Arc::new((client, Default::default()))))
     }
 
     /// The connections described by `config`: its cluster if it names one, else its node.
@@ -194,11 +196,24 @@ impl Connections {
                 Ok((Conn::Single(conn), fresh))
             }
             Connections::Cluster(cluster) => {
-                let (client, cells) = &**cluster;
-                let c = cells[usize::from(blocking)]
-                    .get_or_try_init(|| client.get_async_connection())
-                    .await?;
-                Ok((Conn::Cluster(c.clone()), false))
+                let at = usize::from(blocking);
+                if let Some(c) = cluster.1[at].get() {
+                    return Ok((Conn::Cluster(c.clone()), false));
+                }
+                let cluster = cluster.clone();
+                let connecting = tokio::spawn(async move {
+                    let (client, cells) = &*cluster;
+                    cells[at]
+                        .get_or_try_init(|| client.get_async_connection())
+                        .await
+                        .cloned()
+                });
+                let c = connecting.await.map_err(|e| {
+                    redis::RedisError::from(std::io::Error::other(format!(
+                        "the Redis Cluster connect task ended: {e}"
+                    )))
+                })??;
+                Ok((Conn::Cluster(c), true))
             }
         }
     }

@@ -25,6 +25,7 @@
 //! every new connection clears the namespace, which stays safe and costs misses.
 
 use crate::keyspace::new_token;
+use futures_util::FutureExt;
 use redis::Value;
 use redis::aio::MultiplexedConnection;
 use std::sync::Arc;
@@ -102,33 +103,44 @@ pub(crate) async fn check(
     }
     // Clear once, not once per connection checking at the same time: under `WATCH`, look
     // again, and replace the generation only if nobody recorded this server in between.
-    // (The connection is not shared yet, so `WATCH` applies to this check alone.)
-    let (_, held): ((), Option<Vec<u8>>) = redis::pipe()
-        .cmd("WATCH")
-        .arg(&guard.server_key)
-        .cmd("GET")
-        .arg(&guard.server_key)
-        .query_async(conn)
-        .await?;
-    if current(held.as_deref()) {
-        redis::cmd("UNWATCH").query_async::<()>(conn).await?;
-        return Ok(false);
-    }
-    let mut clear = redis::pipe();
-    clear
-        .atomic()
-        .cmd("SET")
-        .arg(&guard.generation_key)
-        .arg(new_token())
-        .ignore();
-    match &identity {
-        Some(id) => clear.cmd("SET").arg(&guard.server_key).arg(id).ignore(),
-        None => clear.cmd("DEL").arg(&guard.server_key).ignore(),
-    };
-    // `None`: another connection recorded this server first (and cleared).
-    let done: Option<()> = clear.query_async(conn).await?;
-    if done.is_none() {
-        return Ok(false);
+    // (The connection is not shared yet, so `WATCH` applies to this check alone.) An
+    // aborted `EXEC` proves nothing by itself (the key may have been evicted, not written):
+    // look again until this server is recorded, by us or by another connection.
+    let mut tries = 0;
+    loop {
+        let (_, held): ((), Option<Vec<u8>>) = redis::pipe()
+            .cmd("WATCH")
+            .arg(&guard.server_key)
+            .cmd("GET")
+            .arg(&guard.server_key)
+            .query_async(conn)
+            .await?;
+        if current(held.as_deref()) {
+            redis::cmd("UNWATCH").query_async::<()>(conn).await?;
+            return Ok(false);
+        }
+        let mut clear = redis::pipe();
+        clear
+            .atomic()
+            .cmd("SET")
+            .arg(&guard.generation_key)
+            .arg(new_token())
+            .ignore();
+        match &identity {
+            Some(id) => clear.cmd("SET").arg(&guard.server_key).arg(id).ignore(),
+            None => clear.cmd("DEL").arg(&guard.server_key).ignore(),
+        };
+        let done: Option<()> = clear.query_async(conn).await?;
+        if done.is_some() {
+            break;
+        }
+        tries += 1;
+        if tries == 8 {
+            return Err(redis::RedisError::from((
+                redis::ErrorKind::Server(redis::ServerErrorKind::TryAgain),
+                "the namespace's server key kept changing during the identity check",
+            )));
+        }
     }
     guard.clears.fetch_add(1, Relaxed);
     tracing::warn!(
@@ -138,6 +150,23 @@ pub(crate) async fn check(
          or another server): its generation was replaced, so every entry stored before is a miss"
     );
     Ok(true)
+}
+
+/// The recheck of a checked connection (see [`Link`](super::link::Link)): whether its server
+/// is still a master. A master demoted with `REPLICAOF` may keep its clients connected, and
+/// then serves them the data of its new master, which may have lost writes.
+pub(crate) fn still_master() -> super::link::Recheck {
+    Box::new(|mut conn| {
+        async move {
+            let role: Vec<Value> = redis::cmd("ROLE").query_async(&mut conn).await?;
+            Ok(match role.first() {
+                Some(Value::BulkString(b)) => b == b"master",
+                Some(Value::SimpleString(s)) => s == "master",
+                _ => false,
+            })
+        }
+        .boxed()
+    })
 }
 
 fn unexpected() -> redis::RedisError {

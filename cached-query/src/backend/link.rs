@@ -33,7 +33,8 @@ struct Ready {
 
 enum State {
     Idle,
-    Connecting(u64, Attempt),
+    /// An attempt, and when it started.
+    Connecting(u64, Attempt, std::time::Instant),
     Ready(Ready),
 }
 
@@ -41,12 +42,29 @@ enum State {
 /// that connection kept current, such as client-side caching).
 pub(crate) type OnDiscard = Box<dyn Fn(u64) + Send + Sync>;
 
+/// Checks that a connection still talks to the right server (e.g. still a master): `Ok(false)`
+/// discards it.
+pub(crate) type Recheck =
+    Box<dyn Fn(MultiplexedConnection) -> BoxFuture<'static, RedisResult<bool>> + Send + Sync>;
+
+/// How often a connection in use is checked again (with [`Recheck`]): a server demoted
+/// while its clients stay connected is noticed within this, and a connection unchecked
+/// for twice this is checked before it is used.
+pub(crate) const RECHECK_EVERY: Duration = Duration::from_secs(1);
+
 struct Inner {
     connect: Connect,
     on_discard: Option<OnDiscard>,
+    recheck: Option<Recheck>,
     connect_timeout: Duration,
     state: Mutex<State>,
     next_id: AtomicU64,
+    /// Origin of `checked`.
+    origin: std::time::Instant,
+    /// When (ms after `origin`) the current connection was last checked.
+    checked: AtomicU64,
+    /// A background recheck is in flight.
+    rechecking: std::sync::atomic::AtomicBool,
 }
 
 /// A connection made on demand by `connect` and replaced after errors. Cheap to clone.
@@ -60,19 +78,22 @@ impl std::fmt::Debug for Link {
 }
 
 impl Link {
-    pub(crate) fn new(connect: Connect, connect_timeout: Duration) -> Self {
-        Self::with_on_discard(connect, connect_timeout, None)
-    }
-
-    /// A link that calls `on_discard` when it gives up on its current connection.
-    pub(crate) fn with_on_discard(
+    /// A link whose connections `connect` makes; with `recheck`, the connection in use is
+    /// checked again every [`RECHECK_EVERY`]; `on_discard` is told when the link gives up on
+    /// its current connection.
+    pub(crate) fn new(
         connect: Connect,
         connect_timeout: Duration,
+        recheck: Option<Recheck>,
         on_discard: Option<OnDiscard>,
     ) -> Self {
         Link(Arc::new(Inner {
             connect,
             on_discard,
+            recheck,
+            origin: std::time::Instant::now(),
+            checked: AtomicU64::new(0),
+            rechecking: std::sync::atomic::AtomicBool::new(false),
             connect_timeout,
             state: Mutex::new(State::Idle),
             next_id: AtomicU64::new(0),
@@ -82,14 +103,78 @@ impl Link {
     /// The current connection, or the one being made (starting an attempt if none is).
     /// `fresh`: it was made for this call, so an error on it is not a stale connection's.
     pub(crate) async fn get(&self) -> RedisResult<(LinkConn, bool)> {
+        loop {
+            let (conn, fresh) = self.current().await?;
+            if self.still_good(&conn).await? {
+                return Ok((conn, fresh));
+            }
+        }
+    }
+
+    /// Whether `conn` may be used: checked within [`RECHECK_EVERY`] (else checked again in
+    /// the background), or, unchecked for twice that, checked now. A failed check
+    /// discards it.
+    async fn still_good(&self, conn: &LinkConn) -> RedisResult<bool> {
+        if self.0.recheck.is_none() {
+            return Ok(true);
+        }
+        let inner = &self.0;
+        let age = inner.millis().saturating_sub(inner.checked.load(Relaxed));
+        let every = u64::try_from(RECHECK_EVERY.as_millis()).unwrap_or(u64::MAX);
+        if age <= every {
+            return Ok(true);
+        }
+        if age <= 2 * every {
+            if !inner.rechecking.swap(true, Relaxed) {
+                let (link, conn) = (self.clone(), conn.clone());
+                tokio::spawn(async move {
+                    let _ = link.recheck(&conn).await;
+                    link.0.rechecking.store(false, Relaxed);
+                });
+            }
+            return Ok(true);
+        }
+        self.recheck(conn).await
+    }
+
+    /// Runs the recheck on `conn`: discards it unless it passes.
+    async fn recheck(&self, conn: &LinkConn) -> RedisResult<bool> {
+        let Some(recheck) = &self.0.recheck else {
+            return Ok(true);
+        };
+        let started = self.0.millis();
+        match recheck(conn.conn.clone()).await {
+            Ok(true) => {
+                self.0.checked.fetch_max(started, Relaxed);
+                Ok(true)
+            }
+            Ok(false) => {
+                self.discard(conn.id);
+                Ok(false)
+            }
+            Err(e) => {
+                self.discard(conn.id);
+                Err(e)
+            }
+        }
+    }
+
+    /// The current connection, or the one being made (starting an attempt if none is).
+    async fn current(&self) -> RedisResult<(LinkConn, bool)> {
         let attempt = {
             let mut state = self.0.lock();
             match &*state {
                 State::Ready(ready) => return Ok((self.wrap(ready.clone()), false)),
-                State::Connecting(_, attempt) => attempt.clone(),
-                State::Idle => {
+                // An attempt overdue by a second was lost with the runtime it ran on (one
+                // that stopped being driven): make a new one.
+                State::Connecting(_, attempt, started)
+                    if started.elapsed() < self.0.connect_timeout + Duration::from_secs(1) =>
+                {
+                    attempt.clone()
+                }
+                State::Connecting(..) | State::Idle => {
                     let (id, attempt) = self.start();
-                    *state = State::Connecting(id, attempt.clone());
+                    *state = State::Connecting(id, attempt.clone(), std::time::Instant::now());
                     attempt
                 }
             }
@@ -104,6 +189,8 @@ impl Link {
         let id = self.0.next_id.fetch_add(1, Relaxed);
         let inner = self.0.clone();
         let task = tokio::spawn(async move {
+            // Dropped unfinished (its runtime shut down): the link must not wait for it.
+            let abandoned = Abandoned(&inner, id);
             let made = match tokio::time::timeout(inner.connect_timeout, (inner.connect)(id)).await
             {
                 Ok(made) => made,
@@ -112,12 +199,15 @@ impl Link {
                     format!("connecting to Redis took over {:?}", inner.connect_timeout),
                 ))),
             };
+            std::mem::forget(abandoned);
             let mut state = inner.lock();
-            let current = matches!(&*state, State::Connecting(at, _) if *at == id);
+            let current = matches!(&*state, State::Connecting(at, ..) if *at == id);
             match made {
                 Ok(conn) => {
                     let ready = Ready { id, conn };
                     if current {
+                        // Checked when made.
+                        inner.checked.store(inner.millis(), Relaxed);
                         *state = State::Ready(ready.clone());
                     }
                     Ok(ready)
@@ -161,7 +251,23 @@ impl Link {
     }
 }
 
+/// Puts a link whose attempt `.1` never finished back to idle.
+struct Abandoned<'a>(&'a Inner, u64);
+
+impl Drop for Abandoned<'_> {
+    fn drop(&mut self) {
+        let mut state = self.0.lock();
+        if matches!(&*state, State::Connecting(at, ..) if *at == self.1) {
+            *state = State::Idle;
+        }
+    }
+}
+
 impl Inner {
+    fn millis(&self) -> u64 {
+        u64::try_from(self.origin.elapsed().as_millis()).unwrap_or(u64::MAX)
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }

@@ -371,6 +371,21 @@ impl CacheBuilder {
                 return Err(Error::config(name, "0s", "a duration greater than zero"));
             }
         }
+        let waits = [
+            ("connect_timeout", self.connect_timeout),
+            ("response_timeout", self.response_timeout),
+            ("near_cache_lease", self.near_lease),
+            (
+                "invalidation_replicas",
+                self.invalidation_replicas
+                    .map_or(Duration::ZERO, |(_, t)| t),
+            ),
+        ];
+        for (name, d) in waits {
+            if d > Duration::from_secs(3600) {
+                return Err(Error::config(name, &format!("{d:?}"), "at most one hour"));
+            }
+        }
         if self.outbox_sweep_interval > Duration::from_secs(300) {
             return Err(Error::config(
                 "outbox_sweep_interval",

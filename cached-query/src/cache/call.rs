@@ -195,6 +195,11 @@ impl Cache {
                 return result;
             }
         };
+        // Followers get the result before it is stored: none waits for that write.
+        let payload: std::sync::Arc<[u8]> = payload.into();
+        if let Some(leader) = &leader {
+            leader.share(payload.clone());
+        }
         let stored = match stamps {
             Some(stamps) => {
                 self.store_payload(store, &rec, site, &entry, &stamps, &payload, ttl)
@@ -203,7 +208,7 @@ impl Cache {
             None => false,
         };
         if let Some(leader) = leader {
-            leader.publish(payload.into(), stored);
+            leader.landed(stored);
         }
         result
     }

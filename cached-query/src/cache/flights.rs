@@ -120,12 +120,24 @@ impl Flights {
 }
 
 impl Leader<'_> {
-    /// Hands `payload` to the followers; `stored` (it was written to the backend under this
-    /// key's tag versions) keeps it for callers whose read came before.
-    pub(crate) fn publish(self, payload: Arc<[u8]>, stored: bool) {
-        let keep = stored && payload.len() <= KEEP_LANDED_BYTES;
+    /// Hands `payload` to the followers at once (before it is stored, so none waits for
+    /// that write); [`landed`](Self::landed) follows.
+    pub(crate) fn share(&self, payload: Arc<[u8]>) {
         self.tx.send_replace(Some(payload));
-        if !keep {
+    }
+
+    /// [`share`](Self::share) then [`landed`](Self::landed).
+    #[cfg(test)]
+    pub(crate) fn publish(self, payload: Arc<[u8]>, stored: bool) {
+        self.share(payload);
+        self.landed(stored);
+    }
+
+    /// `stored`: the shared result was written to the backend under this key's tag
+    /// versions, so it is kept for callers whose read came before.
+    pub(crate) fn landed(self, stored: bool) {
+        let size = self.tx.borrow().as_ref().map_or(usize::MAX, |p| p.len());
+        if !stored || size > KEEP_LANDED_BYTES {
             return;
         }
         let mut map = self.flights.map.lock().unwrap_or_else(|e| e.into_inner());

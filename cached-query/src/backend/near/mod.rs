@@ -106,6 +106,7 @@ impl NearCache {
             response: response_timeout,
         };
         let config = timeouts.config();
+        let recheck = guard.as_ref().map(|_| identity::still_master());
         let weak = Arc::downgrade(&shared);
         let connect = Box::new(move |id: u64| {
             let (source, guard, weak) = (source.clone(), guard.clone(), weak.clone());
@@ -150,7 +151,7 @@ impl NearCache {
         });
         NearCache {
             shared,
-            link: Link::with_on_discard(connect, connect_timeout, Some(on_discard)),
+            link: Link::new(connect, connect_timeout, recheck, Some(on_discard)),
             lease,
         }
     }
@@ -182,6 +183,14 @@ impl NearCache {
         };
         let (link, shared, patience) = (self.link.clone(), shared.clone(), self.lease);
         runtime.spawn(async move {
+            // Cleared however this ends (its runtime may drop it unfinished).
+            struct Pinging(Arc<Shared>);
+            impl Drop for Pinging {
+                fn drop(&mut self) {
+                    self.0.pinging.store(false, SeqCst);
+                }
+            }
+            let pinging = Pinging(shared.clone());
             let sent = shared.now();
             if let Ok(Ok((mut conn, _))) = tokio::time::timeout(patience, link.get()).await {
                 let ping = redis::cmd("PING");
@@ -191,7 +200,7 @@ impl NearCache {
                     Err(_) => conn.discard(),
                 }
             }
-            shared.pinging.store(false, SeqCst);
+            drop(pinging);
         });
     }
 
