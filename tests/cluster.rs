@@ -186,3 +186,93 @@ async fn sessions_use_redis_cluster_urls() {
         "stored on the cluster"
     );
 }
+
+/// Three masters with a replica each, invalidations acknowledged by a replica
+/// (`invalidation_replicas`). The master holding the namespace generation is killed under a
+/// writer and readers: its replica is promoted (node timeout 1 s). No read is older than the
+/// last invalidation that returned Ok (each is on the replica that takes over), calls fail
+/// open only during the failover, and hits come back without restarting the application.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_master_killed_under_load_fails_over_with_no_stale_read() {
+    let mut cluster = Cluster::start_with_replicas();
+    let ns = "clfail";
+    let cache = Cache::builder()
+        .redis_cluster(cluster.urls())
+        .namespace(ns)
+        .connect_timeout(Duration::from_millis(300))
+        .response_timeout(Duration::from_millis(300))
+        .circuit_breaker(3, Duration::from_millis(50))
+        .invalidation_replicas(1, Duration::from_millis(500))
+        .build()
+        .await
+        .unwrap();
+    let src = Arc::new(Source::default());
+    assert_eq!(item(&cache, &src, 0, 1).await.unwrap(), 100);
+    cache.invalidate("item:1").await.unwrap();
+
+    let renamed = Arc::new(AtomicI64::new(0));
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let writer = {
+        let (cache, src, renamed, stop) =
+            (cache.clone(), src.clone(), renamed.clone(), stop.clone());
+        tokio::spawn(async move {
+            while !stop.load(SeqCst) {
+                let v = src.version.fetch_add(1, SeqCst) + 1;
+                if cache.invalidate("item:1").await.is_ok() {
+                    renamed.store(v, SeqCst);
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        })
+    };
+    let readers: Vec<_> = (0..3)
+        .map(|_| {
+            let (cache, src, renamed, stop) =
+                (cache.clone(), src.clone(), renamed.clone(), stop.clone());
+            tokio::spawn(async move {
+                while !stop.load(SeqCst) {
+                    let floor = renamed.load(SeqCst);
+                    let got = item(&cache, &src, 0, 1).await.unwrap() - 100;
+                    assert!(
+                        got >= floor,
+                        "stale read: {got} after {floor} was invalidated"
+                    );
+                    tokio::time::sleep(Duration::from_millis(1)).await;
+                }
+            })
+        })
+        .collect();
+
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let victim = cluster.master_of(&format!("{ns}:g"));
+    cluster.nodes[victim].kill();
+    let errors = cache.stats().errors;
+    tokio::task::spawn_blocking({
+        let cluster = std::mem::replace(&mut cluster, Cluster { nodes: Vec::new() });
+        move || {
+            cluster.wait_ok();
+            cluster
+        }
+    })
+    .await
+    .map(|c| cluster = c)
+    .unwrap();
+    // Hits come back on the promoted replica.
+    let hits = cache.stats().hits;
+    common::within(Duration::from_secs(30), "hits after the failover", || {
+        let now = cache.stats().hits;
+        async move { now > hits + 20 }
+    })
+    .await;
+    stop.store(true, SeqCst);
+    writer.await.unwrap();
+    for r in readers {
+        r.await.unwrap();
+    }
+    let stats = cache.stats();
+    assert!(
+        stats.errors > errors,
+        "the failover window fails open: {stats:?}"
+    );
+    println!("cluster failover: {stats:?}");
+}

@@ -313,6 +313,11 @@ impl RedisServer {
         panic!("replica on port {} did not catch up", self.port);
     }
 
+    /// Whether the process runs (not killed).
+    pub fn running(&self) -> bool {
+        self.child.is_some()
+    }
+
     /// SIGKILL: the server and all its data are gone.
     pub fn kill(&mut self) {
         if let Some(mut child) = self.child.take() {
@@ -428,7 +433,16 @@ pub struct Cluster {
 
 impl Cluster {
     pub fn start() -> Self {
-        let nodes: Vec<RedisServer> = (0..3)
+        Self::start_sized(3, 0)
+    }
+
+    /// Three masters, each with one replica (promoted when its master dies).
+    pub fn start_with_replicas() -> Self {
+        Self::start_sized(6, 1)
+    }
+
+    fn start_sized(nodes: usize, replicas: usize) -> Self {
+        let nodes: Vec<RedisServer> = (0..nodes)
             .map(|_| {
                 RedisServer::start_with(&[
                     "--cluster-enabled",
@@ -447,6 +461,7 @@ impl Cluster {
         let out = Command::new("redis-cli")
             .args(["--cluster", "create"])
             .args(&addrs)
+            .args(["--cluster-replicas", &replicas.to_string()])
             .arg("--cluster-yes")
             .output()
             .expect("redis-cli runs");
@@ -457,13 +472,34 @@ impl Cluster {
         );
         let cluster = Cluster { nodes };
         cluster.wait_ok();
+        if replicas > 0 {
+            cluster.wait_replicas_online(replicas);
+        }
         cluster
     }
 
-    /// Waits until every node reports `cluster_state:ok` and knows all 16384 slots.
+    /// Waits until every master has `replicas` replicas online.
+    fn wait_replicas_online(&self, replicas: usize) {
+        for _ in 0..1000 {
+            let masters: Vec<String> = self
+                .nodes
+                .iter()
+                .map(|n| n.cli(&["INFO", "replication"]))
+                .filter(|info| info.contains("role:master"))
+                .collect();
+            let online = |info: &String| info.matches("state=online").count() >= replicas;
+            if !masters.is_empty() && masters.iter().all(online) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        panic!("replicas did not come online");
+    }
+
+    /// Waits until every running node reports `cluster_state:ok` and knows all 16384 slots.
     pub fn wait_ok(&self) {
         for _ in 0..1000 {
-            let ok = self.nodes.iter().all(|n| {
+            let ok = self.nodes.iter().filter(|n| n.running()).all(|n| {
                 let info = n.cli(&["CLUSTER", "INFO"]);
                 info.contains("cluster_state:ok") && info.contains("cluster_slots_ok:16384")
             });
@@ -477,6 +513,18 @@ impl Cluster {
 
     pub fn urls(&self) -> Vec<String> {
         self.nodes.iter().map(RedisServer::url).collect()
+    }
+
+    /// The running master that holds `key`.
+    pub fn master_of(&self, key: &str) -> usize {
+        self.nodes
+            .iter()
+            .position(|n| {
+                n.running()
+                    && n.cli(&["ROLE"]).starts_with("master")
+                    && n.cli(&["EXISTS", key]).trim() == "1"
+            })
+            .expect("a master holds the key")
     }
 
     /// Sum of a command's calls over all nodes.

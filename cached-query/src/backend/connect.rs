@@ -20,6 +20,8 @@ use std::time::Duration;
 pub(crate) struct Timeouts {
     pub(crate) connect: Duration,
     pub(crate) response: Duration,
+    /// Added to `response` on the connection kept for requests that block (`WAIT`).
+    pub(crate) blocking: Duration,
 }
 
 /// One connection to a node or to a cluster, for one operation.
@@ -77,7 +79,12 @@ pub(crate) enum Connections {
     /// Connected on first use, in the background (a caller waits only within its own
     /// deadline); a failed attempt is retried by the next call. The second connection is
     /// for requests that block theirs.
-    Cluster(Arc<(ClusterClient, [tokio::sync::OnceCell<ClusterConnection>; 2])>),
+    Cluster(
+        Arc<(
+            [ClusterClient; 2],
+            [tokio::sync::OnceCell<ClusterConnection>; 2],
+        )>,
+    ),
 }
 
 impl std::fmt::Debug for Connections {
@@ -98,8 +105,14 @@ impl Connections {
         timeouts: Timeouts,
         guard: Option<Guard>,
     ) -> Result<Self, Error> {
-        let links = (0..=count.max(1))
-            .map(|_| {
+        let count = count.max(1);
+        let links = (0..=count)
+            .map(|i| {
+                // The last one waits longer for its replies: they may be `WAIT`s.
+                let timeouts = match i == count {
+                    true => timeouts.for_blocking(),
+                    false => timeouts,
+                };
                 Link::new(
                     checked_connect(source.clone(), timeouts, guard.clone()),
                     timeouts.connect,
@@ -131,22 +144,28 @@ impl Connections {
         }
         #[cfg(feature = "tls")]
         let _ = rustls::crypto::ring::default_provider().install_default();
-        let builder = ClusterClient::builder(urls.iter().map(String::as_str))
-            .connection_timeout(timeouts.connect)
-            .response_timeout(timeouts.response)
-            .retries(1);
-        #[cfg(feature = "tls")]
-        let builder = match root_cert {
-            Some(pem) => builder.certs(redis::TlsCertificates {
-                client_tls: None,
-                root_cert: Some(pem.to_vec()),
-            }),
-            None => builder,
+        let client = |timeouts: Timeouts| {
+            let builder = ClusterClient::builder(urls.iter().map(String::as_str))
+                .connection_timeout(timeouts.connect)
+                .response_timeout(timeouts.response)
+                .retries(1);
+            #[cfg(feature = "tls")]
+            let builder = match root_cert {
+                Some(pem) => builder.certs(redis::TlsCertificates {
+                    client_tls: None,
+                    root_cert: Some(pem.to_vec()),
+                }),
+                None => builder,
+            };
+            #[cfg(not(feature = "tls"))]
+            let _ = root_cert;
+            builder.build().map_err(|e| invalid(e.into()))
         };
-        #[cfg(not(feature = "tls"))]
-        let _ = root_cert;
-        let client = builder.build().map_err(|e| invalid(e.into()))?;
-        Ok(Connections::Cluster(Arc::new((client, Default::default()))))
+        let clients = [client(timeouts)?, client(timeouts.for_blocking())?];
+        Ok(Connections::Cluster(Arc::new((
+            clients,
+            Default::default(),
+        ))))
     }
 
     /// The connections described by `config`: its cluster if it names one, else its node.
@@ -159,6 +178,7 @@ impl Connections {
         let timeouts = Timeouts {
             connect: config.connect_timeout,
             response: config.response_timeout,
+            blocking: Duration::ZERO,
         };
         if !config.cluster_urls.is_empty() {
             return Self::cluster(&config.cluster_urls, root_cert, timeouts);
@@ -202,9 +222,9 @@ impl Connections {
                 }
                 let cluster = cluster.clone();
                 let connecting = tokio::spawn(async move {
-                    let (client, cells) = &*cluster;
+                    let (clients, cells) = &*cluster;
                     cells[at]
-                        .get_or_try_init(|| client.get_async_connection())
+                        .get_or_try_init(|| clients[at].get_async_connection())
                         .await
                         .cloned()
                 });
@@ -237,6 +257,14 @@ pub(crate) fn checked_connect(source: Source, timeouts: Timeouts, guard: Option<
 }
 
 impl Timeouts {
+    /// These timeouts for the connection kept for blocking requests.
+    pub(crate) fn for_blocking(self) -> Timeouts {
+        Timeouts {
+            response: self.response + self.blocking,
+            ..self
+        }
+    }
+
     /// A connection configuration with these timeouts.
     pub(crate) fn config(&self) -> redis::AsyncConnectionConfig {
         redis::AsyncConnectionConfig::new()

@@ -489,6 +489,9 @@ impl CacheBuilder {
         Timeouts {
             connect: self.connect_timeout,
             response: self.response_timeout,
+            blocking: self
+                .invalidation_replicas
+                .map_or(Duration::ZERO, |(_, wait)| wait),
         }
     }
 

@@ -104,6 +104,7 @@ impl NearCache {
         let timeouts = Timeouts {
             connect: connect_timeout,
             response: response_timeout,
+            blocking: Duration::ZERO,
         };
         let config = timeouts.config();
         let recheck = guard.as_ref().map(|_| identity::still_master());
