@@ -306,27 +306,26 @@ mod finite {
         }
     }
 
-    impl ser::SerializeStruct for Probe {
-        type Ok = ();
-        type Error = NonFinite;
-        fn serialize_field<T: ?Sized + Serialize>(&mut self, _: &'static str, v: &T) -> R {
-            v.serialize(Probe)
-        }
-        fn end(self) -> R {
-            Ok(())
-        }
+    macro_rules! named_fields {
+        ($($trait:ident),*) => {
+            $(impl ser::$trait for Probe {
+                type Ok = ();
+                type Error = NonFinite;
+                fn serialize_field<T: ?Sized + Serialize>(
+                    &mut self,
+                    _: &'static str,
+                    v: &T,
+                ) -> R {
+                    v.serialize(Probe)
+                }
+                fn end(self) -> R {
+                    Ok(())
+                }
+            })*
+        };
     }
 
-    impl ser::SerializeStructVariant for Probe {
-        type Ok = ();
-        type Error = NonFinite;
-        fn serialize_field<T: ?Sized + Serialize>(&mut self, _: &'static str, v: &T) -> R {
-            v.serialize(Probe)
-        }
-        fn end(self) -> R {
-            Ok(())
-        }
-    }
+    named_fields!(SerializeStruct, SerializeStructVariant);
 }
 
 #[cfg(test)]
