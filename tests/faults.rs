@@ -441,3 +441,63 @@ async fn a_pending_invalidation_is_delivered_without_further_calls() {
         "no call was made"
     );
 }
+
+/// A re-invalidation during a pending delivery. The proxy holds Redis's replies: the tag's
+/// invalidation is pending (its caller was cancelled), a delivery of it is in flight (Redis
+/// applied it, the reply is held), and after a new commit the same tag is invalidated again,
+/// queueing behind that delivery. It must send its own bump once the delivery returns, never
+/// return Ok on the strength of a bump sent before it was called.
+#[tokio::test]
+async fn a_re_invalidation_during_a_pending_delivery_sends_its_own_bump() {
+    let server = RedisServer::start();
+    let proxy = common::TcpProxy::start(&server.addr()).await;
+    let cache = Cache::builder()
+        .redis(&proxy.redis_url())
+        .namespace("redeliver")
+        .response_timeout(Duration::from_secs(5))
+        .circuit_breaker(1000, Duration::from_millis(1))
+        .build()
+        .await
+        .unwrap();
+    for tag in ["warm-1", "warm-2", "warm-3"] {
+        cache.invalidate(tag).await.unwrap(); // every connection made and checked
+    }
+    let sets = || server.command_calls("set");
+    let until_sets = |n: u64| {
+        let server = &server;
+        common::within(
+            Duration::from_secs(10),
+            "a bump applied by Redis",
+            move || {
+                let applied = server.command_calls("set") >= n;
+                async move { applied }
+            },
+        )
+    };
+    let base = sets();
+    proxy.hold_replies();
+    // 1. Cancelled once Redis has applied its bump: the invalidation is pending.
+    let first = tokio::spawn({
+        let cache = cache.clone();
+        async move { cache.invalidate("t").await }
+    });
+    until_sets(base + 1).await;
+    first.abort();
+    assert!(first.await.unwrap_err().is_cancelled());
+    // 2. The background delivery of it: applied, its reply held, the delivery under way.
+    until_sets(base + 2).await;
+    // 3. A new invalidation of the same tag queues behind that delivery (current-thread
+    // runtime: one yield runs it until it waits).
+    let second = tokio::spawn({
+        let cache = cache.clone();
+        async move { cache.invalidate("t").await }
+    });
+    tokio::task::yield_now().await;
+    assert_eq!(sets(), base + 2, "nothing else reached Redis");
+    proxy.release_replies();
+    second.await.unwrap().unwrap();
+    assert!(
+        sets() >= base + 3,
+        "the second invalidation returned Ok without sending a bump after it was called"
+    );
+}

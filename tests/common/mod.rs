@@ -593,7 +593,8 @@ pub fn percentiles(samples: &mut [Duration]) -> (Duration, Duration) {
 pub struct TcpProxy {
     pub port: u16,
     links: std::sync::Arc<std::sync::Mutex<Vec<tokio::task::AbortHandle>>>,
-    gate: tokio::sync::watch::Sender<bool>,
+    /// Bit 0: forward nothing; bit 1: forward no replies (server to client).
+    gate: tokio::sync::watch::Sender<u8>,
     target: std::sync::Arc<std::sync::Mutex<String>>,
     accept: tokio::task::JoinHandle<()>,
 }
@@ -604,7 +605,7 @@ impl TcpProxy {
         let port = listener.local_addr().unwrap().port();
         let links: std::sync::Arc<std::sync::Mutex<Vec<tokio::task::AbortHandle>>> =
             Default::default();
-        let gate = tokio::sync::watch::Sender::new(false);
+        let gate = tokio::sync::watch::Sender::new(0u8);
         let target = std::sync::Arc::new(std::sync::Mutex::new(target.to_owned()));
         let (held, stalled, to) = (links.clone(), gate.clone(), target.clone());
         let accept = tokio::spawn(async move {
@@ -616,9 +617,9 @@ impl TcpProxy {
                 let (client_rx, client_tx) = client.into_split();
                 let (server_rx, server_tx) = server.into_split();
                 let mut held = held.lock().unwrap();
-                for (from, to) in [(client_rx, server_tx), (server_rx, client_tx)] {
+                for (from, to, mask) in [(client_rx, server_tx, 1), (server_rx, client_tx, 3)] {
                     let gate = stalled.subscribe();
-                    held.push(tokio::spawn(pump(from, to, gate)).abort_handle());
+                    held.push(tokio::spawn(pump(from, to, gate, mask)).abort_handle());
                 }
             }
         });
@@ -650,20 +651,32 @@ impl TcpProxy {
 
     /// Stops forwarding in both directions; connections stay open and silent.
     pub fn stall(&self) {
-        self.gate.send_replace(true);
+        self.gate.send_modify(|g| *g |= 1);
     }
 
     /// Forwards again what a [`stall`](Self::stall) held, and everything after it.
     pub fn resume(&self) {
-        self.gate.send_replace(false);
+        self.gate.send_modify(|g| *g &= !1);
+    }
+
+    /// Holds the server's replies (requests still reach it): a server that has applied a
+    /// command whose caller does not know it yet.
+    pub fn hold_replies(&self) {
+        self.gate.send_modify(|g| *g |= 2);
+    }
+
+    /// Forwards the replies [`hold_replies`](Self::hold_replies) held, and the next ones.
+    pub fn release_replies(&self) {
+        self.gate.send_modify(|g| *g &= !2);
     }
 }
 
-/// Copies `from` to `to`, holding the bytes while the gate is closed.
+/// Copies `from` to `to`, holding the bytes while the gate has a bit of `mask` set.
 async fn pump(
     mut from: tokio::net::tcp::OwnedReadHalf,
     mut to: tokio::net::tcp::OwnedWriteHalf,
-    mut stalled: tokio::sync::watch::Receiver<bool>,
+    mut stalled: tokio::sync::watch::Receiver<u8>,
+    mask: u8,
 ) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut buf = vec![0u8; 16 * 1024];
@@ -672,7 +685,7 @@ async fn pump(
             Ok(0) | Err(_) => return,
             Ok(n) => n,
         };
-        while *stalled.borrow_and_update() {
+        while *stalled.borrow_and_update() & mask != 0 {
             if stalled.changed().await.is_err() {
                 return;
             }

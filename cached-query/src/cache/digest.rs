@@ -6,7 +6,7 @@ use serde_json::Value;
 use sha2::{Digest, Sha256};
 
 /// A parameter that `#[cached_query]` leaves out of the key because its type is named like a
-/// pool or a cache must be one: checked at compile time (see [`SkippedHandle`]).
+/// pool or a cache must be one: checked at compile time (see `SkippedHandle`).
 pub fn skipped_handle<T: ?Sized + SkippedHandle>(_: &T) {}
 
 /// A sqlx pool or a [`Cache`](crate::Cache): what a parameter named `Pool`, `PgPool`, …,
