@@ -188,27 +188,42 @@ async fn sessions_use_redis_cluster_urls() {
 }
 
 /// Three masters with a replica each, invalidations acknowledged by a replica
-/// (`invalidation_replicas`). The master holding the namespace generation is killed under a
-/// writer and readers: its replica is promoted (node timeout 1 s). No read is older than the
-/// last invalidation that returned Ok (each is on the replica that takes over), calls fail
-/// open only during the failover, and hits come back without restarting the application.
+/// (`invalidation_replicas`). Under a writer (invalidating the tag all entries share) and
+/// readers of 30 entries, the replica of the master holding that tag is frozen and cut off (it misses what follows), then that master is killed and the
+/// replica thawed and promoted (node timeout 1 s), without the invalidations it missed. No
+/// read is older than the last invalidation that returned Ok: none returned Ok while the
+/// replica could not acknowledge it. Calls fail open only during the failover, and hits come
+/// back without restarting the application.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_master_killed_under_load_fails_over_with_no_stale_read() {
     let mut cluster = Cluster::start_with_replicas();
     let ns = "clfail";
-    let cache = Cache::builder()
-        .redis_cluster(cluster.urls())
-        .namespace(ns)
-        .connect_timeout(Duration::from_millis(300))
-        .response_timeout(Duration::from_millis(300))
-        .circuit_breaker(3, Duration::from_millis(50))
-        .invalidation_replicas(1, Duration::from_millis(500))
-        .build()
-        .await
-        .unwrap();
+    const IDS: i64 = 30;
+    let build = || {
+        Cache::builder()
+            .redis_cluster(cluster.urls())
+            .namespace(ns)
+            .connect_timeout(Duration::from_millis(300))
+            .response_timeout(Duration::from_millis(300))
+            .circuit_breaker(3, Duration::from_millis(50))
+            .invalidation_replicas(1, Duration::from_millis(500))
+            .build()
+    };
+    // The writer's process and the readers' (pending invalidations are per process).
+    let cache = build().await.unwrap();
+    let reading = build().await.unwrap();
     let src = Arc::new(Source::default());
-    assert_eq!(item(&cache, &src, 0, 1).await.unwrap(), 100);
-    cache.invalidate("item:1").await.unwrap();
+    // Entries of many ids, spread over every node: those on the victim's node come back
+    // with its older data, next to the shared tag's older token.
+    for id in 0..IDS {
+        assert_eq!(item(&cache, &src, 0, id).await.unwrap(), id * 100);
+    }
+    let victim = cluster
+        .master_changed_by(&format!("{ns}:t:*"), async {
+            cache.invalidate("items").await.unwrap();
+        })
+        .await;
+    let replica = cluster.replica_of(victim);
 
     let renamed = Arc::new(AtomicI64::new(0));
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -218,7 +233,7 @@ async fn a_master_killed_under_load_fails_over_with_no_stale_read() {
         tokio::spawn(async move {
             while !stop.load(SeqCst) {
                 let v = src.version.fetch_add(1, SeqCst) + 1;
-                if cache.invalidate("item:1").await.is_ok() {
+                if cache.invalidate("items").await.is_ok() {
                     renamed.store(v, SeqCst);
                 }
                 tokio::time::sleep(Duration::from_millis(10)).await;
@@ -228,11 +243,13 @@ async fn a_master_killed_under_load_fails_over_with_no_stale_read() {
     let readers: Vec<_> = (0..3)
         .map(|_| {
             let (cache, src, renamed, stop) =
-                (cache.clone(), src.clone(), renamed.clone(), stop.clone());
+                (reading.clone(), src.clone(), renamed.clone(), stop.clone());
             tokio::spawn(async move {
+                let mut id = 0;
                 while !stop.load(SeqCst) {
+                    id = (id + 1) % IDS;
                     let floor = renamed.load(SeqCst);
-                    let got = item(&cache, &src, 0, 1).await.unwrap() - 100;
+                    let got = item(&cache, &src, 0, id).await.unwrap() - id * 100;
                     assert!(
                         got >= floor,
                         "stale read: {got} after {floor} was invalidated"
@@ -244,9 +261,14 @@ async fn a_master_killed_under_load_fails_over_with_no_stale_read() {
         .collect();
 
     tokio::time::sleep(Duration::from_millis(300)).await;
-    let victim = cluster.master_of(&format!("{ns}:g"));
+    // The replica stops, and the master drops its link (what the kernel had already
+    // delivered to the replica stays readable; nothing after reaches it).
+    cluster.nodes[replica].freeze();
+    cluster.nodes[victim].cli(&["CLIENT", "KILL", "TYPE", "replica"]);
+    tokio::time::sleep(Duration::from_millis(300)).await;
     cluster.nodes[victim].kill();
-    let errors = cache.stats().errors;
+    cluster.nodes[replica].thaw();
+    let errors = reading.stats().errors;
     tokio::task::spawn_blocking({
         let cluster = std::mem::replace(&mut cluster, Cluster { nodes: Vec::new() });
         move || {
@@ -258,9 +280,9 @@ async fn a_master_killed_under_load_fails_over_with_no_stale_read() {
     .map(|c| cluster = c)
     .unwrap();
     // Hits come back on the promoted replica.
-    let hits = cache.stats().hits;
+    let hits = reading.stats().hits;
     common::within(Duration::from_secs(30), "hits after the failover", || {
-        let now = cache.stats().hits;
+        let now = reading.stats().hits;
         async move { now > hits + 20 }
     })
     .await;
@@ -269,7 +291,7 @@ async fn a_master_killed_under_load_fails_over_with_no_stale_read() {
     for r in readers {
         r.await.unwrap();
     }
-    let stats = cache.stats();
+    let stats = reading.stats();
     assert!(
         stats.errors > errors,
         "the failover window fails open: {stats:?}"

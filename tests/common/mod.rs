@@ -515,6 +515,42 @@ impl Cluster {
         self.nodes.iter().map(RedisServer::url).collect()
     }
 
+    /// The replica of master `master`.
+    pub fn replica_of(&self, master: usize) -> usize {
+        let port = self.nodes[master].port.to_string();
+        self.nodes
+            .iter()
+            .position(|n| {
+                let role = n.cli(&["ROLE"]);
+                let mut lines = role.lines();
+                lines.next() == Some("slave") && lines.nth(1) == Some(port.as_str())
+            })
+            .expect("every master has a replica")
+    }
+
+    /// The master whose keys under `pattern` change when `change` runs (found by reading
+    /// them on every master before and after).
+    pub async fn master_changed_by<F: std::future::Future>(
+        &self,
+        pattern: &str,
+        change: F,
+    ) -> usize {
+        let snapshot = |n: &RedisServer| -> Vec<String> {
+            n.cli(&["--scan", "--pattern", pattern])
+                .lines()
+                .map(|k| n.cli(&["GET", k]))
+                .collect()
+        };
+        let before: Vec<_> = self.nodes.iter().map(snapshot).collect();
+        change.await;
+        (0..self.nodes.len())
+            .find(|&i| {
+                self.nodes[i].cli(&["ROLE"]).starts_with("master")
+                    && snapshot(&self.nodes[i]) != before[i]
+            })
+            .expect("a master's keys changed")
+    }
+
     /// The running master that holds `key`.
     pub fn master_of(&self, key: &str) -> usize {
         self.nodes
