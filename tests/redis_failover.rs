@@ -265,3 +265,37 @@ async fn a_master_demoted_under_open_connections_is_given_up_within_the_bound(po
     }
     println!("demoted master: {stale} stale reads within the bound of {bound:?}");
 }
+
+/// An ACL user without `INFO` and `ROLE` (`-@dangerous` style): the identity is unknown, so
+/// the first connection clears the namespace (safe), and the periodic recheck, refused, keeps
+/// the connection rather than replacing it (which would clear the namespace every time).
+#[sqlx::test]
+async fn a_user_without_info_or_role_is_safe_and_not_cleared_again(pool: PgPool) {
+    users::schema(&pool).await;
+    let server = RedisServer::start();
+    let acl = [
+        "ACL", "SETUSER", "app", "on", ">secret", "~*", "+@all", "-info", "-role",
+    ];
+    assert_eq!(server.cli(&acl).trim(), "OK");
+    let url = format!("redis://app:secret@127.0.0.1:{}", server.port);
+    let cache = builder(&url, &unique_ns("acl")).build().await.unwrap();
+    // Each of the cache's connections clears once when it is made: read until all are.
+    for _ in 0..4 {
+        assert!(reads(&pool, &cache, 1, "Ada").await);
+    }
+    let before = cache.stats();
+    assert!(before.server_changes >= 1, "{before:?}");
+    // Past the recheck interval (twice: the check then runs before use).
+    tokio::time::sleep(Duration::from_millis(2200)).await;
+    for _ in 0..5 {
+        assert!(reads(&pool, &cache, 1, "Ada").await);
+    }
+    let after = cache.stats();
+    assert_eq!(after.server_changes, before.server_changes, "{after:?}");
+    assert_eq!(
+        (after.misses, after.errors),
+        (before.misses, 0),
+        "{after:?}"
+    );
+    assert_eq!(after.hits, before.hits + 5, "{after:?}");
+}

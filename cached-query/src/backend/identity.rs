@@ -24,6 +24,7 @@
 //! When `INFO` is not allowed (an ACL without `@dangerous`), the identity is unknown and
 //! every new connection clears the namespace, which stays safe and costs misses.
 
+use super::link::breaks_connection as breaks;
 use crate::keyspace::new_token;
 use futures_util::FutureExt;
 use redis::Value;
@@ -158,7 +159,15 @@ pub(crate) async fn check(
 pub(crate) fn still_master() -> super::link::Recheck {
     Box::new(|mut conn| {
         async move {
-            let role: Vec<Value> = redis::cmd("ROLE").query_async(&mut conn).await?;
+            let role: Vec<Value> = match redis::cmd("ROLE").query_async(&mut conn).await {
+                Ok(role) => role,
+                // Answered, but not allowed (an ACL) or renamed: the role cannot be known
+                // this way; the connection stays (it was checked when made).
+                Err(e) if matches!(e.kind(), redis::ErrorKind::Server(_)) && !breaks(&e) => {
+                    return Ok(true);
+                }
+                Err(e) => return Err(e),
+            };
             Ok(match role.first() {
                 Some(Value::BulkString(b)) => b == b"master",
                 Some(Value::SimpleString(s)) => s == "master",
