@@ -10,16 +10,18 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, AtomicU32, Ordering::SeqCst};
 use std::time::{Duration, Instant};
 
-async fn cluster_cache(cluster: &Cluster, ns: &str) -> Cache {
+/// A cache on `cluster` that gives up on a node quickly.
+fn cluster_builder(cluster: &Cluster, ns: &str) -> cached_query::CacheBuilder {
     Cache::builder()
         .redis_cluster(cluster.urls())
         .namespace(ns)
         .connect_timeout(Duration::from_millis(300))
         .response_timeout(Duration::from_millis(300))
         .circuit_breaker(3, Duration::from_millis(50))
-        .build()
-        .await
-        .unwrap()
+}
+
+async fn cluster_cache(cluster: &Cluster, ns: &str) -> Cache {
+    cluster_builder(cluster, ns).build().await.unwrap()
 }
 
 #[derive(Default)]
@@ -200,12 +202,7 @@ async fn a_master_killed_under_load_fails_over_with_no_stale_read() {
     let ns = "clfail";
     const IDS: i64 = 30;
     let build = || {
-        Cache::builder()
-            .redis_cluster(cluster.urls())
-            .namespace(ns)
-            .connect_timeout(Duration::from_millis(300))
-            .response_timeout(Duration::from_millis(300))
-            .circuit_breaker(3, Duration::from_millis(50))
+        cluster_builder(&cluster, ns)
             .invalidation_replicas(1, Duration::from_millis(500))
             .build()
     };

@@ -37,16 +37,18 @@ async fn warm(pool: &PgPool, caches: &[Cache; 2]) {
     }
 }
 
-/// Renames user 1 through `cache` (UPDATE, then an invalidation that returns Ok); both
-/// caches read the new name.
+/// Renames user 1 through `caches[0]` (UPDATE, then an invalidation that returns Ok): it
+/// reads the new name at once; the near cache, told by Redis's message, within its lease.
 async fn rename(pool: &PgPool, caches: &[Cache; 2]) {
     let mut conn = pool.acquire().await.unwrap();
     users::rename(&mut conn, &caches[0], 1, "Ada Lovelace")
         .await
         .unwrap();
-    for cache in caches {
-        assert!(reads(pool, cache, 1, "Ada Lovelace").await);
-    }
+    assert!(reads(pool, &caches[0], 1, "Ada Lovelace").await);
+    common::within(Duration::from_secs(1), "the near cache's bound", || {
+        reads(pool, &caches[1], 1, "Ada Lovelace")
+    })
+    .await;
 }
 
 /// The tag token of user 1 in `ns`, read from `server` directly.

@@ -171,3 +171,32 @@ async fn a_failover_under_load_serves_no_stale_read(pool: PgPool) {
     );
     println!("sentinel failover: {:?}", caches[0].stats());
 }
+
+/// Sentinels that disagree: one names another server under the same master name (cut off
+/// from the others, or restarted with an old configuration). The cache takes the address
+/// the majority names, whichever Sentinel answers first or is listed first.
+#[tokio::test]
+async fn the_master_a_majority_of_sentinels_names_is_used() {
+    let master = RedisServer::start();
+    let other = RedisServer::start();
+    let odd = Sentinel::start(MASTER, &other.addr());
+    let agreeing: Vec<Sentinel> = (0..2)
+        .map(|_| Sentinel::start(MASTER, &master.addr()))
+        .collect();
+    let urls: Vec<String> = std::iter::once(&odd)
+        .chain(&agreeing)
+        .map(Sentinel::url)
+        .collect();
+    for _ in 0..5 {
+        let ns = unique_ns("majority");
+        let cache = Cache::builder()
+            .redis_sentinel(&urls, MASTER)
+            .namespace(&ns)
+            .build()
+            .await
+            .unwrap();
+        cache.invalidate("t").await.unwrap();
+        assert!(!common::keys_under(&master.url(), &ns).await.is_empty());
+        assert!(common::keys_under(&other.url(), &ns).await.is_empty());
+    }
+}
