@@ -501,3 +501,58 @@ async fn a_re_invalidation_during_a_pending_delivery_sends_its_own_bump() {
         "the second invalidation returned Ok without sending a bump after it was called"
     );
 }
+
+/// A tag key missing when an entry is read, and back with the token the entry was stored
+/// under before the read creates it: here the test renames it back while the proxy holds the
+/// read's reply; in production, a server restarted from disk between the read and the
+/// creation (its `run_id` check then replaces the generation, but only after this read took
+/// the old one). The entry is a miss: a token found after the read cannot vouch for an entry
+/// read before it.
+#[tokio::test]
+async fn an_entry_read_with_a_missing_stamp_is_a_miss() {
+    let server = RedisServer::start();
+    let proxy = common::TcpProxy::start(&server.addr()).await;
+    let cache = Cache::builder()
+        .redis(&proxy.redis_url())
+        .namespace("gone")
+        .response_timeout(Duration::from_secs(5))
+        .build()
+        .await
+        .unwrap();
+    let versions: Vec<AtomicI64> = (0..2).map(|_| AtomicI64::new(0)).collect();
+    assert_eq!(
+        versioned_row(&cache, &versions, 1).await.unwrap().version,
+        0
+    );
+    versions[1].store(1, SeqCst);
+    assert_eq!(
+        versioned_row(&cache, &versions, 1).await.unwrap().version,
+        0,
+        "a hit while the tag is there"
+    );
+    let tag = server.cli(&["--scan", "--pattern", "gone:t:*"]);
+    let tag = tag.trim();
+    assert_eq!(server.cli(&["RENAME", tag, "saved"]).trim(), "OK");
+    let mgets = server.command_calls("mget");
+    proxy.hold_replies();
+    let read = tokio::spawn({
+        let cache = cache.clone();
+        async move {
+            let versions: Vec<AtomicI64> = (0..2).map(|_| AtomicI64::new(1)).collect();
+            versioned_row(&cache, &versions, 1).await
+        }
+    });
+    common::within(Duration::from_secs(10), "the read reached Redis", || {
+        let read = server.command_calls("mget") > mgets;
+        async move { read }
+    })
+    .await;
+    // The read saw no tag key; the key comes back with the entry's token.
+    assert_eq!(server.cli(&["RENAME", "saved", tag]).trim(), "OK");
+    proxy.release_replies();
+    assert_eq!(
+        read.await.unwrap().unwrap().version,
+        1,
+        "an entry whose tag key was missing when it was read"
+    );
+}

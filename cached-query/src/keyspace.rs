@@ -4,6 +4,7 @@
 //! ```text
 //! {ns}:g            namespace generation token (`clear()` replaces it)
 //! {ns}:s            `run_id` of the Redis server the namespace was last made safe on
+//! {ns}:s:{n}        the same, per Redis Cluster master (`n` picks a slot the node serves)
 //! {ns}:t:{32 hex}   tag version token (first 16 bytes of sha256(tag))
 //! {ns}:e:{64 hex}   cached entry (sha256 of the call's canonical key document)
 //! {ns}:session:{64 hex}   tower-sessions record (sha256 of the session id)
@@ -35,6 +36,12 @@ pub(crate) fn generation_key(namespace: &str) -> String {
 /// `backend::identity`.
 pub(crate) fn server_key(namespace: &str) -> String {
     format!("{namespace}:s")
+}
+
+/// Candidate `n` for the server key of one Redis Cluster master (`server_key` as made by
+/// [`server_key`]): `{n}` is its hash tag, so some small `n` lands in a slot the node serves.
+pub(crate) fn node_server_key(server_key: &str, n: u32) -> String {
+    format!("{server_key}:{{{n}}}")
 }
 
 /// The key holding `tag`'s version token. The tag is hashed, so its text (which usually

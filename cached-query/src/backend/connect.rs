@@ -3,13 +3,12 @@
 //! or a cluster; with connect/response timeouts and, for `rediss://`, a chosen CA. Shared by
 //! the cache's store and the session store.
 
+use super::cluster::{Cluster, ClusterConn};
 use super::identity::{self, Guard};
 use super::link::{Connect, Link, LinkConn};
 use crate::Error;
 use futures_util::FutureExt;
 use redis::aio::ConnectionLike;
-use redis::cluster::ClusterClient;
-use redis::cluster_async::ClusterConnection;
 use redis::{Cmd, Pipeline, RedisFuture, Value};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
@@ -28,15 +27,25 @@ pub(crate) struct Timeouts {
 #[derive(Clone)]
 pub(crate) enum Conn {
     Single(LinkConn),
-    Cluster(ClusterConnection),
+    Cluster(ClusterConn),
 }
 
 impl Conn {
-    /// Gives up on this connection (it timed out): the next operation makes a new one.
-    /// The cluster client manages its own connections.
+    /// Gives up on this connection (it timed out): the next operation makes a new one. On a
+    /// cluster: on the node connections it still waits for.
     pub(crate) fn discard(&self) {
-        if let Conn::Single(c) = self {
-            c.discard();
+        match self {
+            Conn::Single(c) => c.discard(),
+            Conn::Cluster(c) => c.discard(),
+        }
+    }
+
+    /// Whether what the operation read can be trusted as one view (always on a single
+    /// node; see [`ClusterConn::consistent`]).
+    pub(crate) fn consistent(&self) -> bool {
+        match self {
+            Conn::Single(_) => true,
+            Conn::Cluster(c) => c.consistent(),
         }
     }
 }
@@ -76,15 +85,9 @@ pub(crate) enum Connections {
     /// caps throughput at what one core can parse. The last one is kept for requests that
     /// block their connection (`WAIT`), so reads never queue behind them.
     Single(Box<[Link]>, AtomicUsize),
-    /// Connected on first use, in the background (a caller waits only within its own
-    /// deadline); a failed attempt is retried by the next call. The second connection is
-    /// for requests that block theirs.
-    Cluster(
-        Arc<(
-            [ClusterClient; 2],
-            [tokio::sync::OnceCell<ClusterConnection>; 2],
-        )>,
-    ),
+    /// Discovered on first use, in the background (a caller waits only within its own
+    /// deadline); each master's connections checked like a single node's.
+    Cluster(Cluster),
 }
 
 impl std::fmt::Debug for Connections {
@@ -116,7 +119,9 @@ impl Connections {
                 Link::new(
                     checked_connect(source.clone(), timeouts, guard.clone()),
                     timeouts.connect,
-                    guard.as_ref().map(|_| identity::still_master()),
+                    guard
+                        .as_ref()
+                        .map(|g| identity::still_master(g.server_key.clone())),
                     None,
                 )
             })
@@ -124,48 +129,27 @@ impl Connections {
         Ok(Connections::Single(links, AtomicUsize::new(0)))
     }
 
-    /// A cluster discovered from `urls` (any of its nodes), connected on first use.
+    /// A cluster discovered from `urls` (any of its nodes), connected on first use, each
+    /// node connection checked with `guard` before use when given.
     pub(crate) fn cluster(
         urls: &[String],
         root_cert: Option<&[u8]>,
         timeouts: Timeouts,
+        guard: Option<Guard>,
     ) -> Result<Self, Error> {
-        let shown = urls
-            .iter()
-            .map(|u| crate::redact_url(u))
-            .collect::<Vec<_>>()
-            .join(",");
-        let invalid = |source: crate::error::BoxError| Error::InvalidUrl {
-            url: shown.clone(),
-            source,
-        };
         if urls.is_empty() {
-            return Err(invalid("a cluster needs at least one node URL".into()));
+            return Err(Error::InvalidUrl {
+                url: String::new(),
+                source: "a cluster needs at least one node URL".into(),
+            });
         }
-        #[cfg(feature = "tls")]
-        let _ = rustls::crypto::ring::default_provider().install_default();
-        let client = |timeouts: Timeouts| {
-            let builder = ClusterClient::builder(urls.iter().map(String::as_str))
-                .connection_timeout(timeouts.connect)
-                .response_timeout(timeouts.response)
-                .retries(1);
-            #[cfg(feature = "tls")]
-            let builder = match root_cert {
-                Some(pem) => builder.certs(redis::TlsCertificates {
-                    client_tls: None,
-                    root_cert: Some(pem.to_vec()),
-                }),
-                None => builder,
-            };
-            #[cfg(not(feature = "tls"))]
-            let _ = root_cert;
-            builder.build().map_err(|e| invalid(e.into()))
-        };
-        let clients = [client(timeouts)?, client(timeouts.for_blocking())?];
-        Ok(Connections::Cluster(Arc::new((
-            clients,
-            Default::default(),
-        ))))
+        let seeds = urls
+            .iter()
+            .map(|u| client(u, false, root_cert))
+            .collect::<Result<_, _>>()?;
+        Ok(Connections::Cluster(Cluster::new(
+            seeds, root_cert, timeouts, guard,
+        )))
     }
 
     /// The connections described by `config`: its cluster if it names one, else its node.
@@ -181,7 +165,7 @@ impl Connections {
             blocking: Duration::ZERO,
         };
         if !config.cluster_urls.is_empty() {
-            return Self::cluster(&config.cluster_urls, root_cert, timeouts);
+            return Self::cluster(&config.cluster_urls, root_cert, timeouts, None);
         }
         if let Some(master) = &config.sentinel_master {
             let source = Source::sentinel(&config.sentinel_urls, master, false, root_cert)?;
@@ -215,26 +199,7 @@ impl Connections {
                 let (conn, fresh) = link.get().await?;
                 Ok((Conn::Single(conn), fresh))
             }
-            Connections::Cluster(cluster) => {
-                let at = usize::from(blocking);
-                if let Some(c) = cluster.1[at].get() {
-                    return Ok((Conn::Cluster(c.clone()), false));
-                }
-                let cluster = cluster.clone();
-                let connecting = tokio::spawn(async move {
-                    let (clients, cells) = &*cluster;
-                    cells[at]
-                        .get_or_try_init(|| clients[at].get_async_connection())
-                        .await
-                        .cloned()
-                });
-                let c = connecting.await.map_err(|e| {
-                    redis::RedisError::from(std::io::Error::other(format!(
-                        "the Redis Cluster connect task ended: {e}"
-                    )))
-                })??;
-                Ok((Conn::Cluster(c), true))
-            }
+            Connections::Cluster(cluster) => Ok((Conn::Cluster(cluster.conn(blocking)), false)),
         }
     }
 }
@@ -409,19 +374,33 @@ impl SentinelSource {
         host: String,
         port: u16,
     ) -> redis::RedisResult<redis::Client> {
-        let info = sentinel.get_connection_info().clone();
-        let addr = match info.addr() {
-            redis::ConnectionAddr::TcpTls { insecure, .. } => redis::ConnectionAddr::TcpTls {
-                host,
-                port,
-                insecure: *insecure,
-                tls_params: None,
-            },
-            _ => redis::ConnectionAddr::Tcp(host, port),
-        };
-        // Credentials, database and protocol (RESP3 for the near cache) come along.
-        open(info.set_addr(addr), self.root_cert.as_deref())
+        node_client(
+            sentinel.get_connection_info(),
+            host,
+            port,
+            self.root_cert.as_deref(),
+        )
     }
+}
+
+/// A client for the node at `host:port` with the scheme (TLS or not), credentials,
+/// database and protocol of `like` (a Sentinel's or a cluster seed's).
+pub(crate) fn node_client(
+    like: &redis::ConnectionInfo,
+    host: String,
+    port: u16,
+    root_cert: Option<&[u8]>,
+) -> redis::RedisResult<redis::Client> {
+    let addr = match like.addr() {
+        redis::ConnectionAddr::TcpTls { insecure, .. } => redis::ConnectionAddr::TcpTls {
+            host,
+            port,
+            insecure: *insecure,
+            tls_params: None,
+        },
+        _ => redis::ConnectionAddr::Tcp(host, port),
+    };
+    open(like.clone().set_addr(addr), root_cert)
 }
 
 /// A client for `url`, speaking RESP3 when `resp3` (client-side caching needs it).

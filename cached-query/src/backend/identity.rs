@@ -17,7 +17,8 @@
 //! which loses nothing.)
 //!
 //! Requests on a connection only reach the server checked when it was made, so nothing
-//! read from a restarted or promoted server is used before the namespace is safe.
+//! read from a restarted or promoted server is used before the namespace is safe; a
+//! connection in use is rechecked every second ([`still_current`]).
 //! A replica (`role:slave`) is refused: it cannot take invalidations.
 //! Cost: one pipelined round trip (`INFO server`, `INFO replication`, `GET`) per new
 //! connection, plus one `MULTI`/`EXEC` and a namespace-wide miss when the server changed.
@@ -77,29 +78,8 @@ pub(crate) async fn check(
     conn: &mut MultiplexedConnection,
     guard: &Guard,
 ) -> redis::RedisResult<bool> {
-    let replies: Vec<Value> = redis::pipe()
-        .ignore_errors()
-        .cmd("INFO")
-        .arg("server")
-        .cmd("INFO")
-        .arg("replication")
-        .cmd("GET")
-        .arg(&guard.server_key)
-        .query_async(conn)
-        .await?;
-    let [server, replication, held] = &replies[..] else {
-        return Err(unexpected());
-    };
-    let identity = identity(server, replication)?;
-    let held = match held {
-        Value::BulkString(b) => Some(b.as_slice()),
-        Value::Nil => None,
-        Value::ServerError(e) => return Err(e.clone().into()),
-        _ => return Err(unexpected()),
-    };
-    let current =
-        |held: Option<&[u8]>| identity.is_some() && held == identity.as_deref().map(str::as_bytes);
-    if current(held) {
+    let (identity, held) = probe(conn, &guard.server_key).await?;
+    if current(&identity, held.as_deref()) {
         return Ok(false);
     }
     // Clear once, not once per connection checking at the same time: under `WATCH`, look
@@ -116,7 +96,7 @@ pub(crate) async fn check(
             .arg(&guard.server_key)
             .query_async(conn)
             .await?;
-        if current(held.as_deref()) {
+        if current(&identity, held.as_deref()) {
             redis::cmd("UNWATCH").query_async::<()>(conn).await?;
             return Ok(false);
         }
@@ -143,39 +123,107 @@ pub(crate) async fn check(
             )));
         }
     }
-    guard.clears.fetch_add(1, Relaxed);
-    tracing::warn!(
-        server_key = %guard.server_key,
-        identity = identity.as_deref().unwrap_or("unknown (INFO refused)"),
-        "cached-query: the Redis server is new to this namespace (first use, restart, failover \
-         or another server): its generation was replaced, so every entry stored before is a miss"
-    );
+    cleared(guard, &guard.server_key, identity.as_deref());
     Ok(true)
 }
 
-/// The recheck of a checked connection (see [`Link`](super::link::Link)): whether its server
-/// is still a master. A master demoted with `REPLICAOF` may keep its clients connected, and
-/// then serves them the data of its new master, which may have lost writes.
-pub(crate) fn still_master() -> super::link::Recheck {
-    Box::new(|mut conn| {
-        async move {
-            let role: Vec<Value> = match redis::cmd("ROLE").query_async(&mut conn).await {
-                Ok(role) => role,
-                // Answered, but not allowed (an ACL) or renamed: the role cannot be known
-                // this way; the connection stays (it was checked when made).
-                Err(e) if matches!(e.kind(), redis::ErrorKind::Server(_)) && !breaks(&e) => {
-                    return Ok(true);
-                }
-                Err(e) => return Err(e),
-            };
-            Ok(match role.first() {
-                Some(Value::BulkString(b)) => b == b"master",
-                Some(Value::SimpleString(s)) => s == "master",
-                _ => false,
-            })
+/// The server's identity (`None` when `INFO` is refused; an error for a replica) and what
+/// `server_key` holds on it, in one round trip.
+pub(crate) async fn probe(
+    conn: &mut MultiplexedConnection,
+    server_key: &str,
+) -> redis::RedisResult<(Option<String>, Option<Vec<u8>>)> {
+    let replies: Vec<Value> = redis::pipe()
+        .ignore_errors()
+        .cmd("INFO")
+        .arg("server")
+        .cmd("INFO")
+        .arg("replication")
+        .cmd("GET")
+        .arg(server_key)
+        .query_async(conn)
+        .await?;
+    let [server, replication, held] = &replies[..] else {
+        return Err(unexpected());
+    };
+    let identity = identity(server, replication)?;
+    let held = match held {
+        Value::BulkString(b) => Some(b.clone()),
+        Value::Nil => None,
+        Value::ServerError(e) => return Err(e.clone().into()),
+        _ => return Err(unexpected()),
+    };
+    Ok((identity, held))
+}
+
+/// Whether the server key holds this server's identity (never when it is unknown).
+pub(crate) fn current(identity: &Option<String>, held: Option<&[u8]>) -> bool {
+    identity.is_some() && held == identity.as_deref().map(str::as_bytes)
+}
+
+/// Counts and logs a generation replaced because the server under `server_key` was new.
+pub(crate) fn cleared(guard: &Guard, server_key: &str, identity: Option<&str>) {
+    guard.clears.fetch_add(1, Relaxed);
+    tracing::warn!(
+        server_key,
+        identity = identity.unwrap_or("unknown (INFO refused)"),
+        "cached-query: the Redis server is new to this namespace (first use, restart, failover \
+         or another server): its generation was replaced, so every entry stored before is a miss"
+    );
+}
+
+/// The recheck of a checked connection (see [`Link`](super::link::Link)) whose server key is
+/// `server_key`: see [`still_current`].
+pub(crate) fn still_master(server_key: String) -> super::link::Recheck {
+    Box::new(move |conn| still_current(conn, Some(server_key.clone())).boxed())
+}
+
+/// Whether the server behind `conn` is still the master the namespace was made safe on: its
+/// `run_id` still in `server_key`. A master demoted with `REPLICAOF` may keep its clients
+/// connected and serve them its new master's data, which may have lost writes; demoted,
+/// resynchronised and promoted again, it still holds the `run_id` of the master it copied.
+/// When that cannot be known (`INFO` refused, no `server_key`, or the key's cluster slot
+/// moving), whether it is still a master (`ROLE`); when neither can, the connection stays
+/// (it was checked when made).
+pub(crate) async fn still_current(
+    mut conn: MultiplexedConnection,
+    server_key: Option<String>,
+) -> redis::RedisResult<bool> {
+    if let Some(key) = &server_key {
+        match probe(&mut conn, key).await {
+            Ok((Some(id), held)) => return Ok(held.as_deref() == Some(id.as_bytes())),
+            Ok((None, _)) => {}
+            Err(e) if is_replica(&e) => return Ok(false),
+            Err(e) if redirected(&e) => {}
+            Err(e) => return Err(e),
         }
-        .boxed()
+    }
+    let role: Vec<Value> = match redis::cmd("ROLE").query_async(&mut conn).await {
+        Ok(role) => role,
+        // Answered, but not allowed (an ACL) or renamed.
+        Err(e) if matches!(e.kind(), redis::ErrorKind::Server(_)) && !breaks(&e) => {
+            return Ok(true);
+        }
+        Err(e) => return Err(e),
+    };
+    Ok(match role.first() {
+        Some(Value::BulkString(b)) => b == b"master",
+        Some(Value::SimpleString(s)) => s == "master",
+        _ => false,
     })
+}
+
+/// The error [`probe`] gives for a replica.
+fn is_replica(e: &redis::RedisError) -> bool {
+    e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::ReadOnly)
+}
+
+/// A cluster node answered that the key is served elsewhere (`MOVED`, `ASK`).
+pub(crate) fn redirected(e: &redis::RedisError) -> bool {
+    matches!(
+        e.kind(),
+        redis::ErrorKind::Server(redis::ServerErrorKind::Moved | redis::ServerErrorKind::Ask)
+    )
 }
 
 fn unexpected() -> redis::RedisError {

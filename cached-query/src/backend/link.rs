@@ -304,10 +304,16 @@ impl LinkConn {
         self.link.discard(self.id);
     }
 
-    fn observe<T>(&self, r: &RedisResult<T>) {
-        if let Err(e) = r
-            && breaks_connection(e)
-        {
+    /// Discards the connection after an error that breaks it, returned as an error or as
+    /// an error reply (which is how replies come back from a connection).
+    fn observe(&self, r: Result<&[Value], &RedisError>) {
+        let broken = match r {
+            Err(e) => breaks_connection(e),
+            Ok(values) => values.iter().any(
+                |v| matches!(v, Value::ServerError(e) if breaks_connection(&e.clone().into())),
+            ),
+        };
+        if broken {
             self.link.discard(self.id);
         }
     }
@@ -317,7 +323,7 @@ impl ConnectionLike for LinkConn {
     fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
         Box::pin(async move {
             let r = self.conn.req_packed_command(cmd).await;
-            self.observe(&r);
+            self.observe(r.as_ref().map(std::slice::from_ref));
             r
         })
     }
@@ -330,7 +336,7 @@ impl ConnectionLike for LinkConn {
     ) -> RedisFuture<'a, Vec<Value>> {
         Box::pin(async move {
             let r = self.conn.req_packed_commands(cmd, offset, count).await;
-            self.observe(&r);
+            self.observe(r.as_ref().map(Vec::as_slice));
             r
         })
     }

@@ -2,6 +2,7 @@
 //! its stamps, write an entry, bump stamps), so the read path in `cache::call` is written
 //! once; backend differences stay behind [`Store`]'s methods.
 
+pub(crate) mod cluster;
 pub(crate) mod connect;
 pub(crate) mod identity;
 pub(crate) mod link;

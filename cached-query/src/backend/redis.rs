@@ -3,8 +3,8 @@
 //! invalidate; every operation by a deadline (the response timeout, or less when the call's
 //! budget ends sooner).
 //!
-//! On a cluster, entry and tag keys live in different slots. `MGET` is split per slot by
-//! redis-rs (one request per node involved, sent concurrently); creating missing stamps and
+//! On a cluster, entry and tag keys live in different slots. `MGET` is split per slot
+//! (`backend::cluster`, one request per slot, sent concurrently); creating missing stamps and
 //! invalidating several tags use one small single-key pipeline per key, sent concurrently,
 //! because a cross-slot pipeline would be rejected.
 
@@ -77,6 +77,7 @@ impl RedisStore {
         Fut: Future<Output = redis::RedisResult<T>>,
     {
         let mut retried = false;
+        let mut reread = 0;
         loop {
             let got = self.conns.get(blocking);
             let (conn, fresh) = match tokio::time::timeout_at(until, got).await {
@@ -85,7 +86,16 @@ impl RedisStore {
             };
             let used = conn.clone();
             match tokio::time::timeout_at(until, op(conn)).await {
-                Ok(Ok(v)) => return Ok(v),
+                Ok(Ok(v)) if used.consistent() => return Ok(v),
+                // A cluster node connection was made meanwhile (see `ClusterConn`): again,
+                // a few times (connections are made once per node, then kept).
+                Ok(Ok(_)) if reread < CONSISTENT_TRIES => reread += 1,
+                Ok(Ok(_)) => {
+                    return Err(StoreError::Redis(redis::RedisError::from((
+                        redis::ErrorKind::Server(redis::ServerErrorKind::TryAgain),
+                        "Redis Cluster connections kept changing during the operation",
+                    ))));
+                }
                 Ok(Err(e)) if !fresh && !retried && link::breaks_connection(&e) => retried = true,
                 Ok(Err(e)) => return Err(e.into()),
                 Err(_) => {
@@ -133,7 +143,7 @@ impl RedisStore {
                 "MGET returned an unexpected number of values",
             ))));
         }
-        let entry_bytes = values.remove(0);
+        let mut entry_bytes = values.remove(0);
         let missing: Vec<&StampKey> = stamps
             .iter()
             .zip(&values)
@@ -143,6 +153,10 @@ impl RedisStore {
         if !missing.is_empty() {
             // First use of a tag, or its key expired or was evicted: create it with a random
             // token unless a concurrent caller won the race, and use whichever token is there.
+            // The entry cannot have been stored under a token that did not exist: it is a
+            // miss whatever the tokens read now (a server restarted from disk in between
+            // could hand back one it held before).
+            entry_bytes = None;
             let created = self.create_stamps(&missing, until).await?;
             let mut created = created.into_iter();
             for v in values.iter_mut().filter(|v| v.is_none()) {
@@ -269,6 +283,9 @@ impl RedisStore {
         Ok(())
     }
 }
+
+/// How many times an operation that overlapped a new cluster node connection runs again.
+const CONSISTENT_TRIES: usize = 3;
 
 fn millis(d: Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX).max(1)

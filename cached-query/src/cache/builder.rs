@@ -453,7 +453,7 @@ impl CacheBuilder {
                 (Some(self.redis_store(conns)), near)
             }
             Backend::RedisCluster(urls) => {
-                let conns = Connections::cluster(urls, root_cert, timeouts)?;
+                let conns = Connections::cluster(urls, root_cert, timeouts, guard)?;
                 (Some(self.redis_store(conns)), None)
             }
         };
@@ -476,7 +476,8 @@ impl CacheBuilder {
         Ok(Cache::new(store, near, self.settings(server_changes)))
     }
 
-    /// What every new connection to a single node checks (restart and failover detection).
+    /// What every new connection to a single node or cluster master checks (restart and
+    /// failover detection).
     fn guard(&self, server_changes: &Arc<AtomicU64>) -> Guard {
         Guard {
             server_key: crate::keyspace::server_key(&self.namespace),

@@ -107,7 +107,9 @@ impl NearCache {
             blocking: Duration::ZERO,
         };
         let config = timeouts.config();
-        let recheck = guard.as_ref().map(|_| identity::still_master());
+        let recheck = guard
+            .as_ref()
+            .map(|g| identity::still_master(g.server_key.clone()));
         let weak = Arc::downgrade(&shared);
         let connect = Box::new(move |id: u64| {
             let (source, guard, weak) = (source.clone(), guard.clone(), weak.clone());
