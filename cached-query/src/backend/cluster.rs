@@ -24,7 +24,7 @@ use redis::aio::{ConnectionLike, MultiplexedConnection};
 use redis::{
     Cmd, ErrorKind, Pipeline, RedisError, RedisFuture, RedisResult, ServerErrorKind, Value,
 };
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering::SeqCst};
 use std::sync::{Arc, Mutex, RwLock, Weak};
@@ -194,6 +194,9 @@ struct Inner {
     refresh: Mutex<(Option<Refreshing>, Option<Instant>)>,
     /// Node connections made so far (see [`ClusterConn::consistent`]).
     connections: AtomicU64,
+    /// Servers (address, `run_id`) this process replaced the generation for whose record
+    /// is not written yet.
+    unrecorded: Mutex<HashSet<(Addr, String)>>,
 }
 
 /// A Redis Cluster: discovered from its seed URLs on first use, its node connections
@@ -224,6 +227,7 @@ impl Cluster {
             links: Mutex::new(HashMap::new()),
             refresh: Mutex::new((None, None)),
             connections: AtomicU64::new(0),
+            unrecorded: Mutex::new(HashSet::new()),
         }))
     }
 
@@ -468,9 +472,21 @@ impl Cluster {
             None => None,
         };
         // The namespace is made safe before this server is recorded: a check cut off in
-        // between leaves the old record, and the next one replaces the generation again.
-        self.replace_generation(guard).await?;
+        // between leaves the old record, and the next one replaces the generation again,
+        // unless this process already did for this server and only its record failed
+        // (nothing was read from it since: its connections are published after the record).
         let shown = key.as_deref().unwrap_or("(none)");
+        let server = identity.clone().map(|id| (addr.clone(), id));
+        let done = server
+            .as_ref()
+            .is_some_and(|s| self.lock_unrecorded().contains(s));
+        if !done {
+            self.replace_generation(guard).await?;
+            identity::cleared(guard, shown, identity.as_deref());
+            if let Some(server) = server.clone() {
+                self.lock_unrecorded().insert(server);
+            }
+        }
         if let Some(key) = key.as_ref().filter(|_| recordable) {
             let mut record = redis::cmd(if identity.is_some() { "SET" } else { "DEL" });
             record.arg(key);
@@ -479,8 +495,14 @@ impl Cluster {
             }
             record.query_async::<()>(conn).await?;
         }
-        identity::cleared(guard, shown, identity.as_deref());
+        if let Some(server) = &server {
+            self.lock_unrecorded().remove(server);
+        }
         Ok(())
+    }
+
+    fn lock_unrecorded(&self) -> std::sync::MutexGuard<'_, HashSet<(Addr, String)>> {
+        self.0.unrecorded.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Writes a fresh generation token, over a connection of its own to the node serving
@@ -666,12 +688,19 @@ impl Request<'_> {
                 node.req_packed_commands(&asked, 1, 1).await
             }
             (Request::Pipe(pipe, offset, count), true) if !pipe.is_transaction() => {
+                // `ASKING` holds for the next command only: one before each.
                 let mut asked = redis::pipe();
-                asked.cmd("ASKING");
                 for cmd in pipe.cmd_iter() {
-                    asked.add_command(cmd.clone());
+                    asked.cmd("ASKING").add_command(cmd.clone());
                 }
-                node.req_packed_commands(&asked, offset + 1, count).await
+                let all = node.req_packed_commands(&asked, 0, 2 * pipe.len()).await?;
+                Ok(all
+                    .into_iter()
+                    .skip(1)
+                    .step_by(2)
+                    .skip(offset)
+                    .take(count)
+                    .collect())
             }
             (Request::Pipe(..), true) => Err(RedisError::from((
                 ErrorKind::Server(ServerErrorKind::TryAgain),
@@ -857,13 +886,13 @@ mod tests {
         let a = Addr::parse("127.0.0.1:7000").unwrap();
         let b = Addr::parse("127.0.0.1:7001").unwrap();
         let mut owner = vec![0; usize::from(SLOTS)];
-        owner[9000] = 1;
+        owner[9000..9100].fill(1);
         let map = SlotMap {
             owner,
             nodes: vec![a.clone(), b.clone()],
         };
         let key = server_key_on("ns:s", &map, &b).unwrap();
-        assert_eq!(key_slot(key.as_bytes()), 9000);
+        assert!((9000..9100).contains(&key_slot(key.as_bytes())));
         let key = server_key_on("ns:s", &map, &a).unwrap();
         assert_eq!(map.node(key_slot(key.as_bytes())), Some(&a));
         // A namespace with a hash tag lives in one slot: only its master has a key.
