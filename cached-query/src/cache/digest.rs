@@ -101,15 +101,26 @@ impl KeyBuilder {
 
 /// `value` as JSON, refusing NaN and infinities: JSON has no form for them (serde_json writes
 /// `null`), so they would share one key with each other and with `None`. The call then runs
-/// uncached, counted as an error.
+/// uncached, counted as an error. Only a value whose JSON holds a `null` can hide one, so
+/// only those are looked at again (most arguments are numbers and strings: one pass).
 fn to_key_value<T: Serialize + ?Sized>(value: &T) -> Result<Value, serde_json::Error> {
-    if value.serialize(finite::Probe).is_err_and(|e| e.0) {
+    let json = serde_json::to_value(value)?;
+    if has_null(&json) && value.serialize(finite::Probe).is_err_and(|e| e.0) {
         return Err(serde::ser::Error::custom(
             "a float argument is NaN or infinite: it has no JSON form, so it cannot be part of \
              a cache key",
         ));
     }
-    serde_json::to_value(value)
+    Ok(json)
+}
+
+fn has_null(value: &Value) -> bool {
+    match value {
+        Value::Null => true,
+        Value::Array(items) => items.iter().any(has_null),
+        Value::Object(fields) => fields.values().any(has_null),
+        _ => false,
+    }
 }
 
 /// Writes `value` as JSON with object keys sorted, whatever serde_json's `preserve_order`
