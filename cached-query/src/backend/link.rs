@@ -15,7 +15,8 @@ use redis::aio::{ConnectionLike, MultiplexedConnection};
 use redis::{
     Cmd, ErrorKind, Pipeline, RedisError, RedisFuture, RedisResult, ServerErrorKind, Value,
 };
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::future::Future;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed, Ordering::SeqCst};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -64,7 +65,7 @@ struct Inner {
     /// When (ms after `origin`) the current connection was last checked.
     checked: AtomicU64,
     /// A background recheck is in flight.
-    rechecking: std::sync::atomic::AtomicBool,
+    rechecking: AtomicBool,
 }
 
 /// A connection made on demand by `connect` and replaced after errors. Cheap to clone.
@@ -93,7 +94,7 @@ impl Link {
             recheck,
             origin: std::time::Instant::now(),
             checked: AtomicU64::new(0),
-            rechecking: std::sync::atomic::AtomicBool::new(false),
+            rechecking: AtomicBool::new(false),
             connect_timeout,
             state: Mutex::new(State::Idle),
             next_id: AtomicU64::new(0),
@@ -125,13 +126,10 @@ impl Link {
             return Ok(true);
         }
         if age <= 2 * every {
-            if !inner.rechecking.swap(true, Relaxed) {
-                let (link, conn) = (self.clone(), conn.clone());
-                tokio::spawn(async move {
-                    let _ = link.recheck(&conn).await;
-                    link.0.rechecking.store(false, Relaxed);
-                });
-            }
+            let (link, conn) = (self.clone(), conn.clone());
+            spawn_unless_running(&self.0, |inner| &inner.rechecking, async move {
+                let _ = link.recheck(&conn).await;
+            });
             return Ok(true);
         }
         self.recheck(conn).await
@@ -248,6 +246,32 @@ impl Link {
                 on_discard(id);
             }
         }
+    }
+}
+
+/// Spawns `task` unless the one started under `owner`'s `flag` is still running. The flag
+/// is cleared however the task ends, also when its runtime drops it unfinished (else no
+/// task would ever start again).
+pub(crate) fn spawn_unless_running<O: Send + Sync + 'static>(
+    owner: &Arc<O>,
+    flag: fn(&O) -> &AtomicBool,
+    task: impl Future<Output = ()> + Send + 'static,
+) {
+    struct Running<O>(Arc<O>, fn(&O) -> &AtomicBool);
+    impl<O> Drop for Running<O> {
+        fn drop(&mut self) {
+            (self.1)(&self.0).store(false, SeqCst);
+        }
+    }
+    if flag(owner).swap(true, SeqCst) {
+        return;
+    }
+    let running = Running(owner.clone(), flag);
+    if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+        runtime.spawn(async move {
+            let _running = running;
+            task.await;
+        });
     }
 }
 

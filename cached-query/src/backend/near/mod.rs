@@ -24,7 +24,7 @@ mod shards;
 
 use super::connect::{Source, Timeouts};
 use super::identity::{self, Guard};
-use super::link::Link;
+use super::link::{self, Link};
 use super::{Read, StampKey, StoreError};
 use crate::keyspace::is_entry_key;
 use bytes::Bytes;
@@ -176,24 +176,8 @@ impl NearCache {
     /// Sends one `PING` on the tracking connection (unless one is in flight); its answer
     /// renews the lease, its timeout discards the connection.
     fn heartbeat(&self) {
-        let shared = &self.shared;
-        if shared.pinging.swap(true, SeqCst) {
-            return;
-        }
-        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
-            shared.pinging.store(false, SeqCst);
-            return;
-        };
-        let (link, shared, patience) = (self.link.clone(), shared.clone(), self.lease);
-        runtime.spawn(async move {
-            // Cleared however this ends (its runtime may drop it unfinished).
-            struct Pinging(Arc<Shared>);
-            impl Drop for Pinging {
-                fn drop(&mut self) {
-                    self.0.pinging.store(false, SeqCst);
-                }
-            }
-            let pinging = Pinging(shared.clone());
+        let (link, shared, patience) = (self.link.clone(), self.shared.clone(), self.lease);
+        link::spawn_unless_running(&self.shared, |s| &s.pinging, async move {
             let sent = shared.now();
             if let Ok(Ok((mut conn, _))) = tokio::time::timeout(patience, link.get()).await {
                 let ping = redis::cmd("PING");
@@ -203,7 +187,6 @@ impl NearCache {
                     Err(_) => conn.discard(),
                 }
             }
-            drop(pinging);
         });
     }
 
