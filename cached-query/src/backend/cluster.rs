@@ -108,17 +108,22 @@ impl SlotMap {
     /// The map after a `MOVED`: `slot` is served by `addr`.
     fn moved(&self, slot: u16, addr: &Addr) -> SlotMap {
         let mut map = self.clone();
-        let at = match map.nodes.iter().position(|n| n == addr) {
-            Some(at) => at,
-            None => {
-                map.nodes.push(addr.clone());
-                map.nodes.len() - 1
-            }
-        };
-        if let (Some(owner), Ok(at)) = (map.owner.get_mut(usize::from(slot)), u16::try_from(at)) {
-            *owner = at;
+        if let (Ok(at), Some(_)) = (map.index_of(addr), map.owner.get(usize::from(slot))) {
+            map.owner[usize::from(slot)] = at;
         }
         map
+    }
+
+    /// The index of `addr` in `nodes`, added if new.
+    fn index_of(&mut self, addr: &Addr) -> RedisResult<u16> {
+        let at = match self.nodes.iter().position(|n| n == addr) {
+            Some(at) => at,
+            None => {
+                self.nodes.push(addr.clone());
+                self.nodes.len() - 1
+            }
+        };
+        u16::try_from(at).map_err(|_| RedisError::from((ErrorKind::Parse, "too many nodes")))
     }
 
     /// Parses a `CLUSTER SLOTS` reply from the node at `asked` (an empty host means that
@@ -159,14 +164,7 @@ impl SlotMap {
                 host,
                 port: u16::try_from(*port).map_err(|_| bad())?,
             };
-            let at = match map.nodes.iter().position(|n| *n == addr) {
-                Some(at) => at,
-                None => {
-                    map.nodes.push(addr);
-                    map.nodes.len() - 1
-                }
-            };
-            let at = u16::try_from(at).map_err(|_| bad())?;
+            let at = map.index_of(&addr)?;
             let (start, end) = (usize::try_from(*start), usize::try_from(*end));
             let (Ok(start), Ok(end)) = (start, end) else {
                 return Err(bad());
@@ -509,31 +507,26 @@ impl Cluster {
     /// it (following redirections): not through the links, whose connections may be
     /// waiting for this very check. Any token is safe to write to any server.
     async fn replace_generation(&self, guard: &Guard) -> RedisResult<()> {
+        let mut set = redis::cmd("SET");
+        set.arg(&guard.generation_key).arg(new_token());
         let slot = key_slot(guard.generation_key.as_bytes());
-        let mut target = (self.node_for(Some(slot)).await?, false);
         let config = self.0.timeouts.config();
-        for _ in 0..REDIRECTS {
-            let mut conn = self
-                .client(&target.0)?
-                .get_multiplexed_async_connection_with_config(&config)
-                .await?;
-            let mut set = redis::cmd("SET");
-            set.arg(&guard.generation_key).arg(new_token());
-            let reply = Request::Cmd(&set).send_on(&mut conn, target.1).await?;
-            match redirection(&reply, &target.0) {
-                Some((kind, to, _)) => target = (to, kind == ServerErrorKind::Ask),
-                None => {
-                    return reply
-                        .into_iter()
-                        .next()
-                        .map_or(Ok(()), |v| v.extract_error().map(drop));
+        let reply = self
+            .follow(Some(slot), |addr, asking| {
+                let (set, config) = (&set, &config);
+                async move {
+                    let client = self.client(&addr)?;
+                    let mut conn = client
+                        .get_multiplexed_async_connection_with_config(config)
+                        .await?;
+                    Request::Cmd(set).send_on(&mut conn, asking).await
                 }
-            }
-        }
-        Err(RedisError::from((
-            ErrorKind::Server(ServerErrorKind::TryAgain),
-            "too many Redis Cluster redirections",
-        )))
+            })
+            .await?;
+        reply
+            .into_iter()
+            .next()
+            .map_or(Ok(()), |v| v.extract_error().map(drop))
     }
 
     /// The master serving `slot`; for keyless requests, the one holding the namespace
@@ -555,36 +548,43 @@ impl Cluster {
         Err(unserved("no master serves the slot"))
     }
 
-    /// Sends `req` to the master serving `slot`, following redirections.
+    /// Sends `req` to the master serving `slot` over `conn`'s links, following redirections.
     async fn send(
         &self,
         conn: &ClusterConn,
         slot: Option<u16>,
         req: Request<'_>,
     ) -> RedisResult<Vec<Value>> {
-        let mut target: Option<(Addr, bool)> = None;
-        for _ in 0..REDIRECTS {
-            let (addr, asking) = match target.take() {
-                Some(target) => target,
-                None => (self.node_for(slot).await?, false),
-            };
+        self.follow(slot, |addr, asking| async move {
             let link = self.link(&addr, conn.blocking);
             let mut node = link.get().await.inspect_err(|_| self.refresh_soon())?.0;
-            let sent = conn
-                .track(node.clone(), req.send_on(&mut node, asking))
-                .await;
-            let reply = sent.inspect_err(|e| {
+            let sent = conn.track(node.clone(), req.send_on(&mut node, asking));
+            sent.await.inspect_err(|e| {
                 if breaks_connection(e) {
                     self.refresh_soon();
                 }
-            })?;
+            })
+        })
+        .await
+    }
+
+    /// Runs `send_to(node, asking)` on the master serving `slot`, then on the nodes that
+    /// `MOVED` and `ASK` replies name (a `MOVED` also updates the slot map).
+    async fn follow<F, Fut>(&self, slot: Option<u16>, mut send_to: F) -> RedisResult<Vec<Value>>
+    where
+        F: FnMut(Addr, bool) -> Fut,
+        Fut: Future<Output = RedisResult<Vec<Value>>>,
+    {
+        let (mut addr, mut asking) = (self.node_for(slot).await?, false);
+        for _ in 0..REDIRECTS {
+            let reply = send_to(addr.clone(), asking).await?;
             match redirection(&reply, &addr) {
                 Some((ServerErrorKind::Moved, to, slot)) => {
                     self.update_map(|map| map.moved(slot, &to));
                     self.refresh_soon();
-                    target = Some((to, false));
+                    (addr, asking) = (to, false);
                 }
-                Some((_, to, _)) => target = Some((to, true)),
+                Some((_, to, _)) => (addr, asking) = (to, true),
                 None => {
                     if needs_refresh(&reply) {
                         self.refresh_soon();
@@ -718,13 +718,12 @@ impl Request<'_> {
     }
 }
 
-fn args(cmd: &Cmd) -> Vec<&[u8]> {
-    cmd.args_iter()
-        .filter_map(|a| match a {
-            redis::Arg::Simple(a) => Some(a),
-            _ => None,
-        })
-        .collect()
+/// A command's arguments (its name first), without copying them.
+fn args(cmd: &Cmd) -> impl Iterator<Item = &[u8]> {
+    cmd.args_iter().filter_map(|a| match a {
+        redis::Arg::Simple(a) => Some(a),
+        _ => None,
+    })
 }
 
 /// Commands this crate sends that name no key.
@@ -733,15 +732,15 @@ const KEYLESS: &[&str] = &[
 ];
 
 fn cmd_slot(cmd: &Cmd) -> Option<u16> {
-    let args = args(cmd);
-    let name = args.first()?;
+    let mut args = args(cmd);
+    let name = args.next()?;
     if KEYLESS
         .iter()
         .any(|k| k.as_bytes().eq_ignore_ascii_case(name))
     {
         return None;
     }
-    args.get(1).map(|key| key_slot(key))
+    args.next().map(key_slot)
 }
 
 /// One operation's view of a [`Cluster`]: routes every request to its node.
@@ -835,9 +834,13 @@ impl ClusterConn {
 impl ConnectionLike for ClusterConn {
     fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
         Box::pin(async move {
-            let args = args(cmd);
-            if args.len() > 2 && args[0].eq_ignore_ascii_case(b"MGET") {
-                return self.mget(&args[1..]).await;
+            // An `MGET` of keys in several slots is split; anything else goes to one node.
+            if args(cmd)
+                .next()
+                .is_some_and(|name| name.eq_ignore_ascii_case(b"MGET"))
+            {
+                let keys: Vec<&[u8]> = args(cmd).skip(1).collect();
+                return self.mget(&keys).await;
             }
             let req = Request::Cmd(cmd);
             let reply = self.cluster.send(self, req.slot(), req).await?;
