@@ -7,6 +7,7 @@ use crate::backend::near::NearCache;
 use crate::backend::redis::RedisStore;
 use crate::backend::{Store, memory::MemoryStore};
 use crate::setup::env::{non_empty, parse_bool, parse_secs, parse_u64};
+use crate::setup::url::redact_urls;
 use crate::{Error, RedisConfig, redact_url};
 use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
@@ -52,20 +53,12 @@ impl std::fmt::Debug for CacheBuilder {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let backend = match &self.backend {
             Backend::Redis(url) => format!("redis({})", redact_url(url)),
-            Backend::RedisCluster(urls) => format!(
-                "redis_cluster({})",
-                urls.iter()
-                    .map(|u| redact_url(u))
-                    .collect::<Vec<_>>()
-                    .join(",")
-            ),
-            Backend::RedisSentinel(urls, master) => format!(
-                "redis_sentinel({}, {master})",
-                urls.iter()
-                    .map(|u| redact_url(u))
-                    .collect::<Vec<_>>()
-                    .join(",")
-            ),
+            Backend::RedisCluster(urls) => {
+                format!("redis_cluster({})", redact_urls(urls).join(","))
+            }
+            Backend::RedisSentinel(urls, master) => {
+                format!("redis_sentinel({}, {master})", redact_urls(urls).join(","))
+            }
             other => format!("{other:?}").to_lowercase(),
         };
         f.debug_struct("CacheBuilder")

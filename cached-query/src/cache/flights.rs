@@ -126,13 +126,6 @@ impl Leader<'_> {
         self.tx.send_replace(Some(payload));
     }
 
-    /// [`share`](Self::share) then [`landed`](Self::landed).
-    #[cfg(test)]
-    pub(crate) fn publish(self, payload: Arc<[u8]>, stored: bool) {
-        self.share(payload);
-        self.landed(stored);
-    }
-
     /// `stored`: the shared result was written to the backend under this key's tag
     /// versions, so it is kept for callers whose read came before.
     pub(crate) fn landed(self, stored: bool) {
@@ -180,7 +173,8 @@ mod tests {
             while f.waiting() == 0 {
                 tokio::task::yield_now().await;
             }
-            leader.publish(Arc::from(&b"42"[..]), false);
+            leader.share(Arc::from(&b"42"[..]));
+            leader.landed(false);
         });
         assert_eq!(got.as_deref(), Some(&b"42"[..]));
         assert_eq!(f.waiting(), 0);
@@ -194,7 +188,8 @@ mod tests {
             panic!("first caller must lead")
         };
         let missed_before = f.ticket();
-        leader.publish(Arc::from(&b"7"[..]), true);
+        leader.share(Arc::from(&b"7"[..]));
+        leader.landed(true);
         let Role::Follower(rx) = f.join(b"k".to_vec(), missed_before, None) else {
             panic!("a caller whose read came before the write joins the stored result")
         };
@@ -213,7 +208,8 @@ mod tests {
             panic!("first caller must lead")
         };
         let missed_before = f.ticket();
-        leader.publish(Arc::from(&b"7"[..]), false);
+        leader.share(Arc::from(&b"7"[..]));
+        leader.landed(false);
         assert!(matches!(
             f.join(b"k".to_vec(), missed_before, None),
             Role::Leader(_)

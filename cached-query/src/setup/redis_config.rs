@@ -2,7 +2,7 @@
 //! shared by the cache and the session store.
 
 use super::env::{non_empty, parse_millis};
-use super::url::{inject_password, redact_url};
+use super::url::{inject_password, redact_url, redact_urls};
 use crate::Error;
 use std::time::Duration;
 
@@ -52,22 +52,8 @@ impl std::fmt::Debug for RedisConfig {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("RedisConfig")
             .field("url", &self.url.as_deref().map(redact_url))
-            .field(
-                "cluster_urls",
-                &self
-                    .cluster_urls
-                    .iter()
-                    .map(|u| redact_url(u))
-                    .collect::<Vec<_>>(),
-            )
-            .field(
-                "sentinel_urls",
-                &self
-                    .sentinel_urls
-                    .iter()
-                    .map(|u| redact_url(u))
-                    .collect::<Vec<_>>(),
-            )
+            .field("cluster_urls", &redact_urls(&self.cluster_urls))
+            .field("sentinel_urls", &redact_urls(&self.sentinel_urls))
             .field("sentinel_master", &self.sentinel_master)
             .field("connect_timeout", &self.connect_timeout)
             .field("response_timeout", &self.response_timeout)

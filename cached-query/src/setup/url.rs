@@ -56,6 +56,11 @@ fn secret_values(url: &str) -> Vec<(usize, usize)> {
     query_values(url, SECRET_PARAMS)
 }
 
+/// [`redact_url`] of each of `urls`.
+pub(crate) fn redact_urls(urls: &[String]) -> Vec<String> {
+    urls.iter().map(|u| redact_url(u)).collect()
+}
+
 /// The URL with its password (if any) replaced by `***`, safe for logs and errors: the
 /// userinfo password and `pass=`/`password=` query values.
 pub fn redact_url(url: &str) -> String {
