@@ -301,3 +301,84 @@ async fn a_user_without_info_or_role_is_safe_and_not_cleared_again(pool: PgPool)
     );
     assert_eq!(after.hits, before.hits + 5, "{after:?}");
 }
+
+/// With `invalidation_replicas`, the `WAIT` after a bump blocks its connection until the
+/// replica acknowledges or the timeout passes. It runs on a connection kept for it, so reads
+/// go on meanwhile within their own deadline: here the replica's link is frozen, the `WAIT`
+/// blocks (seen in `CLIENT LIST`), and reads on the one shared connection are all hits.
+#[sqlx::test]
+async fn reads_do_not_queue_behind_an_invalidation_waiting_for_replicas(pool: PgPool) {
+    users::schema(&pool).await;
+    let master = RedisServer::start_with(&["--repl-diskless-sync-delay", "0"]);
+    let replica = RedisServer::start();
+    let link = TcpProxy::start(&master.addr()).await;
+    replica.replicate(&format!("127.0.0.1:{}", link.port)).await;
+    let cache = builder(&master.url(), &unique_ns("waiting"))
+        .redis_connections(1)
+        .invalidation_replicas(1, Duration::from_secs(10))
+        .build()
+        .await
+        .unwrap();
+    assert!(reads(&pool, &cache, 1, "Ada").await);
+    cache.invalidate("other").await.unwrap(); // the blocking connection, made and checked
+    replica.caught_up(&master).await;
+
+    link.stall();
+    let waiting = tokio::spawn({
+        let cache = cache.clone();
+        async move { cache.invalidate("other").await }
+    });
+    common::within(Duration::from_secs(5), "a WAIT blocked on the master", || {
+        let blocked = master.cli(&["CLIENT", "LIST"]).contains("cmd=wait");
+        async move { blocked }
+    })
+    .await;
+    let before = cache.stats();
+    for _ in 0..10 {
+        assert!(reads(&pool, &cache, 1, "Ada").await);
+    }
+    let after = cache.stats();
+    assert_eq!(
+        (after.hits - before.hits, after.errors),
+        (10, 0),
+        "reads waited behind the WAIT: {after:?}"
+    );
+    assert!(!waiting.is_finished(), "the WAIT was still blocking");
+    link.resume();
+    waiting.await.unwrap().unwrap();
+}
+
+/// A connection in use is checked again every second: its server must still hold its own
+/// `run_id` in the namespace's server key. Here the key is made to name another server (what a
+/// master demoted, resynchronised from another one and promoted again holds) while the
+/// cache's connection stays open: past the recheck interval the connection is replaced, and
+/// the new one's check replaces the generation.
+#[sqlx::test]
+async fn a_connection_whose_server_key_names_another_server_is_replaced(pool: PgPool) {
+    users::schema(&pool).await;
+    let server = RedisServer::start();
+    let ns = unique_ns("copied");
+    let cache = builder(&server.url(), &ns)
+        .redis_connections(1)
+        .build()
+        .await
+        .unwrap();
+    assert!(reads(&pool, &cache, 1, "Ada").await);
+    assert!(reads(&pool, &cache, 1, "Ada").await);
+    let before = cache.stats();
+    assert_eq!(before.hits, 1, "{before:?}");
+    let key = format!("{ns}:s");
+    let own = server.cli(&["GET", &key]);
+    assert_eq!(server.cli(&["SET", &key, "another-server"]).trim(), "OK");
+    // Twice the recheck interval: the next read checks before using the connection.
+    tokio::time::sleep(Duration::from_millis(2100)).await;
+    assert!(reads(&pool, &cache, 1, "Ada").await);
+    let after = cache.stats();
+    assert_eq!(
+        after.server_changes,
+        before.server_changes + 1,
+        "{after:?}"
+    );
+    assert_eq!(after.hits, before.hits, "a miss after the clear: {after:?}");
+    assert_eq!(server.cli(&["GET", &key]), own, "the server is recorded again");
+}
