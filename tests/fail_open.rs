@@ -179,3 +179,49 @@ async fn malformed_urls_fail_build_without_showing_the_password() {
         assert!(shown.contains("***"), "{shown}");
     }
 }
+
+/// A connection attempt runs in a task of the runtime whose call started it. When that
+/// runtime shuts down mid-attempt (a test's runtime ending with a shared cache, an application
+/// replacing its runtime), the attempt is gone with it: calls on the next runtime make a new
+/// connection at once instead of waiting for the lost one (here stuck in the handshake of a
+/// frozen server, with a 30 s connect timeout).
+#[test]
+fn a_connection_attempt_lost_with_its_runtime_is_replaced() {
+    let runtime = || {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap()
+    };
+    let server = RedisServer::start();
+    let first = runtime();
+    let cache = first
+        .block_on(
+            Cache::builder()
+                .redis(&server.url())
+                .namespace("lost-runtime")
+                .connect_timeout(Duration::from_secs(30))
+                .response_timeout(Duration::from_millis(200))
+                .circuit_breaker(1000, Duration::from_millis(1))
+                .build(),
+        )
+        .unwrap();
+    let db = Db::default();
+    server.freeze();
+    // The call gives up at its deadline; the attempt goes on in the background until the
+    // runtime is dropped.
+    assert_eq!(first.block_on(row(&cache, &db, 1)).unwrap(), 1000);
+    drop(first);
+    server.thaw();
+    let before = cache.stats();
+    runtime().block_on(async {
+        assert_eq!(row(&cache, &db, 1).await.unwrap(), 1000);
+        assert_eq!(row(&cache, &db, 1).await.unwrap(), 1000);
+    });
+    let after = cache.stats();
+    assert_eq!(
+        (after.errors, after.hits),
+        (before.errors, before.hits + 1),
+        "{after:?}"
+    );
+}
