@@ -373,3 +373,51 @@ async fn fails_over_with_no_stale_read(ns: &str, acknowledged: bool) {
     );
     println!("cluster failover (acknowledged: {acknowledged}): {stats:?}");
 }
+
+/// A master that refuses writes (`min-replicas-to-write` with no replica: `NOREPLICAS`)
+/// cannot take the record of its identity check, so its connections are never published and
+/// calls on its keys fall back to the database. The generation is replaced once for that
+/// server, not again by every new attempt (which would keep the whole namespace cold), and
+/// once the node takes writes again its record lands without another clear.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_master_refusing_the_record_clears_the_namespace_once() {
+    let cluster = Cluster::start();
+    let ns = "clrecord";
+    // The node serving the generation answers its key; the others redirect.
+    let holds_generation = |n: &common::RedisServer| {
+        !n.cli(&["GET", &format!("{ns}:g")]).starts_with("MOVED")
+    };
+    let refusing = cluster
+        .nodes
+        .iter()
+        .position(|n| !holds_generation(n))
+        .unwrap();
+    let node = &cluster.nodes[refusing];
+    assert_eq!(node.cli(&["CONFIG", "SET", "min-replicas-to-write", "1"]).trim(), "OK");
+    let cache = cluster_cache(&cluster, ns).await;
+    let src = Source::default();
+    for round in 0..3 {
+        for id in 0..10 {
+            assert_eq!(item(&cache, &src, 0, id).await.unwrap(), id * 100, "{round}");
+        }
+    }
+    let stats = cache.stats();
+    assert!(stats.errors > 0, "calls on the refusing node fail open: {stats:?}");
+    // First use of each of the three masters, the refusing one included: once each.
+    assert_eq!(stats.server_changes, 3, "{stats:?}");
+
+    assert_eq!(node.cli(&["CONFIG", "SET", "min-replicas-to-write", "0"]).trim(), "OK");
+    let start = Instant::now();
+    loop {
+        let before = cache.stats().hits;
+        for id in 0..10 {
+            assert_eq!(item(&cache, &src, 0, id).await.unwrap(), id * 100);
+        }
+        if cache.stats().hits == before + 10 {
+            break; // every entry a hit: the refusing node serves again
+        }
+        assert!(start.elapsed() < Duration::from_secs(30), "{:?}", cache.stats());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(cache.stats().server_changes, 3, "{:?}", cache.stats());
+}
