@@ -384,29 +384,43 @@ async fn a_master_refusing_the_record_clears_the_namespace_once() {
     let cluster = Cluster::start();
     let ns = "clrecord";
     // The node serving the generation answers its key; the others redirect.
-    let holds_generation = |n: &common::RedisServer| {
-        !n.cli(&["GET", &format!("{ns}:g")]).starts_with("MOVED")
-    };
+    let holds_generation =
+        |n: &common::RedisServer| !n.cli(&["GET", &format!("{ns}:g")]).starts_with("MOVED");
     let refusing = cluster
         .nodes
         .iter()
         .position(|n| !holds_generation(n))
         .unwrap();
     let node = &cluster.nodes[refusing];
-    assert_eq!(node.cli(&["CONFIG", "SET", "min-replicas-to-write", "1"]).trim(), "OK");
+    assert_eq!(
+        node.cli(&["CONFIG", "SET", "min-replicas-to-write", "1"])
+            .trim(),
+        "OK"
+    );
     let cache = cluster_cache(&cluster, ns).await;
     let src = Source::default();
     for round in 0..3 {
         for id in 0..10 {
-            assert_eq!(item(&cache, &src, 0, id).await.unwrap(), id * 100, "{round}");
+            assert_eq!(
+                item(&cache, &src, 0, id).await.unwrap(),
+                id * 100,
+                "{round}"
+            );
         }
     }
     let stats = cache.stats();
-    assert!(stats.errors > 0, "calls on the refusing node fail open: {stats:?}");
+    assert!(
+        stats.errors > 0,
+        "calls on the refusing node fail open: {stats:?}"
+    );
     // First use of each of the three masters, the refusing one included: once each.
     assert_eq!(stats.server_changes, 3, "{stats:?}");
 
-    assert_eq!(node.cli(&["CONFIG", "SET", "min-replicas-to-write", "0"]).trim(), "OK");
+    assert_eq!(
+        node.cli(&["CONFIG", "SET", "min-replicas-to-write", "0"])
+            .trim(),
+        "OK"
+    );
     let start = Instant::now();
     loop {
         let before = cache.stats().hits;
@@ -416,8 +430,83 @@ async fn a_master_refusing_the_record_clears_the_namespace_once() {
         if cache.stats().hits == before + 10 {
             break; // every entry a hit: the refusing node serves again
         }
-        assert!(start.elapsed() < Duration::from_secs(30), "{:?}", cache.stats());
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "{:?}",
+            cache.stats()
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     assert_eq!(cache.stats().server_changes, 3, "{:?}", cache.stats());
+}
+
+/// A slot being migrated (`CLUSTER SETSLOT … MIGRATING/IMPORTING`, then `MIGRATE` of a tag
+/// key): requests for that key get `ASK` from the source and are sent to the target after
+/// `ASKING`, reads and stamp creation alike (creation is a `SET NX` + `GET` pipeline: each of
+/// its commands needs its own `ASKING`). No call falls back to the database.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slot_being_migrated_is_followed_through_ask() {
+    let cluster = Cluster::start();
+    let ns = "clask";
+    let cache = cluster_cache(&cluster, ns).await;
+    let src = Source::default();
+    for _ in 0..2 {
+        for id in 0..10 {
+            assert_eq!(item(&cache, &src, 0, id).await.unwrap(), id * 100);
+        }
+    }
+    // A tag key, its node, and another master to move its slot to.
+    let (from, key) = cluster
+        .nodes
+        .iter()
+        .enumerate()
+        .find_map(|(i, n)| {
+            let keys = n.cli(&["--scan", "--pattern", &format!("{ns}:t:*")]);
+            Some((i, keys.lines().next()?.to_owned()))
+        })
+        .expect("a tag key");
+    let to = (from + 1) % cluster.nodes.len();
+    let (source, target) = (&cluster.nodes[from], &cluster.nodes[to]);
+    let slot = source.cli(&["CLUSTER", "KEYSLOT", &key]).trim().to_owned();
+    let importing = ["CLUSTER", "SETSLOT", &slot, "IMPORTING", &source.node_id()];
+    assert_eq!(target.cli(&importing).trim(), "OK");
+    let migrating = ["CLUSTER", "SETSLOT", &slot, "MIGRATING", &target.node_id()];
+    assert_eq!(source.cli(&migrating).trim(), "OK");
+    let port = target.port.to_string();
+    let migrate = ["MIGRATE", "127.0.0.1", &port, &key, "0", "5000"];
+    assert_eq!(source.cli(&migrate).trim(), "OK");
+    assert_eq!(target.cli_asking(&["EXISTS", &key]).trim(), "1");
+
+    let before = cache.stats();
+    for id in 0..10 {
+        assert_eq!(item(&cache, &src, 0, id).await.unwrap(), id * 100);
+    }
+    let after = cache.stats();
+    assert_eq!(
+        (after.hits - before.hits, after.errors),
+        (10, 0),
+        "reads through ASK: {after:?}"
+    );
+
+    // The tag key gone from both nodes: the next reads create it on the target.
+    assert_eq!(target.cli_asking(&["DEL", &key]).trim(), "1");
+    src.version.store(1, SeqCst);
+    let before = cache.stats();
+    for id in 0..10 {
+        let got = item(&cache, &src, 0, id).await.unwrap();
+        assert!(got == id * 100 || got == id * 100 + 1, "{got}");
+    }
+    let after = cache.stats();
+    assert_eq!(after.errors, 0, "stamp creation through ASK: {after:?}");
+    assert!(
+        after.misses > before.misses,
+        "entries under the dropped tag: {after:?}"
+    );
+    assert_eq!(
+        target.cli_asking(&["EXISTS", &key]).trim(),
+        "1",
+        "created on the target"
+    );
+    // Not on the source: it redirects.
+    assert!(source.cli(&["EXISTS", &key]).starts_with("ASK"));
 }

@@ -328,10 +328,14 @@ async fn reads_do_not_queue_behind_an_invalidation_waiting_for_replicas(pool: Pg
         let cache = cache.clone();
         async move { cache.invalidate("other").await }
     });
-    common::within(Duration::from_secs(5), "a WAIT blocked on the master", || {
-        let blocked = master.cli(&["CLIENT", "LIST"]).contains("cmd=wait");
-        async move { blocked }
-    })
+    common::within(
+        Duration::from_secs(5),
+        "a WAIT blocked on the master",
+        || {
+            let blocked = master.cli(&["CLIENT", "LIST"]).contains("cmd=wait");
+            async move { blocked }
+        },
+    )
     .await;
     let before = cache.stats();
     for _ in 0..10 {
@@ -374,11 +378,11 @@ async fn a_connection_whose_server_key_names_another_server_is_replaced(pool: Pg
     tokio::time::sleep(Duration::from_millis(2100)).await;
     assert!(reads(&pool, &cache, 1, "Ada").await);
     let after = cache.stats();
-    assert_eq!(
-        after.server_changes,
-        before.server_changes + 1,
-        "{after:?}"
-    );
+    assert_eq!(after.server_changes, before.server_changes + 1, "{after:?}");
     assert_eq!(after.hits, before.hits, "a miss after the clear: {after:?}");
-    assert_eq!(server.cli(&["GET", &key]), own, "the server is recorded again");
+    assert_eq!(
+        server.cli(&["GET", &key]),
+        own,
+        "the server is recorded again"
+    );
 }

@@ -252,6 +252,31 @@ impl RedisServer {
         String::from_utf8_lossy(&out.stdout).into_owned()
     }
 
+    /// `args` preceded by `ASKING` on the same connection: a command on a key of a slot
+    /// this cluster node is importing. Returns the command's reply.
+    pub fn cli_asking(&self, args: &[&str]) -> String {
+        use std::io::Write;
+        let mut child = Command::new("redis-cli")
+            .args(["-p", &self.port.to_string()])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("redis-cli runs");
+        let mut stdin = child.stdin.take().unwrap();
+        writeln!(stdin, "ASKING\n{}", args.join(" ")).unwrap();
+        drop(stdin);
+        let out = child.wait_with_output().unwrap();
+        let out = String::from_utf8_lossy(&out.stdout).into_owned();
+        let mut lines = out.lines();
+        assert_eq!(lines.next(), Some("OK"), "ASKING: {out}");
+        lines.collect::<Vec<_>>().join("\n")
+    }
+
+    /// This cluster node's id.
+    pub fn node_id(&self) -> String {
+        self.cli(&["CLUSTER", "MYID"]).trim().to_owned()
+    }
+
     /// How often `command` ran on this server (from `INFO commandstats`).
     pub fn command_calls(&self, command: &str) -> u64 {
         let info = self.cli(&["INFO", "commandstats"]);
