@@ -1,7 +1,7 @@
 //! The process-wide default cache (`install`), used by attributes without `cache = …`.
 //! One test only: the default is global to this test binary.
 
-use cached_query::{Cache, Error, cached_query, install, invalidate, invalidates};
+use cached_query::{Cache, Error, cached_query, install, installed, invalidate, invalidates};
 use std::sync::atomic::{AtomicU32, Ordering::SeqCst};
 
 static CALLS: AtomicU32 = AtomicU32::new(0);
@@ -29,6 +29,7 @@ async fn installed_default_cache() {
         Err(Error::NoDefaultCache)
     ));
 
+    assert!(installed().is_none());
     let cache = Cache::builder().memory().build().await.unwrap();
     install(cache.clone());
     item(1).await.unwrap();
@@ -45,9 +46,30 @@ async fn installed_default_cache() {
     item(1).await.unwrap();
     assert_eq!(CALLS.load(SeqCst), 5, "so did cached_query::invalidate");
     assert_eq!(cache.stats().hits, 1);
+    // installed() shares state with the installed cache.
+    let shared = installed().expect("installed");
+    item(1).await.unwrap();
+    assert_eq!((shared.stats().hits, cache.stats().hits), (2, 2));
+    shared.invalidate("item:1").await.unwrap();
+    item(1).await.unwrap();
+    assert_eq!(
+        CALLS.load(SeqCst),
+        6,
+        "an invalidation through it reached it"
+    );
 
     // Replacing the default takes effect at once.
     install(Cache::builder().memory().build().await.unwrap());
     item(1).await.unwrap();
-    assert_eq!(CALLS.load(SeqCst), 6);
+    assert_eq!(CALLS.load(SeqCst), 7);
+    assert_eq!(
+        installed().unwrap().stats().misses,
+        1,
+        "installed() follows"
+    );
+    assert_eq!(
+        shared.stats().misses,
+        4,
+        "a clone taken before keeps its cache"
+    );
 }

@@ -77,3 +77,30 @@ async fn entries_expire_after_their_ttl() {
         short_lived(&cache, &calls).await.unwrap();
     }
 }
+
+/// With the `serde` feature, stats serialize with their Rust field names (a JSON endpoint).
+#[cfg(feature = "serde")]
+#[tokio::test]
+async fn stats_serialize() {
+    let cache = Cache::builder().memory().build().await.unwrap();
+    let calls = AtomicU32::new(0);
+    double(&cache, &calls, 1).await.unwrap();
+    double(&cache, &calls, 1).await.unwrap();
+    let json = serde_json::to_value(cache.stats()).unwrap();
+    assert_eq!(
+        (json["hits"].as_u64(), json["misses"].as_u64()),
+        (Some(1), Some(1))
+    );
+    let name = concat!(module_path!(), "::double");
+    assert_eq!(json["queries"][name]["hits"].as_u64(), Some(1), "{json}");
+    #[cached_query::timed(name = "memory.serialized")]
+    async fn timed() {}
+    timed().await;
+    let timing = cached_query::timings()
+        .into_iter()
+        .find(|t| t.name == "memory.serialized")
+        .expect("timed");
+    let json = serde_json::to_value(&timing).unwrap();
+    assert_eq!(json["count"].as_u64(), Some(1), "{json}");
+    assert!(json["p95"]["secs"].is_u64(), "{json}");
+}

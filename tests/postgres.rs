@@ -139,11 +139,24 @@ async fn failed_writes_invalidate_anyway(pool: PgPool) {
         .await
         .unwrap_err();
     assert!(matches!(err, Error::Commit(_)), "{err}");
+    // `?` in a function returning sqlx's error gives back the database's own error.
+    async fn commit(cache: &Cache, tx: sqlx::Transaction<'_, sqlx::Postgres>) -> sqlx::Result<()> {
+        cache.commit_and_invalidate(tx, ["user:1"]).await?;
+        Ok(())
+    }
+    let mut tx = pool.begin().await.unwrap();
+    sqlx::query("INSERT INTO child VALUES (43)")
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+    let err = commit(&cache, tx).await.unwrap_err();
+    let db = err.as_database_error().expect("a database error");
+    assert_eq!(db.code().as_deref(), Some("23503"), "{err}");
     get_user(&pool, &cache, 1).await.unwrap();
     assert_eq!(
         (cache.stats().hits, cache.stats().misses),
         (1, 3),
-        "the entry was invalidated"
+        "the entry was invalidated (twice, with no read in between)"
     );
 }
 

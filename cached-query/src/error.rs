@@ -116,3 +116,54 @@ impl Error {
         }
     }
 }
+
+/// `?` on [`Cache::commit_and_invalidate`](crate::Cache::commit_and_invalidate),
+/// [`invalidate`](crate::Cache::invalidate) and friends in a function returning
+/// `Result<_, sqlx::Error>`. A database failure comes back as the `sqlx::Error` it was
+/// (`Commit`, and `Connect`/`Outbox` when sqlx caused them), keeping its SQLSTATE; a Redis
+/// failure (`InvalidationPending`, `Unavailable`) becomes `sqlx::Error::Io`; everything else
+/// (set-up mistakes) `sqlx::Error::Configuration`. The original is the wrapped error.
+impl From<Error> for sqlx::Error {
+    fn from(e: Error) -> Self {
+        match e {
+            Error::Commit(e) => e,
+            Error::Connect { source, .. } | Error::Outbox { source, .. }
+                if source.is::<sqlx::Error>() =>
+            {
+                *source.downcast::<sqlx::Error>().expect("checked by is()")
+            }
+            e @ (Error::InvalidationPending { .. } | Error::Unavailable { .. }) => {
+                sqlx::Error::Io(std::io::Error::other(e))
+            }
+            e => sqlx::Error::Configuration(Box::new(e)),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn into_sqlx_keeps_the_database_error_and_wraps_the_rest() {
+        let e: sqlx::Error = Error::Commit(sqlx::Error::RowNotFound).into();
+        assert!(matches!(e, sqlx::Error::RowNotFound));
+        let e: sqlx::Error = Error::outbox("recording", sqlx::Error::PoolTimedOut).into();
+        assert!(matches!(e, sqlx::Error::PoolTimedOut));
+
+        let pending = Error::InvalidationPending {
+            source: "timed out".into(),
+        };
+        let sqlx::Error::Io(io) = sqlx::Error::from(pending) else {
+            panic!("a Redis failure is I/O");
+        };
+        let inner = io.get_ref().and_then(|e| e.downcast_ref::<Error>());
+        assert!(matches!(inner, Some(Error::InvalidationPending { .. })));
+
+        let e: sqlx::Error = Error::config("CACHE_TTL", "x", "seconds").into();
+        let sqlx::Error::Configuration(inner) = e else {
+            panic!("a set-up mistake is configuration");
+        };
+        assert!(inner.to_string().contains("CACHE_TTL"), "{inner}");
+    }
+}

@@ -54,7 +54,7 @@ pub mod __private;
 
 pub use cache::Cache;
 pub use cache::builder::CacheBuilder;
-pub use cache::global::{install, invalidate};
+pub use cache::global::{install, installed, invalidate};
 pub use cache::stats::{CacheStats, QueryStats};
 pub use error::{BoxError, Error};
 pub use setup::db::{DbConfig, PoolStatus, pool_status};

@@ -34,6 +34,13 @@ pub fn install(cache: Cache) {
     *DEFAULT.write().unwrap_or_else(|e| e.into_inner()) = Some(cache);
 }
 
+/// The cache [`install`] installed, if any: a clone that shares its state (entries, stats,
+/// connections) with every other clone. A later `install` replaces what this returns, not the
+/// clone already taken.
+pub fn installed() -> Option<Cache> {
+    default_cache()
+}
+
 /// Invalidates `tag` in the installed default cache; `Err` when none is installed or the
 /// invalidation is pending (see [`Cache::invalidate_many`]).
 pub async fn invalidate(tag: &str) -> Result<(), Error> {

@@ -6,6 +6,7 @@ use std::sync::{Arc, RwLock};
 
 /// A snapshot of a cache's counters since it was built.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize))]
 #[non_exhaustive]
 pub struct CacheStats {
     /// Calls answered without running their query: cache hits, and callers that shared
@@ -46,6 +47,7 @@ pub struct CacheStats {
 
 /// The counters of one query name; see [`CacheStats`] for their meaning.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize))]
 #[non_exhaustive]
 pub struct QueryStats {
     /// See [`CacheStats::hits`].

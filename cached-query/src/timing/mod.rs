@@ -16,6 +16,7 @@ use std::time::{Duration, Instant};
 
 /// Latency statistics of one query name since start-up (or [`reset_timings`]).
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize))]
 #[non_exhaustive]
 pub struct Timing {
     /// `name = …`, by default `module_path::fn_name`.
