@@ -4,6 +4,7 @@
 //! [`each`] walks the comma-separated list and offers every argument to the attribute's keys in
 //! turn, so an attribute's `Parse` impl is just its list of keys and how to read each value.
 
+use crate::template::TagSpec;
 use proc_macro2::{Span, TokenStream, TokenTree};
 use quote::{ToTokens, quote_spanned};
 use syn::ext::IdentExt;
@@ -81,12 +82,16 @@ impl Arg<'_> {
         Ok(true)
     }
 
-    /// A bare string literal, taken only while `open` (positional arguments come first).
-    fn literal(&self, out: &mut Vec<LitStr>, open: bool) -> syn::Result<bool> {
-        if !(self.look.peek(LitStr) && open) {
+    /// A positional argument (anything but `name = …`), taken only while `open`: positional
+    /// arguments come first.
+    fn positional<T: Parse>(&self, out: &mut Vec<T>, open: bool) -> syn::Result<bool> {
+        let input = self.input;
+        let named =
+            input.peek(Ident::peek_any) && input.peek2(Token![=]) && !input.peek2(Token![==]);
+        if !open || named {
             return Ok(false);
         }
-        out.push(self.input.parse()?);
+        out.push(input.parse()?);
         Ok(true)
     }
 
@@ -131,7 +136,7 @@ impl ToTokens for Krate {
 #[derive(Default)]
 pub(crate) struct CachedArgs {
     pub(crate) ttl: Option<u64>,
-    pub(crate) invalidate: Option<Vec<LitStr>>,
+    pub(crate) invalidate: Option<Vec<TagSpec>>,
     pub(crate) cache: Option<Expr>,
     pub(crate) skip: Option<Vec<Ident>>,
     pub(crate) key: Option<Expr>,
@@ -149,7 +154,7 @@ impl Parse for CachedArgs {
         let mut a = CachedArgs::default();
         each(input, |arg| {
             Ok(arg.value(kw::ttl, &mut a.ttl, ttl)?
-                || arg.value(kw::invalidate, &mut a.invalidate, templates)?
+                || arg.value(kw::invalidate, &mut a.invalidate, tag_list)?
                 || arg.value(kw::cache_none, &mut a.cache_none, LitBool::parse)?
                 || arg.value(kw::cache, &mut a.cache, Expr::parse)?
                 || arg.list(kw::skip, &mut a.skip)?
@@ -167,9 +172,10 @@ impl Parse for CachedArgs {
     }
 }
 
-/// `#[invalidates("tmpl", ..., cache = expr, assume_no_transaction = true, crate = path)]`.
+/// `#[invalidates("tmpl", tag_fn(x), ..., cache = expr, assume_no_transaction = true,
+/// crate = path)]`.
 pub(crate) struct InvalidatesArgs {
-    pub(crate) templates: Vec<LitStr>,
+    pub(crate) tags: Vec<TagSpec>,
     pub(crate) cache: Option<Expr>,
     /// As for [`CachedArgs::assume_no_transaction`].
     pub(crate) assume_no_transaction: Option<LitBool>,
@@ -178,23 +184,23 @@ pub(crate) struct InvalidatesArgs {
 
 impl Parse for InvalidatesArgs {
     fn parse(input: ParseStream<'_>) -> syn::Result<Self> {
-        let mut templates = Vec::new();
+        let mut tags = Vec::new();
         let (mut cache, mut krate, mut assume) = (None, Krate::default(), None);
         each(input, |arg| {
             let open = cache.is_none() && krate.0.is_none() && assume.is_none();
-            Ok(arg.literal(&mut templates, open)?
+            Ok(arg.positional(&mut tags, open)?
                 || arg.value(kw::cache, &mut cache, Expr::parse)?
                 || arg.value(kw::assume_no_transaction, &mut assume, LitBool::parse)?
                 || arg.value(Token![crate], &mut krate.0, crate_path)?)
         })?;
-        if templates.is_empty() {
+        if tags.is_empty() {
             return Err(syn::Error::new(
                 proc_macro2::Span::call_site(),
-                r#"expected at least one tag template, e.g. #[invalidates("user:<id>")]"#,
+                r#"expected at least one tag, e.g. #[invalidates("user:<id>")] or #[invalidates(user(id))]"#,
             ));
         }
         Ok(InvalidatesArgs {
-            templates,
+            tags,
             cache,
             assume_no_transaction: assume,
             krate,
@@ -264,14 +270,14 @@ fn threshold_ms(input: ParseStream<'_>) -> syn::Result<u64> {
     whole(input, MSG)
 }
 
-/// `"tmpl"` or `["tmpl", …]`.
-fn templates(input: ParseStream<'_>) -> syn::Result<Vec<LitStr>> {
+/// A tag or `[tag, …]`: templates (`"user:<id>"`) and expressions (`user(id)`).
+fn tag_list(input: ParseStream<'_>) -> syn::Result<Vec<TagSpec>> {
     if !input.peek(syn::token::Bracket) {
         return Ok(vec![input.parse()?]);
     }
     let content;
     bracketed!(content in input);
-    let list = Punctuated::<LitStr, Token![,]>::parse_terminated(&content)?;
+    let list = Punctuated::<TagSpec, Token![,]>::parse_terminated(&content)?;
     Ok(list.into_iter().collect())
 }
 

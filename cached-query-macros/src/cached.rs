@@ -6,11 +6,11 @@ use crate::item::{
     body_future, expand_with, query_name, replace_body, require_async, resolve_cache,
 };
 use crate::sig::{self, FnInfo};
-use crate::template;
+use crate::template::{self, Scope, TagSpec};
 use proc_macro2::TokenStream;
 use quote::{quote, quote_spanned};
+use syn::ItemFn;
 use syn::spanned::Spanned;
-use syn::{ItemFn, LitStr};
 
 /// `#[cached_query]` on its own.
 pub(crate) fn expand(args: &CachedArgs, item: &ItemFn) -> syn::Result<TokenStream> {
@@ -49,10 +49,13 @@ pub(crate) fn block(
     }
     check_unchecked(&info, args.assume_no_transaction.as_ref(), "cached_query")?;
     for name in skip {
-        if !info.params.iter().any(|p| p.ident == Some(name)) {
+        if !info.params.iter().any(|p| p.bound.contains(&name)) {
             return Err(syn::Error::new(
                 name.span(),
-                format!("`skip({name})`: this function has no parameter named `{name}`"),
+                format!(
+                    "`skip({name})`: this function has no parameter named `{name}`, and no \
+                     parameter pattern binds it"
+                ),
             ));
         }
     }
@@ -74,19 +77,20 @@ pub(crate) fn block(
             key_parts.push(quote_spanned!(span=> __cq_key.custom(&(#expr));));
         }
         None => {
-            for p in &info.params {
-                if p.executor || p.ident.is_some_and(|i| skip.contains(i)) {
+            for p in info.params.iter().filter(|p| !p.executor) {
+                if let Some(ident) = p.ident {
+                    if !skip.contains(ident) {
+                        let span = p.ty.span();
+                        key_parts.push(quote_spanned!(span=> __cq_key.arg(&#ident);));
+                    }
                     continue;
                 }
-                let Some(ident) = p.ident else {
-                    return Err(syn::Error::new_spanned(
-                        p.pat,
-                        "#[cached_query] needs a plain parameter name to put this argument in the key; \
-                         destructure it inside the body, or use `key = …`",
-                    ));
-                };
-                let span = p.ty.span();
-                key_parts.push(quote_spanned!(span=> __cq_key.arg(&#ident);));
+                // A pattern (`Path(slug): Path<String>`): keyed by the names it binds, so the
+                // wrapper type needs no `Serialize`.
+                for ident in p.bound.iter().filter(|i| !skip.contains(i)) {
+                    let span = ident.span();
+                    key_parts.push(quote_spanned!(span=> __cq_key.arg(&#ident);));
+                }
             }
         }
     }
@@ -125,7 +129,7 @@ pub(crate) fn block(
     let version = args.version.unwrap_or(0);
     let cache_none = args.cache_none.as_ref().is_none_or(|l| l.value);
     let cache = resolve_cache(krate, args.cache.as_ref());
-    let tags = compile_tags(args.invalidate.as_deref().unwrap_or_default(), &info)?;
+    let tags = compile_tags(args.invalidate.as_deref().unwrap_or_default(), &info, krate)?;
     Ok(quote! {
         static __CQ_SITE: #krate::__private::Site = #krate::__private::Site {
             name: #name,
@@ -175,7 +179,7 @@ fn expand_invalidates(args: &InvalidatesArgs, item: &ItemFn) -> syn::Result<Toke
     check_unchecked(&info, args.assume_no_transaction.as_ref(), "invalidates")?;
     let krate: &Krate = &args.krate;
     let cache = resolve_cache(krate, args.cache.as_ref());
-    let tags = compile_tags(&args.templates, &info)?;
+    let tags = compile_tags(&args.tags, &info, krate)?;
     // A connection inside a transaction gets the invalidation recorded in that transaction
     // before the body runs (it takes effect on commit); otherwise it is sent after the body.
     let when = match info.mutable_connection() {
@@ -234,12 +238,12 @@ fn check_unchecked(
     }
 }
 
-/// `let __cq_tags: Vec<String> = vec![format!(…), …];`
-fn compile_tags(templates: &[LitStr], info: &FnInfo<'_>) -> syn::Result<TokenStream> {
-    let names = info.names();
-    let tags = templates
-        .iter()
-        .map(|t| template::compile(t, &names, info.has_self))
-        .collect::<syn::Result<Vec<_>>>()?;
-    Ok(quote!(let __cq_tags: ::std::vec::Vec<::std::string::String> = ::std::vec![#(#tags),*];))
+/// `let __cq_tags: Vec<String> = …;` for this function's parameters.
+fn compile_tags(tags: &[TagSpec], info: &FnInfo<'_>, krate: &Krate) -> syn::Result<TokenStream> {
+    let scope = Scope {
+        names: info.names(),
+        has_self: info.has_self,
+        krate,
+    };
+    template::render_all(tags, &scope)
 }

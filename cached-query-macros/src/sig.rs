@@ -69,6 +69,9 @@ const CONNECTION_TYPES: &[&str] = &[
 pub(crate) struct Param<'a> {
     /// `None` for destructuring patterns.
     pub(crate) ident: Option<&'a Ident>,
+    /// The names the parameter binds, in pattern order: its own name, or those a pattern such
+    /// as `Path(slug)`, `(a, b)` or `Point { x, y }` binds. Placeholders and the key use them.
+    pub(crate) bound: Vec<&'a Ident>,
     pub(crate) pat: &'a Pat,
     pub(crate) ty: &'a Type,
     /// Excluded from the key because it is a pool, connection, executor, cache…
@@ -96,8 +99,11 @@ impl<'a> FnInfo<'a> {
                         _ => None,
                     };
                     let unchecked = is_trait_executor(&pt.ty, &sig.generics);
+                    let mut bound = Vec::new();
+                    bindings(&pt.pat, &mut bound);
                     params.push(Param {
                         ident,
+                        bound,
                         pat: &pt.pat,
                         ty: &pt.ty,
                         executor: unchecked || is_executor_type(&pt.ty),
@@ -109,10 +115,12 @@ impl<'a> FnInfo<'a> {
         FnInfo { params, has_self }
     }
 
+    /// Every name the parameters bind (see [`Param::bound`]).
     pub(crate) fn names(&self) -> Vec<String> {
         self.params
             .iter()
-            .filter_map(|p| p.ident.map(Ident::to_string))
+            .flat_map(|p| &p.bound)
+            .map(|i| i.to_string())
             .collect()
     }
 
@@ -159,6 +167,32 @@ impl<'a> FnInfo<'a> {
         self.params.iter().find(|p| {
             last_segment(strip_refs(p.ty)).is_some_and(|s| TRANSACTION_TYPES.contains(&s.as_str()))
         })
+    }
+}
+
+/// Appends the identifiers `pat` binds (`mut x`, `x @ Some(y)`, `Path(slug)`, `(a, b)`,
+/// `Point { x, y: (a, _) }`, `[first, ..]`); an or-pattern binds the same names on each side.
+fn bindings<'a>(pat: &'a Pat, out: &mut Vec<&'a Ident>) {
+    match pat {
+        Pat::Ident(pi) => {
+            out.push(&pi.ident);
+            if let Some((_, sub)) = &pi.subpat {
+                bindings(sub, out);
+            }
+        }
+        Pat::Tuple(t) => t.elems.iter().for_each(|p| bindings(p, out)),
+        Pat::TupleStruct(t) => t.elems.iter().for_each(|p| bindings(p, out)),
+        Pat::Struct(s) => s.fields.iter().for_each(|f| bindings(&f.pat, out)),
+        Pat::Slice(s) => s.elems.iter().for_each(|p| bindings(p, out)),
+        Pat::Reference(r) => bindings(&r.pat, out),
+        Pat::Paren(p) => bindings(&p.pat, out),
+        Pat::Type(t) => bindings(&t.pat, out),
+        Pat::Or(o) => {
+            if let Some(first) = o.cases.first() {
+                bindings(first, out);
+            }
+        }
+        _ => {}
     }
 }
 

@@ -46,6 +46,7 @@ mod keyspace;
 #[cfg(feature = "postgres")]
 mod outbox;
 mod setup;
+mod tag;
 mod timing;
 
 #[doc(hidden)]
