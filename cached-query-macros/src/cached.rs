@@ -6,7 +6,7 @@ use crate::item::{
     body_future, expand_with, query_name, replace_body, require_async, resolve_cache,
 };
 use crate::sig::{self, FnInfo};
-use crate::template::{self, Scope, TagSpec};
+use crate::template::{self, Rendered, Scope, TagSpec};
 use proc_macro2::TokenStream;
 use quote::{quote, quote_spanned};
 use syn::ItemFn;
@@ -129,7 +129,19 @@ pub(crate) fn block(
     let version = args.version.unwrap_or(0);
     let cache_none = args.cache_none.as_ref().is_none_or(|l| l.value);
     let cache = resolve_cache(krate, args.cache.as_ref());
-    let tags = compile_tags(args.invalidate.as_deref().unwrap_or_default(), &info, krate)?;
+    let tags = compile_tags(
+        args.invalidate.as_deref().unwrap_or_default(),
+        &info,
+        true,
+        krate,
+    )?;
+    let before = &tags.before;
+    // With result tags, the closure that renders them goes last: it is type-checked after
+    // the body, whose output gives it its argument type.
+    let (entry, by_result) = match &tags.by_result {
+        Some(render) => (quote!(cached_by_result), quote!(, #render)),
+        None => (quote!(cached), quote!()),
+    };
     Ok(quote! {
         static __CQ_SITE: #krate::__private::Site = #krate::__private::Site {
             name: #name,
@@ -140,15 +152,16 @@ pub(crate) fn block(
         #cache
         let mut __cq_key = #krate::__private::key(&__CQ_SITE);
         #(#key_parts)*
-        #tags
+        #before
         let __cq_in_transaction: bool = #in_transaction;
-        #krate::__private::cached(
+        #krate::__private::#entry(
             __cq_cache,
             &__CQ_SITE,
             __cq_key,
             __cq_tags,
             __cq_in_transaction,
-            #body,
+            #body
+            #by_result
         )
         .await
     })
@@ -179,7 +192,7 @@ fn expand_invalidates(args: &InvalidatesArgs, item: &ItemFn) -> syn::Result<Toke
     check_unchecked(&info, args.assume_no_transaction.as_ref(), "invalidates")?;
     let krate: &Krate = &args.krate;
     let cache = resolve_cache(krate, args.cache.as_ref());
-    let tags = compile_tags(&args.tags, &info, krate)?;
+    let tags = compile_tags(&args.tags, &info, false, krate)?.before;
     // A connection inside a transaction gets the invalidation recorded in that transaction
     // before the body runs (it takes effect on commit); otherwise it is sent after the body.
     let when = match info.mutable_connection() {
@@ -238,11 +251,17 @@ fn check_unchecked(
     }
 }
 
-/// `let __cq_tags: Vec<String> = …;` for this function's parameters.
-fn compile_tags(tags: &[TagSpec], info: &FnInfo<'_>, krate: &Krate) -> syn::Result<TokenStream> {
+/// This function's tags; `ret` names the result when `by_result`.
+fn compile_tags(
+    tags: &[TagSpec],
+    info: &FnInfo<'_>,
+    by_result: bool,
+    krate: &Krate,
+) -> syn::Result<Rendered> {
     let scope = Scope {
         names: info.names(),
         has_self: info.has_self,
+        ret: by_result,
         krate,
     };
     template::render_all(tags, &scope)

@@ -36,28 +36,77 @@ pub(crate) struct Scope<'a> {
     /// Parameter names and the names parameter patterns bind.
     pub(crate) names: Vec<String>,
     pub(crate) has_self: bool,
+    /// Whether `ret` names the `Ok` value (`#[cached_query]`).
+    pub(crate) ret: bool,
     pub(crate) krate: &'a Krate,
 }
 
-/// `let __cq_tags: Vec<String> = …;` rendering `tags` in order, leaving out those with a
-/// `None` value.
-pub(crate) fn render_all(tags: &[TagSpec], scope: &Scope<'_>) -> syn::Result<TokenStream> {
+/// The rendered tag list of a call.
+pub(crate) struct Rendered {
+    /// `let __cq_tags: Vec<String> = …;` (and the values result tags take from parameters),
+    /// before the query.
+    pub(crate) before: TokenStream,
+    /// A closure rendering the result tags from `&T`, when there are any.
+    pub(crate) by_result: Option<TokenStream>,
+}
+
+/// Renders `tags` in order, leaving out those with a `None` value; tags that name `ret`
+/// become the result tags, rendered for each element of the `Ok` value (through `Option` and
+/// `Vec`).
+pub(crate) fn render_all(tags: &[TagSpec], scope: &Scope<'_>) -> syn::Result<Rendered> {
     let krate = scope.krate;
-    let rendered = tags
-        .iter()
-        .map(|t| match t {
-            TagSpec::Template(lit) => compile(lit, scope),
-            TagSpec::Expr(expr) => Ok(value(&quote!(#expr), expr.span(), krate)),
-        })
-        .collect::<syn::Result<Vec<_>>>()?;
-    Ok(quote! {
+    let (mut args, mut results, mut pre) = (Vec::new(), Vec::new(), Vec::new());
+    for t in tags {
+        let (rendered, by_result) = match t {
+            TagSpec::Template(lit) => compile(lit, scope, &mut pre)?,
+            TagSpec::Expr(expr) => {
+                let by_result = scope.ret && names_ret(quote!(#expr));
+                (value(&quote!(#expr), expr.span(), krate), by_result)
+            }
+        };
+        if by_result {
+            results.push(rendered);
+        } else {
+            args.push(rendered);
+        }
+    }
+    let imports = quote! {
+        #[allow(unused_imports)]
+        use #krate::__private::{TagDisplay as _, TagOption as _};
+    };
+    let before = quote! {
+        #(#pre)*
         let __cq_tags: ::std::vec::Vec<::std::string::String> = {
-            #[allow(unused_imports)]
-            use #krate::__private::{TagDisplay as _, TagOption as _};
+            #imports
             let mut __cq_tags = ::std::vec::Vec::new();
-            #(__cq_tags.extend(#rendered);)*
+            #(__cq_tags.extend(#args);)*
             __cq_tags
         };
+    };
+    let ret = format_ident!("ret");
+    let by_result = (!results.is_empty()).then(|| {
+        quote! {
+            |__cq_value| {
+                #imports
+                #[allow(unused_imports)]
+                use #krate::__private::{EachOfOne as _, EachOfOption as _, EachOfVec as _};
+                let mut __cq_tags = ::std::vec::Vec::new();
+                for #ret in (&&#krate::__private::Each(__cq_value)).each() {
+                    #(__cq_tags.extend(#results);)*
+                }
+                __cq_tags
+            }
+        }
+    });
+    Ok(Rendered { before, by_result })
+}
+
+/// Whether an expression mentions the identifier `ret`.
+fn names_ret(tokens: TokenStream) -> bool {
+    tokens.into_iter().any(|t| match t {
+        proc_macro2::TokenTree::Ident(i) => i == "ret",
+        proc_macro2::TokenTree::Group(g) => names_ret(g.stream()),
+        _ => false,
     })
 }
 
@@ -68,8 +117,22 @@ fn value(expr: &TokenStream, span: Span, krate: &Krate) -> TokenStream {
 }
 
 /// Compiles one template into an `Option<String>` expression, checking every placeholder
-/// against `scope`. Errors point at the placeholder where the compiler can, else the literal.
-fn compile(lit: &LitStr, scope: &Scope<'_>) -> syn::Result<TokenStream> {
+/// against `scope`, and whether it names `ret` (then its other values are rendered before
+/// the query, into statements pushed on `pre`). Errors point at the placeholder where the
+/// compiler can, else the literal.
+fn compile(
+    lit: &LitStr,
+    scope: &Scope<'_>,
+    pre: &mut Vec<TokenStream>,
+) -> syn::Result<(TokenStream, bool)> {
+    let by_result = scope.ret && names_ret_placeholder(&lit.value());
+    if by_result && scope.names.iter().any(|n| n == "ret") {
+        return Err(syn::Error::new(
+            lit.span(),
+            "`<ret>` names the result, but a parameter is also named `ret`: rename the \
+             parameter to tag entries by their result",
+        ));
+    }
     let text = lit.value();
     let err = |span: Span, msg: String| syn::Error::new(span, msg);
     let label = syn::Lifetime::new("'__cq_tag", Span::call_site());
@@ -103,18 +166,27 @@ fn compile(lit: &LitStr, scope: &Scope<'_>) -> syn::Result<TokenStream> {
                 ),
             ));
         }
-        let known = scope.names.iter().any(|p| p == root) || (root == "self" && scope.has_self);
+        let is_ret = by_result && root == "ret";
+        let known =
+            is_ret || scope.names.iter().any(|p| p == root) || (root == "self" && scope.has_self);
         if !known {
             let list = if scope.names.is_empty() {
                 "it binds no names".to_owned()
             } else {
                 format!("names in scope: {}", scope.names.join(", "))
             };
+            let ret = if scope.ret {
+                "; `<ret>` and `<ret.field>` name the result"
+            } else if root == "ret" {
+                "; tags from the result (`<ret…>`) are for #[cached_query]"
+            } else {
+                ""
+            };
             return Err(err(
                 span,
                 format!(
                     "placeholder `<{path}>` does not name a parameter of this function, nor a \
-                     name a parameter pattern binds ({list})"
+                     name a parameter pattern binds ({list}){ret}"
                 ),
             ));
         }
@@ -134,7 +206,20 @@ fn compile(lit: &LitStr, scope: &Scope<'_>) -> syn::Result<TokenStream> {
                 quote!(.#ident)
             }
         });
-        let value = value(&quote!(#root_tokens #(#fields)*), span, scope.krate);
+        let mut value = value(&quote!(#root_tokens #(#fields)*), span, scope.krate);
+        if by_result && !is_ret {
+            // Rendered before the query: the body may consume the parameter.
+            let early = format_ident!("__cq_r{}", pre.len());
+            let krate = scope.krate;
+            pre.push(
+                quote!(let #early: ::core::option::Option<::std::string::String> = {
+                #[allow(unused_imports)]
+                use #krate::__private::{TagDisplay as _, TagOption as _};
+                #value
+            };),
+            );
+            value = quote!(::core::clone::Clone::clone(&#early));
+        }
         let var = format_ident!("__cq_v{}", lets.len());
         lets.push(quote! {
             let #var = match #value {
@@ -147,12 +232,20 @@ fn compile(lit: &LitStr, scope: &Scope<'_>) -> syn::Result<TokenStream> {
         rest = &after[close + 1..];
     }
     push_literal(&mut fmt, rest);
-    Ok(quote! {
+    let rendered = quote! {
         #label: {
             #(#lets)*
             ::core::option::Option::Some(::std::format!(#fmt #(, #vars)*))
         }
-    })
+    };
+    Ok((rendered, by_result))
+}
+
+/// Whether a template has a placeholder rooted at `ret` (`<ret>`, `<ret.id>`).
+fn names_ret_placeholder(text: &str) -> bool {
+    text.split('<')
+        .skip(1)
+        .any(|p| p.split(['>', '.']).next() == Some("ret"))
 }
 
 /// The span of `<path>` inside `lit` where the compiler can point inside literals (nightly),

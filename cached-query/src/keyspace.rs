@@ -3,6 +3,7 @@
 //!
 //! ```text
 //! {ns}:g            namespace generation token (`clear()` replaces it)
+//! {ns}:q            invalidation sequence: 8-byte epoch, 8-byte count (see [`Seq`])
 //! {ns}:s            `run_id` of the Redis server the namespace was last made safe on
 //! {ns}:s:{n}        the same, per Redis Cluster master (`n` picks a slot the node serves)
 //! {ns}:t:{32 hex}   tag version token (first 16 bytes of sha256(tag))
@@ -27,6 +28,86 @@ pub(crate) fn new_token() -> Vec<u8> {
     token
 }
 
+/// The key holding this namespace's invalidation sequence ([`Seq`]).
+pub(crate) fn sequence_key(namespace: &str) -> String {
+    format!("{namespace}:q")
+}
+
+/// A point in a namespace's invalidation sequence: every invalidation advances `count` by one
+/// and writes each tag it bumps a token starting with the sequence it took (a *sequenced
+/// token*: 8 epoch bytes, 8 count bytes big-endian, 8 random bytes); a stamp created because
+/// it was missing starts with the current sequence. A result tag is only known after its
+/// query ran, so the read path takes the sequence before the query and stores the result only
+/// if every result tag's token is no newer than that: a tag bumped after the query started
+/// carries a later count. The epoch is drawn when the sequence key is created (first use,
+/// eviction): counts of different epochs are not comparable.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Seq {
+    epoch: [u8; 8],
+    count: u64,
+}
+
+/// Length of the sequence key's value.
+pub(crate) const SEQ_LEN: usize = 16;
+
+impl Seq {
+    /// A sequence at count 0 in a new random epoch.
+    pub(crate) fn fresh() -> Seq {
+        let mut epoch = [0u8; 8];
+        getrandom::fill(&mut epoch).expect("the operating system's random source failed");
+        Seq { epoch, count: 0 }
+    }
+
+    /// The sequence key's value (exactly [`SEQ_LEN`] bytes), or `None` for anything else.
+    pub(crate) fn parse(value: &[u8]) -> Option<Seq> {
+        let value: &[u8; SEQ_LEN] = value.try_into().ok()?;
+        let (epoch, count) = value.split_at(8);
+        Some(Seq {
+            epoch: epoch.try_into().ok()?,
+            count: u64::from_be_bytes(count.try_into().ok()?),
+        })
+    }
+
+    /// The sequence a sequenced token was written at; `None` for other tokens (random ones
+    /// written by earlier versions, garbage).
+    pub(crate) fn of_token(token: &[u8]) -> Option<Seq> {
+        if token.len() != SEQ_LEN + 8 {
+            return None;
+        }
+        Seq::parse(&token[..SEQ_LEN])
+    }
+
+    pub(crate) fn next(self) -> Seq {
+        Seq {
+            count: self.count + 1,
+            ..self
+        }
+    }
+
+    pub(crate) fn bytes(&self) -> [u8; SEQ_LEN] {
+        let mut out = [0u8; SEQ_LEN];
+        out[..8].copy_from_slice(&self.epoch);
+        out[8..].copy_from_slice(&self.count.to_be_bytes());
+        out
+    }
+
+    /// A new sequenced token written at this sequence.
+    pub(crate) fn token(&self) -> Vec<u8> {
+        let mut token = self.bytes().to_vec();
+        token.extend_from_slice(&new_token()[..8]);
+        token
+    }
+
+    /// Whether a token written at `self` predates (or is at) `before`, in the same epoch.
+    pub(crate) fn not_after(&self, before: &Seq) -> bool {
+        self.epoch == before.epoch && self.count <= before.count
+    }
+
+    pub(crate) fn same_epoch(&self, other: &Seq) -> bool {
+        self.epoch == other.epoch
+    }
+}
+
 /// The key holding this namespace's generation token; `clear()` replaces it.
 pub(crate) fn generation_key(namespace: &str) -> String {
     format!("{namespace}:g")
@@ -48,7 +129,19 @@ pub(crate) fn node_server_key(server_key: &str, n: u32) -> String {
 /// carries argument values, and may contain `:`, `*`, newlines…) never appears in a key
 /// name and cannot address any other key.
 pub(crate) fn tag_key(namespace: &str, tag: &str) -> String {
-    hashed_key(namespace, ":t:", &sha256(tag.as_bytes())[..16])
+    tag_key_of_hash(namespace, &tag_hash(tag))
+}
+
+/// The 16 bytes of sha256 that name `tag`'s key (kept in entries that carry result tags).
+pub(crate) fn tag_hash(tag: &str) -> [u8; 16] {
+    let mut hash = [0u8; 16];
+    hash.copy_from_slice(&sha256(tag.as_bytes())[..16]);
+    hash
+}
+
+/// The tag key named by a [`tag_hash`].
+pub(crate) fn tag_key_of_hash(namespace: &str, hash: &[u8]) -> String {
+    hashed_key(namespace, ":t:", hash)
 }
 
 /// The key of one cached entry.
@@ -122,6 +215,27 @@ mod tests {
             assert!(!is_entry_key(&generation_key(ns)));
         }
         assert!(!is_entry_key("e:"));
+    }
+
+    #[test]
+    fn sequenced_tokens_order_within_an_epoch_only() {
+        let s = Seq::fresh();
+        let later = s.next();
+        assert_eq!(Seq::parse(&s.bytes()), Some(s));
+        assert_eq!(Seq::of_token(&later.token()), Some(later));
+        assert_ne!(later.token(), later.token(), "random tail");
+        assert!(s.not_after(&later) && s.not_after(&s) && !later.not_after(&s));
+        let other = Seq::fresh();
+        assert!(
+            !s.not_after(&other.next()),
+            "another epoch is not comparable"
+        );
+        assert_eq!(
+            Seq::of_token(&new_token()),
+            None,
+            "a random token has no sequence"
+        );
+        assert_eq!(Seq::parse(b"short"), None);
     }
 
     #[test]

@@ -2,11 +2,13 @@
 //! may change in any release.
 
 pub use crate::Cache;
-pub use crate::cache::call::{Site, cached, in_transaction, key};
+pub use crate::cache::call::{Site, cached, cached_by_result, in_transaction, key};
 pub use crate::cache::digest::{KeyBuilder, skipped_handle};
 pub use crate::cache::global::{as_cache, default_cache};
 pub use crate::cache::invalidate::{When, invalidating, on_connection};
-pub use crate::tag::{TagArg, TagDisplay, TagOption, TagValue};
+pub use crate::tag::{
+    Each, EachOfOne, EachOfOption, EachOfVec, TagArg, TagDisplay, TagOption, TagValue,
+};
 pub use crate::timing::{SlowLevel, Timer, timed_body, timed_body_sync};
 pub use std::time::Instant;
 

@@ -102,6 +102,48 @@ impl<T: ?Sized> TagDisplay<T> for TagArg<'_, T> {
     }
 }
 
+/// A call's `Ok` value, wrapped so that method lookup picks [`EachOfVec`] for a `Vec`,
+/// [`EachOfOption`] for an `Option` and [`EachOfOne`] for anything else: result tags are
+/// rendered once per element, `(&&Each(&value)).each()`.
+#[derive(Debug)]
+pub struct Each<'a, T: ?Sized>(pub &'a T);
+
+/// Each element of a `Vec` (none when empty).
+pub trait EachOfVec<'a, U> {
+    /// The elements.
+    fn each(&self) -> std::slice::Iter<'a, U>;
+}
+
+impl<'a, U> EachOfVec<'a, U> for &Each<'a, Vec<U>> {
+    fn each(&self) -> std::slice::Iter<'a, U> {
+        self.0.iter()
+    }
+}
+
+/// The value in a `Some` (nothing for `None`).
+pub trait EachOfOption<'a, U> {
+    /// The value, if any.
+    fn each(&self) -> std::option::Iter<'a, U>;
+}
+
+impl<'a, U> EachOfOption<'a, U> for &Each<'a, Option<U>> {
+    fn each(&self) -> std::option::Iter<'a, U> {
+        self.0.iter()
+    }
+}
+
+/// Any other value, once.
+pub trait EachOfOne<'a, T: ?Sized> {
+    /// The value itself.
+    fn each(&self) -> std::option::IntoIter<&'a T>;
+}
+
+impl<'a, T: ?Sized> EachOfOne<'a, T> for Each<'a, T> {
+    fn each(&self) -> std::option::IntoIter<&'a T> {
+        Some(self.0).into_iter()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -117,5 +159,16 @@ mod tests {
         assert_eq!((&&TagArg(&by_ref)).tag_part(), Some("a".to_owned()));
         assert_eq!((&&TagArg(&"x")).tag_part(), Some("x".to_owned()));
         assert_eq!((&&TagArg(&42i64)).tag_part(), Some("42".to_owned()));
+    }
+
+    #[test]
+    #[allow(clippy::needless_borrow)]
+    fn each_looks_through_vec_and_option() {
+        let list = vec![1, 2];
+        assert_eq!((&&Each(&list)).each().collect::<Vec<_>>(), [&1, &2]);
+        let (some, none) = (Some(3), None::<i32>);
+        assert_eq!((&&Each(&some)).each().collect::<Vec<_>>(), [&3]);
+        assert_eq!((&&Each(&none)).each().count(), 0);
+        assert_eq!((&&Each(&4)).each().collect::<Vec<_>>(), [&4]);
     }
 }

@@ -740,6 +740,11 @@ fn cmd_slot(cmd: &Cmd) -> Option<u16> {
     {
         return None;
     }
+    // `EVAL script numkeys key…`: the scripts this crate sends name one slot's keys.
+    if name.eq_ignore_ascii_case(b"EVAL") || name.eq_ignore_ascii_case(b"EVALSHA") {
+        let _script = args.next()?;
+        return (args.next()? != b"0").then(|| args.next().map(key_slot))?;
+    }
     args.next().map(key_slot)
 }
 

@@ -99,6 +99,33 @@ impl Store {
         }
     }
 
+    /// The current tokens of `keys` by `until`, none created (`None`: missing); over
+    /// `near`'s tracking connection when given.
+    pub(crate) async fn stamps(
+        &self,
+        keys: &[StampKey],
+        near: Option<&NearCache>,
+        until: Instant,
+    ) -> Result<Vec<Option<Bytes>>, StoreError> {
+        match self {
+            Store::Redis(r) => r.stamps(keys, near, until).await,
+            Store::Memory(m) => Ok(m.stamps(keys)),
+        }
+    }
+
+    /// The namespace's invalidation sequence now and the tokens of `keys`, created at it
+    /// when missing, by `until`: what a result's tags are checked with after its query.
+    pub(crate) async fn settle(
+        &self,
+        keys: &[StampKey],
+        until: Instant,
+    ) -> Result<(Bytes, Vec<Bytes>), StoreError> {
+        match self {
+            Store::Redis(r) => r.settle(keys, until).await,
+            Store::Memory(m) => Ok(m.settle(keys)),
+        }
+    }
+
     pub(crate) async fn write(
         &self,
         entry: &str,

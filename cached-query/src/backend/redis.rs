@@ -3,6 +3,10 @@
 //! invalidate; every operation by a deadline (the response timeout, or less when the call's
 //! budget ends sooner).
 //!
+//! Invalidations and stamp creation also maintain the namespace's invalidation sequence
+//! ([`Seq`]): on a single node one script does it with the writes; on a cluster one script on
+//! the sequence key's node runs first, then the writes carry what it returned.
+//!
 //! On a cluster, entry and tag keys live in different slots. `MGET` is split per slot
 //! (`backend::cluster`, one request per slot, sent concurrently); creating missing stamps and
 //! invalidating several tags use one small single-key pipeline per key, sent concurrently,
@@ -11,7 +15,7 @@
 use super::connect::{Conn, Connections};
 use super::near::NearCache;
 use super::{Read, StampKey, StoreError, link};
-use crate::keyspace::new_token;
+use crate::keyspace::{Seq, new_token};
 use bytes::Bytes;
 use futures_util::future::try_join_all;
 use redis::{Cmd, Pipeline};
@@ -25,6 +29,82 @@ pub(crate) struct RedisStore {
     deadline: Duration,
     /// After a bump, `WAIT` for this many replicas, at most this long.
     replicas: Option<(usize, Duration)>,
+    /// The namespace's sequence key (`{ns}:q`).
+    sequence_key: String,
+}
+
+/// Lua shared by the scripts: `seq(key, epoch, step)` reads the sequence (creating it in
+/// `epoch` at count 0 when missing or malformed) and advances it by `step` (0 or 1);
+/// `put(key, token, ttl, nx)` writes one stamp.
+const LIB: &str = r"
+local function seq(key, epoch, step)
+  local v = redis.call('GET', key)
+  local valid = v and string.len(v) == 16
+  local e, n = epoch, 0
+  if valid then
+    e = string.sub(v, 1, 8)
+    for i = 9, 16 do n = n * 256 + string.byte(v, i) end
+    if step == 0 then return v end
+  end
+  n = n + step
+  local b = {}
+  for i = 8, 1, -1 do b[i] = string.char(n % 256); n = math.floor(n / 256) end
+  v = e .. table.concat(b)
+  redis.call('SET', key, v)
+  return v
+end
+local function put(key, token, ttl, nx)
+  local args = {'SET', key, token}
+  if nx then table.insert(args, 'NX') end
+  if ttl > 0 then table.insert(args, 'EX'); table.insert(args, ttl) end
+  redis.call(unpack(args))
+end
+";
+
+/// `KEYS = [sequence, stamp…]`, `ARGV = [epoch, (random tail, ttl)…]`: advances the sequence
+/// and writes every stamp a token at it (an invalidation, single node).
+const BUMP: &str = r"
+local s = seq(KEYS[1], ARGV[1], 1)
+for i = 2, #KEYS do put(KEYS[i], s .. ARGV[2 * i - 2], tonumber(ARGV[2 * i - 1]), false) end
+return s
+";
+
+/// As [`BUMP`], but reads the sequence and creates only missing stamps, at the current
+/// sequence; returns `[sequence, token…]` (single node).
+const CREATE: &str = r"
+local s = seq(KEYS[1], ARGV[1], 0)
+local out = {s}
+for i = 2, #KEYS do
+  put(KEYS[i], s .. ARGV[2 * i - 2], tonumber(ARGV[2 * i - 1]), true)
+  out[i] = redis.call('GET', KEYS[i])
+end
+return out
+";
+
+/// `KEYS = [sequence]`, `ARGV = [epoch, step]`: the sequence, advanced by `step` (cluster:
+/// the first half of [`BUMP`] or [`CREATE`]).
+const SEQ: &str = r"
+return seq(KEYS[1], ARGV[1], tonumber(ARGV[2]))
+";
+
+/// `EVAL` of `LIB` + `body` with `keys` and per-stamp arguments after the epoch.
+fn script(body: &str, sequence_key: &str, stamps: &[&StampKey], extra: Option<u8>) -> Cmd {
+    let mut cmd = redis::cmd("EVAL");
+    cmd.arg(format!("{LIB}{body}"))
+        .arg(1 + stamps.len())
+        .arg(sequence_key);
+    for s in stamps {
+        cmd.arg(&s.key);
+    }
+    cmd.arg(&Seq::fresh().bytes()[..8]);
+    if let Some(step) = extra {
+        cmd.arg(step);
+    }
+    for s in stamps {
+        cmd.arg(&new_token()[..8])
+            .arg(s.ttl.map_or(0, |t| t.as_secs().max(1)));
+    }
+    cmd
 }
 
 impl RedisStore {
@@ -34,11 +114,13 @@ impl RedisStore {
         conns: Connections,
         deadline: Duration,
         replicas: Option<(usize, Duration)>,
+        sequence_key: String,
     ) -> Self {
         RedisStore {
             conns,
             deadline,
             replicas,
+            sequence_key,
         }
     }
 
@@ -138,10 +220,7 @@ impl RedisStore {
             }
         };
         if values.len() != stamps.len() + 1 {
-            return Err(StoreError::Redis(redis::RedisError::from((
-                redis::ErrorKind::Parse,
-                "MGET returned an unexpected number of values",
-            ))));
+            return Err(unexpected("MGET returned an unexpected number of values"));
         }
         let mut entry_bytes = values.remove(0);
         let missing: Vec<&StampKey> = stamps
@@ -170,42 +249,122 @@ impl RedisStore {
         })
     }
 
-    fn create_pipe(pipe: &mut Pipeline, stamp: &StampKey) {
-        let mut set = redis::cmd("SET");
-        set.arg(&stamp.key).arg(new_token()).arg("NX");
-        if let Some(ttl) = stamp.ttl {
-            set.arg("EX").arg(ttl.as_secs().max(1));
-        }
-        pipe.add_command(set).ignore();
-        pipe.cmd("GET").arg(&stamp.key);
-    }
-
+    /// The sequence, then each of `missing` created at it unless present (the sequence key
+    /// itself reads as the sequence): one script on a single node; on a cluster, the
+    /// sequence's script then one `SET NX` + `GET` per key.
     async fn create_stamps(
         &self,
         missing: &[&StampKey],
         until: Instant,
     ) -> Result<Vec<Option<Bytes>>, StoreError> {
-        if !self.conns.is_cluster() {
-            let mut pipe = redis::pipe();
-            missing.iter().for_each(|s| Self::create_pipe(&mut pipe, s));
-            let pipe = &pipe;
-            return self
-                .run(until, |mut c| async move { pipe.query_async(&mut c).await })
-                .await;
-        }
-        self.run(until, |c| async move {
-            try_join_all(missing.iter().map(|s| {
-                let mut c = c.clone();
-                let mut pipe = redis::pipe();
-                Self::create_pipe(&mut pipe, s);
-                async move {
-                    let (token,): (Option<Bytes>,) = pipe.query_async(&mut c).await?;
-                    Ok::<_, redis::RedisError>(token)
+        let (seq, tokens) = self.settle_keys(missing, until).await?;
+        let mut tokens = tokens.into_iter();
+        Ok(missing
+            .iter()
+            .map(|k| {
+                if k.key == self.sequence_key {
+                    Some(seq.clone())
+                } else {
+                    tokens.next().flatten()
                 }
-            }))
-            .await
-        })
-        .await
+            })
+            .collect())
+    }
+
+    /// The sequence now and the tokens of `keys` (the sequence key excluded), each created
+    /// at the sequence when missing.
+    async fn settle_keys(
+        &self,
+        keys: &[&StampKey],
+        until: Instant,
+    ) -> Result<(Bytes, Vec<Option<Bytes>>), StoreError> {
+        let stamps: Vec<&StampKey> = keys
+            .iter()
+            .copied()
+            .filter(|k| k.key != self.sequence_key)
+            .collect();
+        let stamps = &stamps;
+        let q = self.sequence_key.as_str();
+        let mut values: Vec<Option<Bytes>> = if !self.conns.is_cluster() {
+            let cmd = &script(CREATE, q, stamps, None);
+            self.run(until, |mut c| async move { cmd.query_async(&mut c).await })
+                .await?
+        } else {
+            self.run(until, |mut c| async move {
+                let seq: Bytes = script(SEQ, q, &[], Some(0)).query_async(&mut c).await?;
+                let tokens = try_join_all(stamps.iter().map(|s| {
+                    let (mut c, token) = (c.clone(), sequenced_token(&seq));
+                    let mut set = redis::cmd("SET");
+                    set.arg(&s.key).arg(token).arg("NX");
+                    if let Some(ttl) = s.ttl {
+                        set.arg("EX").arg(ttl.as_secs().max(1));
+                    }
+                    let mut pipe = redis::pipe();
+                    pipe.add_command(set).ignore().cmd("GET").arg(&s.key);
+                    async move {
+                        let (token,): (Option<Bytes>,) = pipe.query_async(&mut c).await?;
+                        Ok::<_, redis::RedisError>(token)
+                    }
+                }))
+                .await?;
+                Ok(std::iter::once(Some(seq)).chain(tokens).collect())
+            })
+            .await?
+        };
+        if values.len() != stamps.len() + 1 {
+            return Err(unexpected(
+                "the stamp script returned an unexpected number of values",
+            ));
+        }
+        let seq = values.remove(0).unwrap_or_default();
+        Ok((seq, values))
+    }
+
+    /// The current tokens of `keys`, none created (`None`: missing), over `near`'s tracking
+    /// connection when given (what it returns is kept there).
+    pub(crate) async fn stamps(
+        &self,
+        keys: &[StampKey],
+        near: Option<&NearCache>,
+        until: Instant,
+    ) -> Result<Vec<Option<Bytes>>, StoreError> {
+        let mut mget = redis::cmd("MGET");
+        keys.iter().for_each(|k| {
+            mget.arg(&k.key);
+        });
+        let mget = &mget;
+        let values: Vec<Option<Bytes>> = match near {
+            None => {
+                self.run(until, |mut c| async move { mget.query_async(&mut c).await })
+                    .await?
+            }
+            Some(near) => {
+                let seq = near.seq();
+                let values = near.read(mget, until, self.deadline).await?;
+                if values.len() == keys.len() {
+                    near.fill_stamps(seq, keys, &values);
+                }
+                values
+            }
+        };
+        if values.len() != keys.len() {
+            return Err(unexpected("MGET returned an unexpected number of values"));
+        }
+        Ok(values)
+    }
+
+    /// The sequence now and the tokens of `keys`, created at it when missing.
+    pub(crate) async fn settle(
+        &self,
+        keys: &[StampKey],
+        until: Instant,
+    ) -> Result<(Bytes, Vec<Bytes>), StoreError> {
+        let refs: Vec<&StampKey> = keys.iter().collect();
+        let (seq, tokens) = self.settle_keys(&refs, until).await?;
+        Ok((
+            seq,
+            tokens.into_iter().map(Option::unwrap_or_default).collect(),
+        ))
     }
 
     pub(crate) async fn ping(&self) -> Result<(), StoreError> {
@@ -230,49 +389,54 @@ impl RedisStore {
         .await
     }
 
-    fn bump_cmd(k: &StampKey) -> Cmd {
-        let mut set = redis::cmd("SET");
-        set.arg(&k.key).arg(new_token());
-        if let Some(ttl) = k.ttl {
-            set.arg("EX").arg(ttl.as_secs().max(1));
-        }
-        set
-    }
-
-    /// Replaces the tokens of `keys` with fresh ones, by `until` (plus the replicas' wait),
-    /// then, when replicas are asked for, waits for them to acknowledge: fewer in time is
-    /// an error (the invalidation stays pending and is sent again).
+    /// Advances the sequence and replaces the tokens of `keys` with fresh ones written at it,
+    /// by `until` (plus the replicas' wait), then, when replicas are asked for, waits for them
+    /// to acknowledge: fewer in time is an error (the invalidation stays pending and is sent
+    /// again).
     pub(crate) async fn bump(&self, keys: &[StampKey], until: Instant) -> Result<(), StoreError> {
         let until = until + self.replicas.map_or(Duration::ZERO, |(_, wait)| wait);
-        // One pipeline per node: all keys on a single node, one key each on a cluster (the
-        // `WAIT` goes to that key's node, after its `SET`).
-        let pipe = |keys: &[StampKey]| {
-            let mut pipe = redis::pipe();
-            for k in keys {
-                pipe.add_command(Self::bump_cmd(k)).ignore();
-            }
+        let wait = |pipe: &mut Pipeline| {
             if let Some((n, wait)) = self.replicas {
                 pipe.cmd("WAIT").arg(n).arg(millis(wait));
             }
-            pipe
         };
-        let pipes: Vec<Pipeline> = if self.conns.is_cluster() {
-            keys.chunks(1).map(pipe).collect()
-        } else {
-            vec![pipe(keys)]
-        };
-        let pipes = &pipes;
-        let acked: Vec<Vec<i64>> = self
-            .run_on(self.replicas.is_some(), until, |c| async move {
-                try_join_all(pipes.iter().map(|p| {
-                    let mut c = c.clone();
-                    async move { p.query_async::<Vec<i64>>(&mut c).await }
-                }))
-                .await
+        let q = self.sequence_key.as_str();
+        let acked: Vec<i64> = if !self.conns.is_cluster() {
+            // One script and its `WAIT`.
+            let refs: Vec<&StampKey> = keys.iter().collect();
+            let mut pipe = redis::pipe();
+            pipe.add_command(script(BUMP, q, &refs, None)).ignore();
+            wait(&mut pipe);
+            let pipe = &pipe;
+            self.run_on(self.replicas.is_some(), until, |mut c| async move {
+                pipe.query_async::<Vec<i64>>(&mut c).await
             })
-            .await?;
+            .await?
+        } else {
+            // The sequence's node first, then one pipeline per key (its `SET`, then the `WAIT`
+            // on that key's node).
+            let wait = &wait;
+            self.run_on(self.replicas.is_some(), until, |mut c| async move {
+                let seq: Bytes = script(SEQ, q, &[], Some(1)).query_async(&mut c).await?;
+                let acked = try_join_all(keys.iter().map(|k| {
+                    let mut c = c.clone();
+                    let mut set = redis::cmd("SET");
+                    set.arg(&k.key).arg(sequenced_token(&seq));
+                    if let Some(ttl) = k.ttl {
+                        set.arg("EX").arg(ttl.as_secs().max(1));
+                    }
+                    let mut pipe = redis::pipe();
+                    pipe.add_command(set).ignore();
+                    wait(&mut pipe);
+                    async move { pipe.query_async::<Vec<i64>>(&mut c).await }
+                }))
+                .await?;
+                Ok(acked.into_iter().flatten().collect())
+            })
+            .await?
+        };
         if let Some((wanted, _)) = self.replicas {
-            let least = acked.iter().flatten().copied().min().unwrap_or(0);
+            let least = acked.iter().copied().min().unwrap_or(0);
             if least < i64::try_from(wanted).unwrap_or(i64::MAX) {
                 return Err(StoreError::NotReplicated {
                     acked: least,
@@ -282,6 +446,17 @@ impl RedisStore {
         }
         Ok(())
     }
+}
+
+/// A token written at the sequence `seq` (as read from Redis): `seq` and a random tail.
+fn sequenced_token(seq: &[u8]) -> Vec<u8> {
+    let mut token = seq.to_vec();
+    token.extend_from_slice(&new_token()[..8]);
+    token
+}
+
+fn unexpected(what: &'static str) -> StoreError {
+    StoreError::Redis(redis::RedisError::from((redis::ErrorKind::Parse, what)))
 }
 
 /// How many times an operation that overlapped a new cluster node connection runs again.

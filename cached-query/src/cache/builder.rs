@@ -417,7 +417,11 @@ impl CacheBuilder {
         let guard = Some(self.guard(&server_changes));
         let (store, near) = match &self.backend {
             Backend::Disabled => (None, None),
-            Backend::Memory => (Some(Store::Memory(MemoryStore::new(self.capacity))), None),
+            Backend::Memory => {
+                let sequence = crate::keyspace::sequence_key(&self.namespace);
+                let store = MemoryStore::new(self.capacity, sequence);
+                (Some(Store::Memory(store)), None)
+            }
             Backend::Redis(_) | Backend::RedisSentinel(..) => {
                 let source = |resp3| match &self.backend {
                     Backend::RedisSentinel(urls, master) => {
@@ -496,6 +500,7 @@ impl CacheBuilder {
             conns,
             self.response_timeout,
             self.invalidation_replicas,
+            crate::keyspace::sequence_key(&self.namespace),
         ))
     }
 

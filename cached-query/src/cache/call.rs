@@ -11,15 +11,23 @@
 //! 5. **query**: the function body runs;
 //! 6. **store**: the result is written with the stamps read in step 1 or 2, so a result
 //!    computed before an invalidation is never served after it.
+//!
+//! **Result tags** (`<ret…>`) are known only after the query, so their stamps cannot be read
+//! before it. Their sites also read the namespace's invalidation sequence in step 1–2
+//! (`keyspace::Seq`: every invalidation advances it, then writes its tags tokens carrying
+//! the new count); after the query, each result tag's token is read (created when missing)
+//! and the result is stored only if none carries a count past the one read before the query.
+//! The entry keeps each result tag with that token, and a hit checks them too (a second read,
+//! or the near cache).
 
 use super::Cache;
 use super::digest::KeyBuilder;
-use super::envelope::{self, Decoded};
+use super::envelope::{self, Decoded, ResultStamp};
 use super::flights::Role;
 use super::stats::Recorder;
 use crate::backend::near::NearCache;
 use crate::backend::{Read, StampKey, Store, StoreError};
-use crate::keyspace::entry_key;
+use crate::keyspace::{Seq, entry_key, tag_hash, tag_key_of_hash};
 use crate::timing::calls;
 use bytes::Bytes;
 use serde::Serialize;
@@ -58,6 +66,9 @@ pub fn in_transaction<C: sqlx::Connection>(conn: &C) -> bool {
     conn.is_in_transaction()
 }
 
+/// The tags a call's `Ok` value carries (`<ret…>` templates).
+pub type ResultTags<'a, T> = &'a (dyn Fn(&T) -> Vec<String> + Send + Sync);
+
 /// Runs one `#[cached_query]` call on `cache` (uncached, with one warning per process, when
 /// there is none; uncached and counted as `bypassed` when `in_transaction`).
 pub async fn cached<T, E, F>(
@@ -72,12 +83,56 @@ where
     T: Serialize + DeserializeOwned,
     F: Future<Output = Result<T, E>>,
 {
+    run(cache, site, key, tags, None, in_transaction, fut).await
+}
+
+/// [`cached`] for a function whose tags also come from its result: `result_tags` renders
+/// them from the `Ok` value.
+pub async fn cached_by_result<T, E, F, R>(
+    cache: Option<&Cache>,
+    site: &'static Site,
+    key: KeyBuilder,
+    tags: Vec<String>,
+    in_transaction: bool,
+    fut: F,
+    result_tags: R,
+) -> Result<T, E>
+where
+    T: Serialize + DeserializeOwned,
+    F: Future<Output = Result<T, E>>,
+    R: Fn(&T) -> Vec<String> + Send + Sync,
+{
+    run(
+        cache,
+        site,
+        key,
+        tags,
+        Some(&result_tags),
+        in_transaction,
+        fut,
+    )
+    .await
+}
+
+async fn run<T, E, F>(
+    cache: Option<&Cache>,
+    site: &'static Site,
+    key: KeyBuilder,
+    tags: Vec<String>,
+    result_tags: Option<ResultTags<'_, T>>,
+    in_transaction: bool,
+    fut: F,
+) -> Result<T, E>
+where
+    T: Serialize + DeserializeOwned,
+    F: Future<Output = Result<T, E>>,
+{
     match cache {
         Some(cache) if in_transaction => {
             cache.inner.stats.recorder(site.name).bypassed();
             calls::execute(fut).await
         }
-        Some(cache) => cache.get_or_run(site, key, tags, fut).await,
+        Some(cache) => cache.get_or_run(site, key, tags, result_tags, fut).await,
         None => {
             super::global::warn_no_cache(site.name);
             calls::execute(fut).await
@@ -92,6 +147,7 @@ impl Cache {
         site: &'static Site,
         key: KeyBuilder,
         tags: Vec<String>,
+        result_tags: Option<ResultTags<'_, T>>,
         fut: F,
     ) -> Result<T, E>
     where
@@ -124,9 +180,14 @@ impl Cache {
             return Ok(value);
         }
         let ttl = site.ttl().unwrap_or(inner.settings.default_ttl);
-        let mut stamp_keys = Vec::with_capacity(tags.len() + 1);
+        let mut stamp_keys = Vec::with_capacity(tags.len() + 2);
         stamp_keys.push(self.generation_stamp());
         stamp_keys.extend(tags.iter().map(|t| self.tag_stamp(t, Some(ttl))));
+        // The entry's own stamps come first; a result-tagged site reads the sequence last.
+        let own = stamp_keys.len();
+        if result_tags.is_some() {
+            stamp_keys.push(self.sequence_stamp());
+        }
         let epoch = inner.epoch.load(Ordering::SeqCst);
         // Before the read: a result stored after this point must be visible to it.
         let ticket = inner.flights.ticket();
@@ -148,7 +209,7 @@ impl Cache {
         // 3. Freshness.
         let stamps = match read {
             Ok(read) => {
-                if let Some(value) = self.fresh(&rec, &entry, &read) {
+                if let Some(value) = self.fresh(store, &rec, &entry, &read, own).await {
                     record_hit(&rec, read.near.is_some());
                     return Ok(value);
                 }
@@ -202,8 +263,30 @@ impl Cache {
         }
         let stored = match stamps {
             Some(stamps) => {
-                self.store_payload(store, &rec, site, &entry, &stamps, &payload, ttl)
-                    .await
+                let (own_stamps, sequence) = stamps.split_at(own);
+                let by_result = match (result_tags, sequence.first()) {
+                    (Some(render), Some(before)) => {
+                        let tags = render(value);
+                        self.settle_result_tags(store, &rec, tags, ttl, before)
+                            .await
+                    }
+                    _ => Some(Vec::new()),
+                };
+                match by_result {
+                    Some(result) => {
+                        let result: Vec<ResultStamp<'_>> = result
+                            .iter()
+                            .map(|(hash, stamp)| ResultStamp { hash, stamp })
+                            .collect();
+                        let stamps = Stamps {
+                            own: own_stamps,
+                            result: &result,
+                        };
+                        self.store_payload(store, &rec, site, &entry, stamps, &payload, ttl)
+                            .await
+                    }
+                    None => false,
+                }
             }
             None => false,
         };
@@ -248,17 +331,25 @@ impl Cache {
         r
     }
 
-    /// The value in `read`'s entry if it is fresh and decodes (a corrupt entry or one that
-    /// does not decode as `T` is counted); a near-cache entry is then marked checked.
-    fn fresh<T: DeserializeOwned>(
+    /// The value in `read`'s entry if it is fresh (its own stamps, the first `own` read, and
+    /// its result tags' stamps) and decodes (a corrupt entry or one that does not decode as
+    /// `T` is counted); a near-cache entry is then marked checked.
+    async fn fresh<T: DeserializeOwned>(
         &self,
+        store: &Store,
         rec: &Recorder<'_>,
         entry: &str,
         read: &Read,
+        own: usize,
     ) -> Option<T> {
         let bytes = read.entry.as_ref()?;
-        let payload = match envelope::decode(bytes, &read.stamps) {
-            Decoded::Fresh(payload) => payload,
+        let payload = match envelope::decode(bytes, read.stamps.get(..own)?) {
+            Decoded::Fresh(payload, result) => {
+                if !result.is_empty() && !self.result_tags_current(store, rec, &result).await {
+                    return None;
+                }
+                payload
+            }
             Decoded::Stale => return None,
             Decoded::Corrupt => {
                 rec.decode_error();
@@ -275,6 +366,110 @@ impl Cache {
         Some(value)
     }
 
+    /// Whether every result tag of an entry still has the stamp stored with it: from the
+    /// near cache when it holds them all, else one read (over the near cache's tracking
+    /// connection, so that their changes end a near hit). A tag missing in Redis (expired,
+    /// evicted) fails the check; a failed read is a miss, counted as an error.
+    async fn result_tags_current(
+        &self,
+        store: &Store,
+        rec: &Recorder<'_>,
+        result: &[ResultStamp<'_>],
+    ) -> bool {
+        let namespace = &self.inner.settings.namespace;
+        let keys: Vec<StampKey> = result
+            .iter()
+            .map(|r| StampKey {
+                key: tag_key_of_hash(namespace, r.hash),
+                ttl: None,
+            })
+            .collect();
+        let held = self
+            .near_layer()
+            .filter(|_| !self.inner.breaker.is_open())
+            .and_then(|n| n.lookup_stamps(&keys));
+        let current: Vec<Option<Bytes>> = match held {
+            Some((tokens, _)) => tokens.into_iter().map(Some).collect(),
+            None => {
+                if store.is_remote() && !self.inner.breaker.allow() {
+                    return false;
+                }
+                let r = store
+                    .stamps(&keys, self.inner.near.as_ref(), store.until())
+                    .await;
+                self.observe(&r);
+                match r {
+                    Ok(tokens) => tokens,
+                    Err(e) => {
+                        rec.error();
+                        self.warn("Redis read of result tags failed", &e);
+                        return false;
+                    }
+                }
+            }
+        };
+        result
+            .iter()
+            .zip(&current)
+            .all(|(r, now)| now.as_deref().is_some_and(|now| now == r.stamp))
+    }
+
+    /// After the query: the stamps of the result's `tags`, to store it with, or `None` when
+    /// it must not be stored because a tag was bumped after `before` (the sequence read
+    /// before the query) or could not be read. A tag whose token carries no comparable
+    /// sequence (written before this version, or in an epoch that ended when the sequence
+    /// key was lost) is bumped, so the next call can store.
+    async fn settle_result_tags(
+        &self,
+        store: &Store,
+        rec: &Recorder<'_>,
+        mut tags: Vec<String>,
+        ttl: Duration,
+        before: &Bytes,
+    ) -> Option<Vec<([u8; 16], Bytes)>> {
+        tags.sort_unstable();
+        tags.dedup();
+        if tags.is_empty() {
+            return Some(Vec::new());
+        }
+        let before = Seq::parse(before)?;
+        let keys: Vec<StampKey> = tags.iter().map(|t| self.tag_stamp(t, Some(ttl))).collect();
+        if store.is_remote() && !self.inner.breaker.allow() {
+            return None;
+        }
+        let r = store.settle(&keys, store.until()).await;
+        self.observe(&r);
+        let (now, tokens) = match r {
+            Ok(settled) => settled,
+            Err(e) => {
+                rec.error();
+                self.warn("Redis read of result tags failed", &e);
+                return None;
+            }
+        };
+        let now = Seq::parse(&now);
+        let (mut storable, mut renew) = (true, Vec::new());
+        for (key, token) in keys.iter().zip(&tokens) {
+            match Seq::of_token(token) {
+                Some(at) if at.not_after(&before) => {}
+                // Bumped (or created) after the query began.
+                Some(at) if now.is_some_and(|now| at.same_epoch(&now)) => storable = false,
+                _ => {
+                    storable = false;
+                    renew.push(key.clone());
+                }
+            }
+        }
+        if !renew.is_empty() {
+            let r = self.bump(store, &renew, store.until()).await;
+            self.forget_near(&renew);
+            if let Err(e) = r {
+                self.warn("giving result tags a sequenced token failed", &e);
+            }
+        }
+        storable.then(|| tags.iter().map(|t| tag_hash(t)).zip(tokens).collect())
+    }
+
     /// Writes `payload` under the stamps it was computed with; whether it was stored.
     #[allow(clippy::too_many_arguments)]
     async fn store_payload(
@@ -283,7 +478,7 @@ impl Cache {
         rec: &Recorder<'_>,
         site: &Site,
         entry: &str,
-        stamps: &[Bytes],
+        stamps: Stamps<'_>,
         payload: &[u8],
         ttl: Duration,
     ) -> bool {
@@ -294,7 +489,7 @@ impl Cache {
             rec.oversized();
             return false;
         }
-        let Some(bytes) = envelope::encode(stamps, payload) else {
+        let Some(bytes) = envelope::encode(stamps.own, stamps.result, payload) else {
             // A stamp read from Redis that cannot be one (evicted mid-read, or garbage).
             rec.decode_error();
             return false;
@@ -310,6 +505,14 @@ impl Cache {
         }
         r.is_ok()
     }
+}
+
+/// What an entry is stored with: its own stamps, read before the query, and its result tags'
+/// stamps, read after it.
+#[derive(Clone, Copy)]
+struct Stamps<'a> {
+    own: &'a [Bytes],
+    result: &'a [ResultStamp<'a>],
 }
 
 /// The single-flight key: the entry, this process's invalidation epoch, and the stamps the

@@ -1,15 +1,24 @@
 //! The bytes stored under an entry key: a small header (magic, format version, the tag
-//! stamps seen before the query ran) followed by the serde_json payload.
+//! stamps seen before the query ran, and for entries with result tags those tags and their
+//! stamps) followed by the serde_json payload.
 //!
 //! ```text
-//! [0xC9][format=1][n][len0][stamp0]..[len(n-1)][stamp(n-1)][json payload…]
+//! format 1: [0xC9][1][n][len0][stamp0]..[len(n-1)][stamp(n-1)][json payload…]
+//! format 2: [0xC9][2][n][stamps as above][m][hash0 (16)][len][stamp]..[json payload…]
 //! ```
 //! Stamp 0 is the namespace generation, the others are the entry's tags in template order.
-//! Anything that does not parse, or has another format version, is treated as a miss.
+//! Format 2 adds `m` result tags (tags computed from the value, `<ret…>`), each named by its
+//! [`tag_hash`](crate::keyspace::tag_hash) with the stamp it had when the value was stored;
+//! entries without result tags keep format 1. Anything that does not parse, or has another
+//! format version, is treated as a miss.
 
 const MAGIC: u8 = 0xC9;
 /// Bumped whenever the layout changes; older entries then read as misses and are overwritten.
 pub(crate) const FORMAT_VERSION: u8 = 1;
+/// The layout with result tags.
+const FORMAT_WITH_RESULT_TAGS: u8 = 2;
+/// Length of a result tag's name in an entry.
+const HASH_LEN: usize = 16;
 
 /// Whether `stamp` can be a stamp: 1 to 255 bytes. Stamps are read from Redis, so anything
 /// may come back: an empty value (a key evicted between its creation and its read) or
@@ -18,22 +27,56 @@ pub(crate) fn valid_stamp(stamp: &[u8]) -> bool {
     (1..=255).contains(&stamp.len())
 }
 
-/// Encodes `payload` with the stamps the value was computed under; `None` when a stamp is
-/// not [valid](valid_stamp) or there are more than 255 (the value must not be stored).
-pub(crate) fn encode<S: AsRef<[u8]>>(stamps: &[S], payload: &[u8]) -> Option<Vec<u8>> {
+/// A result tag as stored in an entry: the tag's hash and its stamp at the time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct ResultStamp<'a> {
+    pub(crate) hash: &'a [u8],
+    pub(crate) stamp: &'a [u8],
+}
+
+/// Encodes `payload` with the stamps the value was computed under and its result tags'
+/// stamps; `None` when a stamp is not [valid](valid_stamp) or there are more than 255 of
+/// either kind (the value must not be stored).
+pub(crate) fn encode<S: AsRef<[u8]>>(
+    stamps: &[S],
+    result: &[ResultStamp<'_>],
+    payload: &[u8],
+) -> Option<Vec<u8>> {
     let n = u8::try_from(stamps.len()).ok()?;
-    if !stamps.iter().all(|s| valid_stamp(s.as_ref())) {
+    let m = u8::try_from(result.len()).ok()?;
+    if !stamps.iter().all(|s| valid_stamp(s.as_ref()))
+        || !result
+            .iter()
+            .all(|r| valid_stamp(r.stamp) && r.hash.len() == HASH_LEN)
+    {
         return None;
     }
-    let header: usize = 3 + stamps.iter().map(|s| 1 + s.as_ref().len()).sum::<usize>();
+    let header: usize = 4
+        + stamps.iter().map(|s| 1 + s.as_ref().len()).sum::<usize>()
+        + result
+            .iter()
+            .map(|r| HASH_LEN + 1 + r.stamp.len())
+            .sum::<usize>();
     let mut out = Vec::with_capacity(header + payload.len());
     out.push(MAGIC);
-    out.push(FORMAT_VERSION);
+    out.push(if result.is_empty() {
+        FORMAT_VERSION
+    } else {
+        FORMAT_WITH_RESULT_TAGS
+    });
     out.push(n);
     for s in stamps {
         let s = s.as_ref();
         out.push(s.len() as u8); // checked by valid_stamp
         out.extend_from_slice(s);
+    }
+    if !result.is_empty() {
+        out.push(m);
+        for r in result {
+            out.extend_from_slice(r.hash);
+            out.push(r.stamp.len() as u8);
+            out.extend_from_slice(r.stamp);
+        }
     }
     out.extend_from_slice(payload);
     Some(out)
@@ -42,62 +85,83 @@ pub(crate) fn encode<S: AsRef<[u8]>>(stamps: &[S], payload: &[u8]) -> Option<Vec
 /// Why stored bytes were not usable.
 #[derive(Debug, PartialEq, Eq)]
 pub(crate) enum Decoded<'a> {
-    /// Well-formed and computed under exactly the current stamps.
-    Fresh(&'a [u8]),
+    /// Well-formed and computed under exactly the current stamps: the payload, and the
+    /// result tags whose stamps must still be checked.
+    Fresh(&'a [u8], Vec<ResultStamp<'a>>),
     /// Well-formed but computed under other stamps (an invalidation or `clear` happened since).
     Stale,
     /// Not an entry of this format: corrupt, truncated or written by another format version.
     Corrupt,
 }
 
+/// An entry split into its parts.
+struct Parts<'a> {
+    stamps: Vec<&'a [u8]>,
+    result: Vec<ResultStamp<'a>>,
+    payload: &'a [u8],
+}
+
+fn split<'a>(bytes: &'a [u8]) -> Option<Parts<'a>> {
+    let [magic, version, n, rest @ ..] = bytes else {
+        return None;
+    };
+    if *magic != MAGIC || !(*version == FORMAT_VERSION || *version == FORMAT_WITH_RESULT_TAGS) {
+        return None;
+    }
+    let mut rest = rest;
+    let take = |rest: &mut &'a [u8], len: usize| -> Option<&'a [u8]> {
+        if rest.len() < len {
+            return None;
+        }
+        let (head, tail) = rest.split_at(len);
+        *rest = tail;
+        Some(head)
+    };
+    let mut stamps = Vec::with_capacity(usize::from(*n));
+    for _ in 0..*n {
+        let len = take(&mut rest, 1)?[0];
+        stamps.push(take(&mut rest, usize::from(len))?);
+    }
+    let mut result = Vec::new();
+    if *version == FORMAT_WITH_RESULT_TAGS {
+        let m = take(&mut rest, 1)?[0];
+        for _ in 0..m {
+            let hash = take(&mut rest, HASH_LEN)?;
+            let len = take(&mut rest, 1)?[0];
+            let stamp = take(&mut rest, usize::from(len))?;
+            result.push(ResultStamp { hash, stamp });
+        }
+    }
+    Some(Parts {
+        stamps,
+        result,
+        payload: rest,
+    })
+}
+
 /// The payload of a well-formed entry without checking its stamps (for a near-cache entry
 /// whose stamps were checked and have not changed since).
 pub(crate) fn payload(bytes: &[u8]) -> Option<&[u8]> {
-    let [magic, version, n, rest @ ..] = bytes else {
-        return None;
-    };
-    if *magic != MAGIC || *version != FORMAT_VERSION {
-        return None;
-    }
-    let mut rest = rest;
-    for _ in 0..*n {
-        let (&len, tail) = rest.split_first()?;
-        rest = tail.get(usize::from(len)..)?;
-    }
-    Some(rest)
+    split(bytes).map(|p| p.payload)
 }
 
-/// Checks `bytes` against the current stamps and returns the payload if it is still valid.
+/// Checks `bytes` against the current stamps: the payload and the result tags still to be
+/// checked if they match.
 pub(crate) fn decode<'a, S: AsRef<[u8]>>(bytes: &'a [u8], current: &[S]) -> Decoded<'a> {
-    let [magic, version, n, rest @ ..] = bytes else {
+    let Some(parts) = split(bytes) else {
         return Decoded::Corrupt;
     };
-    if *magic != MAGIC || *version != FORMAT_VERSION {
-        return Decoded::Corrupt;
-    }
-    let mut rest = rest;
     // A current stamp that cannot be one matches nothing (an empty one must not equal an
     // entry stored under an empty stamp by an older version: "absent = version 0").
-    let mut stale =
-        usize::from(*n) != current.len() || !current.iter().all(|c| valid_stamp(c.as_ref()));
-    for i in 0..usize::from(*n) {
-        let Some((&len, tail)) = rest.split_first() else {
-            return Decoded::Corrupt;
-        };
-        let len = usize::from(len);
-        if tail.len() < len {
-            return Decoded::Corrupt;
-        }
-        let (stamp, tail) = tail.split_at(len);
-        if current.get(i).is_none_or(|c| c.as_ref() != stamp) {
-            stale = true;
-        }
-        rest = tail;
-    }
-    if stale {
-        Decoded::Stale
+    let fresh = parts.stamps.len() == current.len()
+        && current
+            .iter()
+            .zip(&parts.stamps)
+            .all(|(c, s)| valid_stamp(c.as_ref()) && c.as_ref() == *s);
+    if fresh {
+        Decoded::Fresh(parts.payload, parts.result)
     } else {
-        Decoded::Fresh(rest)
+        Decoded::Stale
     }
 }
 
@@ -112,31 +176,59 @@ mod tests {
     #[test]
     fn stamps_that_cannot_be_stamps_are_never_stored_nor_matched() {
         for bad in [vec![], vec![7u8; 256], vec![7u8; 1000]] {
-            assert_eq!(encode(&[vec![1u8; 16], bad.clone()], b"1"), None);
+            assert_eq!(encode(&[vec![1u8; 16], bad.clone()], &[], b"1"), None);
             // An entry stored (by hand, or an older version) under that stamp is not fresh.
             let mut forged = vec![MAGIC, FORMAT_VERSION, 1, 0];
             forged.extend_from_slice(b"1");
             assert_ne!(
                 decode(&forged, std::slice::from_ref(&bad)),
-                Decoded::Fresh(b"1")
+                Decoded::Fresh(b"1", vec![])
             );
         }
         let too_many: Vec<Vec<u8>> = (0..256).map(|_| vec![1u8; 16]).collect();
-        assert_eq!(encode(&too_many, b"1"), None);
-        assert!(encode(&[vec![1u8; 255]], b"1").is_some());
+        assert_eq!(encode(&too_many, &[], b"1"), None);
+        assert!(encode(&[vec![1u8; 255]], &[], b"1").is_some());
     }
 
     #[test]
     fn round_trip() {
-        let bytes = encode(&stamps(), b"{\"a\":1}").unwrap();
-        assert_eq!(decode(&bytes, &stamps()), Decoded::Fresh(b"{\"a\":1}"));
+        let bytes = encode(&stamps(), &[], b"{\"a\":1}").unwrap();
+        assert_eq!(
+            decode(&bytes, &stamps()),
+            Decoded::Fresh(b"{\"a\":1}", vec![])
+        );
         assert_eq!(payload(&bytes), Some(&b"{\"a\":1}"[..]));
         assert_eq!(payload(&bytes[..10]), None);
     }
 
     #[test]
+    fn result_tags_round_trip_and_their_absence_keeps_format_1() {
+        let hash = [7u8; 16];
+        let result = [ResultStamp {
+            hash: &hash,
+            stamp: b"token",
+        }];
+        let bytes = encode(&stamps(), &result, b"[1]").unwrap();
+        assert_eq!(bytes[1], FORMAT_WITH_RESULT_TAGS);
+        assert_eq!(
+            decode(&bytes, &stamps()),
+            Decoded::Fresh(b"[1]", result.to_vec())
+        );
+        assert_eq!(payload(&bytes), Some(&b"[1]"[..]));
+        assert_eq!(encode(&stamps(), &[], b"1").unwrap()[1], FORMAT_VERSION);
+        for cut in 0..bytes.len() - 3 {
+            assert!(payload(&bytes[..cut]).is_none_or(|p| p.len() < 3), "{cut}");
+        }
+        let bad = [ResultStamp {
+            hash: &hash[..3],
+            stamp: b"token",
+        }];
+        assert_eq!(encode(&stamps(), &bad, b"1"), None);
+    }
+
+    #[test]
     fn other_stamps_are_stale() {
-        let bytes = encode(&stamps(), b"1").unwrap();
+        let bytes = encode(&stamps(), &[], b"1").unwrap();
         let mut now = stamps();
         now[1][0] = 9;
         assert_eq!(decode(&bytes, &now), Decoded::Stale);
@@ -145,10 +237,10 @@ mod tests {
 
     #[test]
     fn garbage_and_truncation_are_corrupt_never_panics() {
-        let bytes = encode(&stamps(), b"1").unwrap();
+        let bytes = encode(&stamps(), &[], b"1").unwrap();
         for cut in 0..bytes.len() - 1 {
             let d = decode(&bytes[..cut], &stamps());
-            assert!(matches!(d, Decoded::Corrupt | Decoded::Fresh(_)), "{cut}");
+            assert!(matches!(d, Decoded::Corrupt | Decoded::Fresh(..)), "{cut}");
         }
         assert_eq!(decode(b"hello world", &stamps()), Decoded::Corrupt);
         let mut old = bytes.clone();
@@ -190,7 +282,7 @@ mod fuzz {
     fn decoding_garbage_never_panics() {
         let mut rng = Rng(0x9E37_79B9_7F4A_7C15);
         let stamps = vec![vec![7u8; 16], vec![9u8; 16], vec![1u8; 3]];
-        let valid = encode(&stamps, br#"{"id":1,"name":"x","tags":[1,null]}"#).unwrap();
+        let valid = encode(&stamps, &[], br#"{"id":1,"name":"x","tags":[1,null]}"#).unwrap();
         let (mut fresh, mut stale, mut corrupt) = (0, 0, 0);
         for round in 0..200_000 {
             let mut bytes = if round % 2 == 0 {
@@ -225,7 +317,7 @@ mod fuzz {
                 }
             }
             match decode(&bytes, &stamps) {
-                Decoded::Fresh(payload) => {
+                Decoded::Fresh(payload, _) => {
                     fresh += 1;
                     let _ = serde_json::from_slice::<Typed>(payload);
                 }

@@ -16,7 +16,7 @@ pub(crate) mod stats;
 
 use crate::backend::near::NearCache;
 use crate::backend::{StampKey, Store, StoreError};
-use crate::keyspace::{generation_key, tag_key};
+use crate::keyspace::{generation_key, sequence_key, tag_key};
 use crate::{CacheBuilder, Error};
 use breaker::{Breaker, WarnLimiter};
 use flights::Flights;
@@ -51,6 +51,8 @@ struct Inner {
     near: Option<NearCache>,
     settings: Settings,
     generation_key: String,
+    /// The namespace's invalidation sequence (`keyspace::Seq`).
+    sequence_key: String,
     stats: Stats,
     flights: Flights,
     breaker: Breaker,
@@ -127,6 +129,7 @@ impl Cache {
                 store,
                 near,
                 generation_key: generation_key(&settings.namespace),
+                sequence_key: sequence_key(&settings.namespace),
                 breaker: Breaker::new(settings.breaker_failures, settings.breaker_cooldown),
                 settings,
                 stats: Stats::default(),
@@ -210,6 +213,14 @@ impl Cache {
             keys.push(self.generation_stamp());
         }
         keys
+    }
+
+    /// The sequence key, read with a result-tagged entry's stamps (it is not one of them).
+    fn sequence_stamp(&self) -> StampKey {
+        StampKey {
+            key: self.inner.sequence_key.clone(),
+            ttl: None,
+        }
     }
 
     fn generation_stamp(&self) -> StampKey {

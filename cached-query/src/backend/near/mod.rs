@@ -289,6 +289,35 @@ impl NearCache {
         }
     }
 
+    /// Keeps what an `MGET` of `stamps` alone returned, as [`fill`](Self::fill) does.
+    pub(crate) fn fill_stamps(&self, seq: u64, stamps: &[StampKey], values: &[Option<Bytes>]) {
+        let s = &*self.shared;
+        let _exclusive = s.drop_lock();
+        if s.seq.load(SeqCst) != seq {
+            return;
+        }
+        for (k, v) in stamps.iter().zip(values) {
+            if let Some(bytes) = v {
+                s.stamps.insert(&k.key, bytes.clone(), k.ttl);
+            }
+        }
+    }
+
+    /// The tokens of `stamps`, if all are held locally, with the stamp sequence before the
+    /// lookup (as in [`Read::near`]).
+    pub(crate) fn lookup_stamps(&self, stamps: &[StampKey]) -> Option<(Vec<Bytes>, u64)> {
+        if !self.leased() {
+            return None;
+        }
+        let s = &*self.shared;
+        let stamp_seq = s.stamp_seq.load(SeqCst);
+        let tokens = stamps
+            .iter()
+            .map(|k| s.stamps.get(&k.key))
+            .collect::<Option<Vec<_>>>()?;
+        Some((tokens, stamp_seq))
+    }
+
     /// Drops `keys` (stamps this process just changed in Redis).
     pub(crate) fn forget(&self, keys: &[StampKey]) {
         let _exclusive = self.shared.drop_lock();

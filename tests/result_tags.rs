@@ -1,0 +1,429 @@
+//! Tags from the result (`<ret…>`): an article fetched by slug is tagged by its id and its
+//! author's id, which only the row knows. The guarantee is the one argument tags give: a
+//! result computed before an invalidation is never served after that invalidation returned.
+
+mod common;
+
+use cached_query::{Cache, cached_query};
+use common::{keys_under, raw, redis_cache, redis_url, unique_ns};
+use serde::{Deserialize, Serialize};
+use sqlx::PgPool;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering::SeqCst};
+use tokio::sync::Notify;
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, sqlx::FromRow)]
+struct Article {
+    id: i64,
+    slug: String,
+    author_id: i64,
+    section: String,
+}
+
+async fn schema(pool: &PgPool) {
+    sqlx::raw_sql(
+        "CREATE TABLE articles (id BIGINT PRIMARY KEY, slug TEXT UNIQUE NOT NULL,
+                                author_id BIGINT NOT NULL, section TEXT NOT NULL);
+         CREATE TABLE counters (id INT PRIMARY KEY, name TEXT UNIQUE NOT NULL, value BIGINT NOT NULL);
+         INSERT INTO articles VALUES (1, 'hello', 7, 'news'), (2, 'again', 7, 'news'),
+                                     (3, 'other', 8, 'sport');
+         INSERT INTO counters VALUES (1, 'hits', 0);",
+    )
+    .execute(pool)
+    .await
+    .unwrap();
+}
+
+#[cached_query(cache = cache, invalidate = ["article:<ret.id>", "user:<ret.author_id>"])]
+async fn by_slug(pool: &PgPool, cache: &Cache, slug: &str) -> sqlx::Result<Option<Article>> {
+    sqlx::query_as("SELECT * FROM articles WHERE slug = $1")
+        .bind(slug)
+        .fetch_optional(pool)
+        .await
+}
+
+#[cached_query(cache = cache, invalidate = "article:<ret.id>")]
+async fn by_author(pool: &PgPool, cache: &Cache, author: i64) -> sqlx::Result<Vec<Article>> {
+    sqlx::query_as("SELECT * FROM articles WHERE author_id = $1 ORDER BY id")
+        .bind(author)
+        .fetch_all(pool)
+        .await
+}
+
+/// A template mixing a parameter the body consumes with the result.
+#[cached_query(cache = cache, invalidate = "in:<section>:<ret.id>")]
+async fn first_in(pool: &PgPool, cache: &Cache, section: String) -> sqlx::Result<Article> {
+    sqlx::query_as("SELECT * FROM articles WHERE section = $1 ORDER BY id LIMIT 1")
+        .bind(section)
+        .fetch_one(pool)
+        .await
+}
+
+/// (hits, misses)
+fn counts(cache: &Cache) -> (u64, u64) {
+    let s = cache.stats();
+    (s.hits, s.misses)
+}
+
+async fn result_tags_follow_the_data(pool: &PgPool, cache: &Cache) {
+    let hello = by_slug(pool, cache, "hello").await.unwrap().unwrap();
+    assert_eq!((hello.id, hello.author_id), (1, 7));
+    by_slug(pool, cache, "hello").await.unwrap();
+    assert_eq!(
+        counts(cache),
+        (1, 1),
+        "a hit that checked its result tags is one hit"
+    );
+    cache.invalidate("user:8").await.unwrap();
+    by_slug(pool, cache, "hello").await.unwrap();
+    assert_eq!(
+        counts(cache),
+        (2, 1),
+        "another author's tag does not reach it"
+    );
+    cache.invalidate("user:7").await.unwrap();
+    by_slug(pool, cache, "hello").await.unwrap();
+    assert_eq!(
+        counts(cache),
+        (2, 2),
+        "its author's tag does (a failed check is a miss)"
+    );
+    cache.invalidate("article:1").await.unwrap();
+    by_slug(pool, cache, "hello").await.unwrap();
+    assert_eq!(counts(cache), (2, 3), "so does its id's");
+    assert_eq!(cache.stats().errors, 0);
+
+    // `None` is cached, with no result tag.
+    assert_eq!(by_slug(pool, cache, "nope").await.unwrap(), None);
+    assert_eq!(by_slug(pool, cache, "nope").await.unwrap(), None);
+    assert_eq!(counts(cache), (3, 4));
+
+    // A `Vec`: one tag per element; an empty one is cached untagged.
+    assert_eq!(by_author(pool, cache, 7).await.unwrap().len(), 2);
+    assert_eq!(by_author(pool, cache, 9).await.unwrap().len(), 0);
+    cache.invalidate("article:3").await.unwrap();
+    by_author(pool, cache, 7).await.unwrap();
+    by_author(pool, cache, 9).await.unwrap();
+    assert_eq!(counts(cache), (5, 6), "article:3 is not among author 7's");
+    cache.invalidate("article:2").await.unwrap();
+    by_author(pool, cache, 7).await.unwrap();
+    assert_eq!(counts(cache), (5, 7), "article:2 is");
+
+    // Parameters in a result template are rendered before the body consumes them.
+    first_in(pool, cache, "news".into()).await.unwrap();
+    first_in(pool, cache, "news".into()).await.unwrap();
+    assert_eq!(counts(cache), (6, 8));
+    cache.invalidate("in:news:1").await.unwrap();
+    first_in(pool, cache, "news".into()).await.unwrap();
+    assert_eq!(counts(cache), (6, 9));
+    assert_eq!(cache.stats().errors, 0);
+}
+
+#[sqlx::test]
+async fn result_tags_follow_the_data_redis(pool: PgPool) {
+    schema(&pool).await;
+    let cache = redis_cache(&redis_url(), &unique_ns("ret-redis")).await;
+    result_tags_follow_the_data(&pool, &cache).await;
+}
+
+#[sqlx::test]
+async fn result_tags_follow_the_data_memory(pool: PgPool) {
+    schema(&pool).await;
+    let cache = Cache::builder().memory().build().await.unwrap();
+    result_tags_follow_the_data(&pool, &cache).await;
+}
+
+#[sqlx::test]
+async fn result_tags_follow_the_data_near_cache(pool: PgPool) {
+    schema(&pool).await;
+    let cache = Cache::builder()
+        .redis(&redis_url())
+        .namespace(&unique_ns("ret-near"))
+        .near_cache(100)
+        .build()
+        .await
+        .unwrap();
+    result_tags_follow_the_data(&pool, &cache).await;
+    // Near hits check result tags too: an invalidation by another process reaches them.
+    by_slug(&pool, &cache, "other").await.unwrap();
+    by_slug(&pool, &cache, "other").await.unwrap();
+    by_slug(&pool, &cache, "other").await.unwrap();
+    assert!(cache.stats().near_hits >= 1, "{:?}", cache.stats());
+    let other = redis_cache(&redis_url(), cache.namespace()).await;
+    other.invalidate("user:8").await.unwrap();
+    let before = cache.stats().misses;
+    common::within(
+        std::time::Duration::from_secs(5),
+        "the near cache to drop it",
+        || {
+            let (pool, cache) = (pool.clone(), cache.clone());
+            async move {
+                by_slug(&pool, &cache, "other").await.unwrap();
+                cache.stats().misses > before
+            }
+        },
+    )
+    .await;
+}
+
+#[sqlx::test]
+async fn result_tags_follow_the_data_cluster(pool: PgPool) {
+    schema(&pool).await;
+    let cluster = common::Cluster::start();
+    let cache = Cache::builder()
+        .redis_cluster(cluster.urls())
+        .namespace("ret-cluster")
+        .build()
+        .await
+        .unwrap();
+    result_tags_follow_the_data(&pool, &cache).await;
+}
+
+/// Holds a query between its read and its return.
+#[derive(Default)]
+struct Gate {
+    reached: Notify,
+    release: Notify,
+}
+
+#[cached_query(cache = cache, invalidate = "counter:<ret.0>", skip(gate))]
+async fn gated(pool: &PgPool, cache: &Cache, name: &str, gate: &Gate) -> sqlx::Result<(i32, i64)> {
+    let row = sqlx::query_as("SELECT id, value FROM counters WHERE name = $1")
+        .bind(name)
+        .fetch_one(pool)
+        .await?;
+    gate.reached.notify_one();
+    gate.release.notified().await;
+    Ok(row)
+}
+
+/// The race result tags exist to win: a query reads the old row, the row changes and its
+/// tag is invalidated while the query is still running, then the query returns. The old
+/// value goes to that caller, but is not stored: the next call reads the new row.
+async fn a_result_read_before_an_invalidation_is_not_stored(pool: &PgPool, cache: &Cache) {
+    let gate = Arc::new(Gate::default());
+    let slow = {
+        let (pool, cache, gate) = (pool.clone(), cache.clone(), gate.clone());
+        tokio::spawn(async move { gated(&pool, &cache, "hits", &gate).await.unwrap() })
+    };
+    gate.reached.notified().await;
+    let mut tx = pool.begin().await.unwrap();
+    sqlx::query("UPDATE counters SET value = 1 WHERE id = 1")
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+    cache
+        .commit_and_invalidate(tx, ["counter:1"])
+        .await
+        .unwrap();
+    gate.release.notify_one();
+    assert_eq!(slow.await.unwrap(), (1, 0), "its caller gets what it read");
+
+    // A permit lets a miss through the gate; a hit does not use it.
+    gate.release.notify_one();
+    assert_eq!(
+        gated(pool, cache, "hits", &gate).await.unwrap(),
+        (1, 1),
+        "the next call reads the new row"
+    );
+    gate.release.notify_one();
+    assert_eq!(gated(pool, cache, "hits", &gate).await.unwrap(), (1, 1));
+    assert_eq!(
+        counts(cache),
+        (1, 2),
+        "stored after the second query, served by the third call"
+    );
+}
+
+#[sqlx::test]
+async fn a_result_read_before_an_invalidation_is_not_stored_redis(pool: PgPool) {
+    schema(&pool).await;
+    let cache = redis_cache(&redis_url(), &unique_ns("ret-race")).await;
+    a_result_read_before_an_invalidation_is_not_stored(&pool, &cache).await;
+}
+
+#[sqlx::test]
+async fn a_result_read_before_an_invalidation_is_not_stored_memory(pool: PgPool) {
+    schema(&pool).await;
+    let cache = Cache::builder().memory().build().await.unwrap();
+    a_result_read_before_an_invalidation_is_not_stored(&pool, &cache).await;
+}
+
+#[cached_query(cache = cache, invalidate = "counter:<ret.0>")]
+async fn counter_by_name(pool: &PgPool, cache: &Cache, name: &str) -> sqlx::Result<(i32, i64)> {
+    sqlx::query_as("SELECT id, value FROM counters WHERE name = $1")
+        .bind(name)
+        .fetch_one(pool)
+        .await
+}
+
+/// The stale-set stress test with result tags only: readers look the counter up by name,
+/// writers invalidate it by id. No reader may see a value older than the last invalidation
+/// that completed before its read began.
+async fn no_stale_reads(pool: PgPool, cache: Cache) {
+    let completed = Arc::new(AtomicI64::new(0));
+    let writing = Arc::new(AtomicBool::new(true));
+    let writers: Vec<_> = (0..2)
+        .map(|_| {
+            let (pool, cache, completed) = (pool.clone(), cache.clone(), completed.clone());
+            tokio::spawn(async move {
+                for _ in 0..60 {
+                    let mut tx = pool.begin().await.unwrap();
+                    let v: i64 = sqlx::query_scalar(
+                        "UPDATE counters SET value = value + 1 WHERE id = 1 RETURNING value",
+                    )
+                    .fetch_one(&mut *tx)
+                    .await
+                    .unwrap();
+                    cache
+                        .commit_and_invalidate(tx, ["counter:1"])
+                        .await
+                        .unwrap();
+                    completed.fetch_max(v, SeqCst);
+                }
+            })
+        })
+        .collect();
+    let readers: Vec<_> = (0..4)
+        .map(|_| {
+            let (pool, cache, completed, writing) = (
+                pool.clone(),
+                cache.clone(),
+                completed.clone(),
+                writing.clone(),
+            );
+            tokio::spawn(async move {
+                let (mut reads, mut stale) = (0u32, Vec::new());
+                while writing.load(SeqCst) {
+                    let floor = completed.load(SeqCst);
+                    let (_, seen) = counter_by_name(&pool, &cache, "hits").await.unwrap();
+                    if seen < floor {
+                        stale.push((seen, floor));
+                    }
+                    reads += 1;
+                    tokio::task::yield_now().await;
+                }
+                (reads, stale)
+            })
+        })
+        .collect();
+    for w in writers {
+        w.await.unwrap();
+    }
+    writing.store(false, SeqCst);
+    let mut total = 0;
+    for r in readers {
+        let (reads, stale) = r.await.unwrap();
+        assert!(stale.is_empty(), "stale reads (seen, floor): {stale:?}");
+        total += reads;
+    }
+    assert_eq!(counter_by_name(&pool, &cache, "hits").await.unwrap().1, 120);
+    let stats = cache.stats();
+    assert!(
+        stats.hits > 0,
+        "the cache served some reads: {stats:?} of {total}"
+    );
+    assert_eq!(stats.errors, 0);
+}
+
+#[sqlx::test]
+async fn no_stale_reads_with_result_tags_redis(pool: PgPool) {
+    schema(&pool).await;
+    let cache = redis_cache(&redis_url(), &unique_ns("ret-stress")).await;
+    no_stale_reads(pool, cache).await;
+}
+
+#[sqlx::test]
+async fn no_stale_reads_with_result_tags_near_cache(pool: PgPool) {
+    schema(&pool).await;
+    let cache = Cache::builder()
+        .redis(&redis_url())
+        .namespace(&unique_ns("ret-stress-near"))
+        .near_cache(100)
+        .build()
+        .await
+        .unwrap();
+    no_stale_reads(pool, cache).await;
+}
+
+#[sqlx::test]
+async fn no_stale_reads_with_result_tags_memory(pool: PgPool) {
+    schema(&pool).await;
+    no_stale_reads(pool, Cache::builder().memory().build().await.unwrap()).await;
+}
+
+#[sqlx::test]
+async fn no_stale_reads_with_result_tags_cluster(pool: PgPool) {
+    schema(&pool).await;
+    let cluster = common::Cluster::start();
+    let cache = Cache::builder()
+        .redis_cluster(cluster.urls())
+        .namespace("ret-stress-cluster")
+        .build()
+        .await
+        .unwrap();
+    no_stale_reads(pool, cache).await;
+}
+
+/// Tag tokens written before sequences existed (16 random bytes), and a sequence key lost
+/// (evicted, deleted): a result is not stored against a token it cannot order, the tag is
+/// given a sequenced token, and the next call stores.
+#[sqlx::test]
+async fn tokens_without_a_comparable_sequence_are_renewed(pool: PgPool) {
+    schema(&pool).await;
+    let (url, ns) = (redis_url(), unique_ns("ret-renew"));
+    let cache = redis_cache(&url, &ns).await;
+    let mut conn = raw(&url).await;
+    by_slug(&pool, &cache, "hello").await.unwrap();
+    let tags: Vec<String> = keys_under(&url, &ns)
+        .await
+        .into_iter()
+        .filter(|k| k.contains(":t:"))
+        .collect();
+    assert_eq!(tags.len(), 2, "article:1 and user:7");
+    for tag in &tags {
+        let token: Vec<u8> = redis::cmd("GET")
+            .arg(tag)
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        assert_eq!(token.len(), 24, "a sequenced token");
+        // As an older version wrote them.
+        let _: () = redis::cmd("SET")
+            .arg(tag)
+            .arg(&[9u8; 16][..])
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+    }
+    by_slug(&pool, &cache, "hello").await.unwrap();
+    by_slug(&pool, &cache, "hello").await.unwrap();
+    by_slug(&pool, &cache, "hello").await.unwrap();
+    assert_eq!(
+        counts(&cache),
+        (1, 3),
+        "one miss not stored (renewing), one stored, one hit"
+    );
+    for tag in &tags {
+        let token: Vec<u8> = redis::cmd("GET")
+            .arg(tag)
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        assert_eq!(token.len(), 24, "renewed");
+    }
+
+    // The sequence key lost: a new epoch; at most one extra miss, then hits again.
+    let _: () = redis::cmd("DEL")
+        .arg(format!("{ns}:q"))
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    cache.invalidate("article:1").await.unwrap();
+    for _ in 0..4 {
+        by_slug(&pool, &cache, "hello").await.unwrap();
+    }
+    let (hits, misses) = counts(&cache);
+    assert!(hits >= 3 && misses <= 5, "{:?}", cache.stats());
+    assert_eq!(cache.stats().errors, 0);
+}
