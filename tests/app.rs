@@ -173,6 +173,14 @@ async fn the_example_app_end_to_end(pool: PgPool) {
     .await;
     assert_eq!(page["items"].as_array().unwrap().len(), 5);
 
+    // One conversation, by id: tagged by its owner, which only its row knows.
+    let conversation = url(&format!("/conversations/{first_id}"));
+    let (status, one) = json_of(http.get(&conversation).send().await.unwrap()).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(one["last_message"], format!("message 3 of {first_id}"));
+    let (status, _) = json_of(http.get(url("/conversations/999999")).send().await.unwrap()).await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+
     // A new message reorders the (cached) list at once.
     let (status, _) = json_of(
         http.post(url(&format!("/conversations/{first_id}/messages")))
@@ -197,6 +205,9 @@ async fn the_example_app_end_to_end(pool: PgPool) {
         ),
         (Some(first_id), Some("hello"))
     );
+    // The conversation's entry carried its owner's tag: it shows the new message too.
+    let (_, one) = json_of(http.get(&conversation).send().await.unwrap()).await;
+    assert_eq!(one["last_message"], "hello");
 
     // Bad input: 4xx with a JSON error, never a 500.
     for (method, path, body, expected) in [

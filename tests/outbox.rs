@@ -11,12 +11,9 @@ mod common;
 use common::users::{name, reads, rename, schema};
 
 use cached_query::{Cache, CacheBuilder, Error, cached_query, invalidates};
-use common::{percentiles, redis_url, unique_ns, within};
+use common::{AFTER_COMMIT, Commits, check_lags, percentiles, redis_url, unique_ns, within};
 use sqlx::{PgConnection, PgPool};
 use std::time::Duration;
-
-/// The documented bound on delivery after a commit.
-const AFTER_COMMIT: Duration = Duration::from_secs(1);
 
 fn memory(pool: &PgPool) -> CacheBuilder {
     Cache::builder().memory().outbox(pool.clone())
@@ -453,46 +450,6 @@ async fn create_counters(pool: &PgPool) {
     .execute(pool)
     .await
     .unwrap();
-}
-
-/// Prints the lags of `reads` behind returned commits and checks the documented bound.
-fn check_lags(what: &str, commits: usize, mut lags: Vec<Duration>) {
-    let worst = *lags.iter().max().unwrap();
-    let behind = lags.iter().filter(|l| !l.is_zero()).count();
-    let (p50, p99) = percentiles(&mut lags);
-    println!(
-        "{what}: {} reads during {commits} commits, {behind} behind a returned commit; lag p50 {p50:?}, p99 {p99:?}, worst {worst:?}",
-        lags.len()
-    );
-    assert!(
-        worst <= AFTER_COMMIT,
-        "a read lagged {worst:?} behind a returned commit"
-    );
-}
-
-/// When each value of a counter was committed (the instant `commit()` returned).
-#[derive(Default)]
-struct Commits(std::sync::Mutex<Vec<(i64, std::time::Instant)>>);
-
-impl Commits {
-    fn record(&self, value: i64) {
-        self.0
-            .lock()
-            .unwrap()
-            .push((value, std::time::Instant::now()));
-    }
-
-    /// How long before `start` a value newer than `seen` had been committed (zero if none).
-    fn lag(&self, seen: i64, start: std::time::Instant) -> Duration {
-        self.0
-            .lock()
-            .unwrap()
-            .iter()
-            .filter(|(v, at)| *v > seen && *at <= start)
-            .map(|(_, at)| start - *at)
-            .max()
-            .unwrap_or_default()
-    }
 }
 
 /// The stale-set stress across processes: writers update inside transactions through an

@@ -427,3 +427,43 @@ async fn tokens_without_a_comparable_sequence_are_renewed(pool: PgPool) {
     assert!(hits >= 3 && misses <= 5, "{:?}", cache.stats());
     assert_eq!(cache.stats().errors, 0);
 }
+
+#[cached_query(cache = cache, invalidate = "article:<ret.id>")]
+async fn article_of(cache: &Cache, id: i64) -> Result<Option<Article>, String> {
+    Ok(Some(Article {
+        id,
+        slug: format!("a{id}"),
+        author_id: 1,
+        section: "news".into(),
+    }))
+}
+
+/// What result tags cost in Redis commands (`INFO commandstats` of a private server): a
+/// hit reads its result tags' stamps in a second `MGET`; a miss adds one script call (the
+/// tags' stamps and the sequence) before its `SET`.
+#[tokio::test]
+async fn the_cost_of_result_tags_in_round_trips() {
+    let server = common::RedisServer::start();
+    let cache = redis_cache(&server.url(), "cost").await;
+    article_of(&cache, 1).await.unwrap();
+    server.cli(&["CONFIG", "RESETSTAT"]);
+    article_of(&cache, 2).await.unwrap();
+    assert_eq!(
+        (
+            server.command_calls("mget"),
+            server.command_calls("eval"),
+            server.command_calls("set")
+        ),
+        (1, 1, 2),
+        "a miss: MGET (entry, stamps, sequence), one script for the result tags (its SET NX \
+         creates a missing tag, a no-op otherwise), the entry's SET"
+    );
+    server.cli(&["CONFIG", "RESETSTAT"]);
+    article_of(&cache, 2).await.unwrap();
+    assert_eq!(server.command_calls("mget"), 2, "a hit: two MGETs");
+    assert_eq!(
+        server.command_calls("eval") + server.command_calls("set"),
+        0
+    );
+    assert_eq!(counts(&cache), (1, 2));
+}

@@ -24,6 +24,15 @@ mod kw {
     syn::custom_keyword!(threshold_ms);
     syn::custom_keyword!(level);
     syn::custom_keyword!(assume_no_transaction);
+    syn::custom_keyword!(tables);
+    syn::custom_keyword!(auto);
+}
+
+/// `tables = auto` or `tables("users", …)`: `table:<name>` tags from the SQL.
+pub(crate) enum TablesArg {
+    /// Found in the body's SQL literals; the span of `auto`.
+    Auto(Span),
+    Named(Vec<LitStr>),
 }
 
 /// Parses `arg, arg, …` (a trailing comma allowed), offering each argument to `accept`, which
@@ -82,12 +91,36 @@ impl Arg<'_> {
         Ok(true)
     }
 
-    /// A positional argument (anything but `name = …`), taken only while `open`: positional
-    /// arguments come first.
+    /// `tables = auto` or `tables("a", …)`.
+    fn tables(&self, slot: &mut Option<TablesArg>) -> syn::Result<bool> {
+        if !self.key(kw::tables, slot.is_some())? {
+            return Ok(false);
+        }
+        let input = self.input;
+        if input.peek(Token![=]) {
+            input.parse::<Token![=]>()?;
+            let auto: kw::auto = input.parse().map_err(|e| {
+                syn::Error::new(
+                    e.span(),
+                    r#"expected `tables = auto` or `tables("users", …)`"#,
+                )
+            })?;
+            *slot = Some(TablesArg::Auto(auto.span));
+            return Ok(true);
+        }
+        let content;
+        parenthesized!(content in input);
+        let names = Punctuated::<LitStr, Token![,]>::parse_terminated(&content)?;
+        *slot = Some(TablesArg::Named(names.into_iter().collect()));
+        Ok(true)
+    }
+
+    /// A positional argument (anything but `name = …` or `tables(…)`), taken only while
+    /// `open`: positional arguments come first.
     fn positional<T: Parse>(&self, out: &mut Vec<T>, open: bool) -> syn::Result<bool> {
         let input = self.input;
-        let named =
-            input.peek(Ident::peek_any) && input.peek2(Token![=]) && !input.peek2(Token![==]);
+        let named = input.peek(kw::tables)
+            || (input.peek(Ident::peek_any) && input.peek2(Token![=]) && !input.peek2(Token![==]));
         if !open || named {
             return Ok(false);
         }
@@ -146,6 +179,7 @@ pub(crate) struct CachedArgs {
     /// `assume_no_transaction = true`: executor arguments whose transaction state cannot be
     /// checked (`impl Executor`, a generic `E: Executor`, `Acquire`) are trusted to be outside one.
     pub(crate) assume_no_transaction: Option<LitBool>,
+    pub(crate) tables: Option<TablesArg>,
     pub(crate) krate: Krate,
 }
 
@@ -155,6 +189,7 @@ impl Parse for CachedArgs {
         each(input, |arg| {
             Ok(arg.value(kw::ttl, &mut a.ttl, ttl)?
                 || arg.value(kw::invalidate, &mut a.invalidate, tag_list)?
+                || arg.tables(&mut a.tables)?
                 || arg.value(kw::cache_none, &mut a.cache_none, LitBool::parse)?
                 || arg.value(kw::cache, &mut a.cache, Expr::parse)?
                 || arg.list(kw::skip, &mut a.skip)?
@@ -179,28 +214,32 @@ pub(crate) struct InvalidatesArgs {
     pub(crate) cache: Option<Expr>,
     /// As for [`CachedArgs::assume_no_transaction`].
     pub(crate) assume_no_transaction: Option<LitBool>,
+    /// `table:<name>` tags for the tables the body writes.
+    pub(crate) tables: Option<TablesArg>,
     pub(crate) krate: Krate,
 }
 
 impl Parse for InvalidatesArgs {
     fn parse(input: ParseStream<'_>) -> syn::Result<Self> {
         let mut tags = Vec::new();
-        let (mut cache, mut krate, mut assume) = (None, Krate::default(), None);
+        let (mut cache, mut krate, mut assume, mut tables) = (None, Krate::default(), None, None);
         each(input, |arg| {
-            let open = cache.is_none() && krate.0.is_none() && assume.is_none();
+            let open = cache.is_none() && krate.0.is_none() && assume.is_none() && tables.is_none();
             Ok(arg.positional(&mut tags, open)?
+                || arg.tables(&mut tables)?
                 || arg.value(kw::cache, &mut cache, Expr::parse)?
                 || arg.value(kw::assume_no_transaction, &mut assume, LitBool::parse)?
                 || arg.value(Token![crate], &mut krate.0, crate_path)?)
         })?;
-        if tags.is_empty() {
+        if tags.is_empty() && tables.is_none() {
             return Err(syn::Error::new(
                 proc_macro2::Span::call_site(),
-                r#"expected at least one tag, e.g. #[invalidates("user:<id>")] or #[invalidates(user(id))]"#,
+                r#"expected at least one tag, e.g. #[invalidates("user:<id>")], #[invalidates(user(id))] or #[invalidates(tables = auto)]"#,
             ));
         }
         Ok(InvalidatesArgs {
             tags,
+            tables,
             cache,
             assume_no_transaction: assume,
             krate,

@@ -1,13 +1,14 @@
 //! `#[cached_query]` and `#[invalidates]`: the body becomes a call into
 //! `<crate>::__private` that receives the original body as a future.
 
-use crate::args::{CachedArgs, InvalidatesArgs, Krate};
+use crate::args::{CachedArgs, InvalidatesArgs, Krate, TablesArg};
 use crate::item::{
     body_future, expand_with, query_name, replace_body, require_async, resolve_cache,
 };
 use crate::sig::{self, FnInfo};
+use crate::sql;
 use crate::template::{self, Rendered, Scope, TagSpec};
-use proc_macro2::TokenStream;
+use proc_macro2::{Span, TokenStream};
 use quote::{quote, quote_spanned};
 use syn::ItemFn;
 use syn::spanned::Spanned;
@@ -129,12 +130,9 @@ pub(crate) fn block(
     let version = args.version.unwrap_or(0);
     let cache_none = args.cache_none.as_ref().is_none_or(|l| l.value);
     let cache = resolve_cache(krate, args.cache.as_ref());
-    let tags = compile_tags(
-        args.invalidate.as_deref().unwrap_or_default(),
-        &info,
-        true,
-        krate,
-    )?;
+    let mut tags: Vec<TagSpec> = args.invalidate.clone().unwrap_or_default();
+    tags.extend(table_tags(args.tables.as_ref(), item, Access::Read)?);
+    let tags = compile_tags(&tags, &info, true, krate)?;
     let before = &tags.before;
     // With result tags, the closure that renders them goes last: it is type-checked after
     // the body, whose output gives it its argument type.
@@ -192,7 +190,9 @@ fn expand_invalidates(args: &InvalidatesArgs, item: &ItemFn) -> syn::Result<Toke
     check_unchecked(&info, args.assume_no_transaction.as_ref(), "invalidates")?;
     let krate: &Krate = &args.krate;
     let cache = resolve_cache(krate, args.cache.as_ref());
-    let tags = compile_tags(&args.tags, &info, false, krate)?.before;
+    let mut tags: Vec<TagSpec> = args.tags.clone();
+    tags.extend(table_tags(args.tables.as_ref(), item, Access::Write)?);
+    let tags = compile_tags(&tags, &info, false, krate)?.before;
     // A connection inside a transaction gets the invalidation recorded in that transaction
     // before the body runs (it takes effect on commit); otherwise it is sent after the body.
     let when = match info.mutable_connection() {
@@ -248,6 +248,79 @@ fn check_unchecked(
              (`impl Executor`, `E: Executor`, `Acquire`); this function has none",
         )),
         _ => Ok(()),
+    }
+}
+
+/// Which tables `tables = auto` tags by.
+#[derive(Clone, Copy, PartialEq)]
+enum Access {
+    /// Those the body's SQL reads (`#[cached_query]`).
+    Read,
+    /// Those it writes (`#[invalidates]`).
+    Write,
+}
+
+/// `table:<name>` tags: named by hand, or found in the body's SQL literals (`auto`).
+fn table_tags(arg: Option<&TablesArg>, item: &ItemFn, access: Access) -> syn::Result<Vec<TagSpec>> {
+    let tag = |name: &str, span: Span| {
+        let lit = syn::LitStr::new(&format!("table:{name}"), span);
+        TagSpec::Expr(Box::new(syn::parse_quote_spanned!(span=> #lit)))
+    };
+    let explicit = r#"`tables("users", …)`"#;
+    match arg {
+        None => Ok(Vec::new()),
+        Some(TablesArg::Named(names)) => names
+            .iter()
+            .map(|lit| {
+                Ok(tag(
+                    &sql::fold_written(&lit.value(), lit.span())?,
+                    lit.span(),
+                ))
+            })
+            .collect(),
+        Some(TablesArg::Auto(span)) => {
+            let literals = sql::literals(&item.block);
+            if literals.is_empty() {
+                return Err(syn::Error::new(
+                    *span,
+                    format!(
+                        "`tables = auto` found no SQL in this function's body: it reads the string \
+                         literals passed to sqlx's `query!`, `query_as!`, `query_scalar!` macros \
+                         and `query(…)`, `query_as(…)`, `query_scalar(…)` calls written in the \
+                         body itself; name the tables instead: {explicit}"
+                    ),
+                ));
+            }
+            let mut names = std::collections::BTreeSet::new();
+            for lit in &literals {
+                let found = sql::tables(&lit.value()).map_err(|e| {
+                    syn::Error::new(
+                        lit.span(),
+                        format!(
+                            "`tables = auto` could not parse this SQL ({e}); name the tables \
+                             instead: {explicit}"
+                        ),
+                    )
+                })?;
+                names.extend(match access {
+                    Access::Read => found.read,
+                    Access::Write => found.written,
+                });
+            }
+            if names.is_empty() {
+                let what = match access {
+                    Access::Read => "reads no table",
+                    Access::Write => "writes no table (INSERT, UPDATE, DELETE, MERGE, TRUNCATE)",
+                };
+                return Err(syn::Error::new(
+                    *span,
+                    format!(
+                        "`tables = auto`: the SQL in this body {what}; name the tables instead: {explicit}"
+                    ),
+                ));
+            }
+            Ok(names.iter().map(|n| tag(n, *span)).collect())
+        }
     }
 }
 

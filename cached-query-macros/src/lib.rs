@@ -10,6 +10,7 @@ mod args;
 mod cached;
 mod item;
 mod sig;
+mod sql;
 mod stack;
 mod template;
 mod timed;

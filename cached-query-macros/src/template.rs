@@ -13,6 +13,7 @@ use syn::spanned::Spanned;
 use syn::{Expr, ExprLit, Lit, LitStr};
 
 /// One element of a tag list.
+#[derive(Clone)]
 pub(crate) enum TagSpec {
     /// `"user:<id>"`.
     Template(LitStr),

@@ -6,7 +6,7 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use cached_query::{Cache, RedisSessionStore, cached_query, pool_status, timed};
+use cached_query::{Cache, RedisSessionStore, cached_query, pool_status, tags, timed};
 use metrics_exporter_prometheus::PrometheusHandle;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
@@ -32,7 +32,15 @@ struct AppState {
     metrics: PrometheusHandle,
 }
 
-/// The tables whose writes by anyone invalidate the cache: the tags each row carries.
+tags! {
+    /// One user's row.
+    pub fn user(id: i64) = "user:{id}";
+    /// Everything about one user's conversations: the list, each conversation, their messages.
+    pub fn conversations(user_id: i64) = "conversations:{user_id}";
+}
+
+/// The tables whose writes by anyone invalidate the cache: the tags each row carries (the
+/// templates render as `user` and `conversations` above do).
 pub async fn watch(cache: &Cache) -> Result<(), cached_query::Error> {
     cache.watch_table("users", &["user:<id>"]).await?;
     cache
@@ -62,6 +70,7 @@ pub fn router(
     Router::new()
         .route("/users/{id}", get(get_user).put(put_user))
         .route("/users/{id}/conversations", get(list_conversations))
+        .route("/conversations/{id}", get(get_conversation))
         .route("/conversations/{id}/messages", post(post_message))
         .route("/login", post(login))
         .route("/logout", post(logout))
@@ -142,7 +151,7 @@ pub struct User {
     pub name: String,
 }
 
-#[cached_query(cache = cache, ttl = 300, invalidate = "user:<id>", name = "app.user_by_id")]
+#[cached_query(cache = cache, ttl = 300, invalidate = [user(id)], name = "app.user_by_id")]
 async fn user_by_id(pool: &PgPool, cache: &Cache, id: i64) -> Result<Option<User>, sqlx::Error> {
     sqlx::query_as("SELECT id, email, name FROM users WHERE id = $1")
         .bind(id)
@@ -158,7 +167,7 @@ pub struct ConversationSummary {
 }
 
 /// One query for the page, the last message of each conversation included (no N+1).
-#[cached_query(cache = cache, ttl = 60, invalidate = "conversations:<user_id>", name = "app.conversations")]
+#[cached_query(cache = cache, ttl = 60, invalidate = [conversations(user_id)], name = "app.conversations")]
 #[timed(name = "app.conversations.query")]
 async fn conversations_page(
     pool: &PgPool,
@@ -180,6 +189,35 @@ async fn conversations_page(
     .bind(limit)
     .bind(offset)
     .fetch_all(pool)
+    .await
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, sqlx::FromRow)]
+pub struct Conversation {
+    pub id: i64,
+    pub user_id: i64,
+    pub title: String,
+    pub last_message: Option<String>,
+}
+
+/// Fetched by its id; its owner is only known from the row, so the entry is tagged by the
+/// result: a new message (which invalidates the owner's conversations) reaches it. A missing
+/// conversation is cached untagged until its TTL: ids are never reused.
+#[cached_query(cache = cache, ttl = 60, invalidate = [conversations(ret.user_id)], name = "app.conversation")]
+async fn conversation_by_id(
+    pool: &PgPool,
+    cache: &Cache,
+    id: i64,
+) -> Result<Option<Conversation>, sqlx::Error> {
+    sqlx::query_as(
+        "SELECT c.id, c.user_id, c.title,
+                (SELECT m.body FROM messages m WHERE m.conversation_id = c.id
+                  ORDER BY m.created_at DESC, m.id DESC LIMIT 1) AS last_message
+           FROM conversations c
+          WHERE c.id = $1",
+    )
+    .bind(id)
+    .fetch_optional(pool)
     .await
 }
 
@@ -229,11 +267,7 @@ async fn put_user(
     }
     // Recorded in the transaction (outbox), bumped after the commit before we answer: the
     // response below reads the new row, and a crash right after COMMIT loses nothing.
-    if let Err(e) = s
-        .cache
-        .commit_and_invalidate(tx, [format!("user:{id}")])
-        .await
-    {
+    if let Err(e) = s.cache.commit_and_invalidate(tx, [user(id)]).await {
         tracing::error!(error = %e, "commit failed");
         return Err(ApiError(
             StatusCode::INTERNAL_SERVER_ERROR,
@@ -241,6 +275,17 @@ async fn put_user(
         ));
     }
     get_user(State(s), Ok(Path(id))).await
+}
+
+async fn get_conversation(
+    State(s): State<AppState>,
+    id: Result<Path<i64>, PathRejection>,
+) -> ApiResult<Json<Conversation>> {
+    let Path(id) = id?;
+    let conversation = conversation_by_id(&s.pool, &s.cache, id)
+        .await?
+        .ok_or_else(|| ApiError::not_found("conversation"))?;
+    Ok(Json(conversation))
 }
 
 #[derive(Deserialize)]
@@ -305,7 +350,7 @@ async fn post_message(
     .await?;
     if let Err(e) = s
         .cache
-        .commit_and_invalidate(tx, [format!("conversations:{owner}")])
+        .commit_and_invalidate(tx, [conversations(owner)])
         .await
     {
         tracing::error!(error = %e, "commit failed");
@@ -371,7 +416,7 @@ async fn health(State(s): State<AppState>) -> (StatusCode, Json<serde_json::Valu
             "database": show(database.map_err(|e| e.to_string())),
             "redis": show(redis.map_err(|e| e.to_string())),
             "pool": { "size": pool.size, "idle": pool.idle, "in_use": pool.in_use, "max": pool.max },
-            "cache": { "hits": stats.hits, "misses": stats.misses, "errors": stats.errors },
+            "cache": stats,
         })),
     )
 }

@@ -999,3 +999,48 @@ impl Drop for Sentinel {
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
+
+// --- Staleness behind commits, for the outbox's stress tests ------------------------------
+
+/// The documented bound on delivery after a commit.
+pub const AFTER_COMMIT: Duration = Duration::from_secs(1);
+
+/// Prints the lags of `reads` behind returned commits and checks the documented bound.
+pub fn check_lags(what: &str, commits: usize, mut lags: Vec<Duration>) {
+    let worst = *lags.iter().max().unwrap();
+    let behind = lags.iter().filter(|l| !l.is_zero()).count();
+    let (p50, p99) = percentiles(&mut lags);
+    println!(
+        "{what}: {} reads during {commits} commits, {behind} behind a returned commit; lag p50 {p50:?}, p99 {p99:?}, worst {worst:?}",
+        lags.len()
+    );
+    assert!(
+        worst <= AFTER_COMMIT,
+        "a read lagged {worst:?} behind a returned commit"
+    );
+}
+
+/// When each value of a counter was committed (the instant `commit()` returned).
+#[derive(Default)]
+pub struct Commits(std::sync::Mutex<Vec<(i64, std::time::Instant)>>);
+
+impl Commits {
+    pub fn record(&self, value: i64) {
+        self.0
+            .lock()
+            .unwrap()
+            .push((value, std::time::Instant::now()));
+    }
+
+    /// How long before `start` a value newer than `seen` had been committed (zero if none).
+    pub fn lag(&self, seen: i64, start: std::time::Instant) -> Duration {
+        self.0
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|(v, at)| *v > seen && *at <= start)
+            .map(|(_, at)| start - *at)
+            .max()
+            .unwrap_or_default()
+    }
+}

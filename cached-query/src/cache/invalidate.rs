@@ -470,8 +470,25 @@ impl Cache {
         crate::outbox::watch::install(outbox, table, tags).await
     }
 
-    /// Removes what [`watch_table`](Self::watch_table) installed on `table` (nothing if it
-    /// was not watched).
+    /// Makes any INSERT, UPDATE, DELETE or TRUNCATE of each of `tables`, by any client,
+    /// invalidate the tag `table:<name>` (the table's own name, without schema): what
+    /// `#[cached_query(tables = auto)]` and `tables("…")` tag entries with. Installs one
+    /// statement-level trigger per table (one outbox row per statement), delivered like
+    /// every outbox row. Names resolve through the outbox pool's `search_path`
+    /// (`"schema.table"` also works); writers with any `search_path` are covered. Calling it
+    /// again is harmless; an unknown table is an `Err(Watch)` naming it.
+    pub async fn watch_tables(&self, tables: &[&str]) -> Result<(), Error> {
+        let Some(outbox) = &self.inner.outbox else {
+            return Err(Error::NoOutbox {
+                operation: "watch_tables",
+            });
+        };
+        crate::outbox::watch::install_tables(outbox, tables).await
+    }
+
+    /// Removes what [`watch_table`](Self::watch_table) and
+    /// [`watch_tables`](Self::watch_tables) installed on `table` (nothing if it was not
+    /// watched).
     pub async fn unwatch_table(&self, table: &str) -> Result<(), Error> {
         let Some(outbox) = &self.inner.outbox else {
             return Err(Error::NoOutbox {

@@ -1,6 +1,7 @@
 //! `Cache::watch_table`: statement-level triggers that turn any client's INSERT, UPDATE,
 //! DELETE or TRUNCATE of a table into one outbox row, with tags computed in SQL from the old
-//! and new rows (`"user:<id>"` → `'user:' || (r."id")::text`).
+//! and new rows (`"user:<id>"` → `'user:' || (r."id")::text`); `Cache::watch_tables`: one
+//! more trigger per table recording `table:<name>`.
 
 use super::{Outbox, run_script};
 use crate::Error;
@@ -107,11 +108,57 @@ COMMIT;
         .map_err(|e| Error::outbox("installing the table's triggers", e))
 }
 
+/// Installs (or replaces) on each of `tables` one statement-level trigger that records the
+/// tag `table:<name>` (`<name>`: the table's own name, no schema) for any INSERT, UPDATE,
+/// DELETE or TRUNCATE, by any client: what `tables = auto` tags entries with.
+pub(crate) async fn install_tables(outbox: &Outbox, tables: &[&str]) -> Result<(), Error> {
+    let pool = &outbox.pool;
+    let schema = &outbox.schema;
+    let mut sql = String::from("BEGIN;\nSELECT pg_advisory_xact_lock(7421030571094261);\n");
+    for table in tables {
+        let oid = resolve(pool, table).await?;
+        let name: String = sqlx::query_scalar("SELECT relname::text FROM pg_class WHERE oid = $1")
+            .bind(oid)
+            .fetch_one(pool)
+            .await
+            .map_err(|e| Error::outbox("reading the table's name", e))?;
+        let tag = literal(&format!("table:{name}"));
+        let function = format!("{schema}.{}", table_function_name(oid));
+        let mut quote = "$cq$".to_owned();
+        while tag.contains(&quote) {
+            quote.insert(quote.len() - 1, 'x');
+        }
+        sql.push_str(&format!(
+            r#"
+CREATE OR REPLACE FUNCTION {function}() RETURNS trigger LANGUAGE plpgsql
+SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS {quote}
+BEGIN
+    INSERT INTO {schema}.cached_query_outbox (tags) VALUES (ARRAY[{tag}]);
+    RETURN NULL;
+END {quote};
+DO $cq_do$
+DECLARE target regclass := {oid}::regclass;
+BEGIN
+    EXECUTE format('DROP TRIGGER IF EXISTS cached_query_table ON %s', target);
+    EXECUTE format('CREATE TRIGGER cached_query_table
+        AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE ON %s
+        FOR EACH STATEMENT EXECUTE FUNCTION {function}()', target);
+END $cq_do$;
+"#
+        ));
+    }
+    sql.push_str("COMMIT;\n");
+    run_script(pool, sql)
+        .await
+        .map_err(|e| Error::outbox("installing the tables' triggers", e))
+}
+
 /// Removes what [`install`] created on `table`, if anything.
 pub(crate) async fn uninstall(outbox: &Outbox, table: &str) -> Result<(), Error> {
     let pool = &outbox.pool;
     let oid = resolve(pool, table).await?;
     let function = format!("{}.{}", outbox.schema, function_name(oid));
+    let table_function = format!("{}.{}", outbox.schema, table_function_name(oid));
     let sql = format!(
         r#"
 BEGIN;
@@ -123,8 +170,10 @@ BEGIN
     EXECUTE format('DROP TRIGGER IF EXISTS cached_query_watch_upd ON %s', target);
     EXECUTE format('DROP TRIGGER IF EXISTS cached_query_watch_del ON %s', target);
     EXECUTE format('DROP TRIGGER IF EXISTS cached_query_watch_trunc ON %s', target);
+    EXECUTE format('DROP TRIGGER IF EXISTS cached_query_table ON %s', target);
 END $cq_do$;
 DROP FUNCTION IF EXISTS {function}();
+DROP FUNCTION IF EXISTS {table_function}();
 COMMIT;
 "#
     );
@@ -145,6 +194,10 @@ async fn resolve(pool: &PgPool, table: &str) -> Result<i64, Error> {
 
 fn function_name(oid: i64) -> String {
     format!("cached_query_watch_{oid}")
+}
+
+fn table_function_name(oid: i64) -> String {
+    format!("cached_query_table_{oid}")
 }
 
 fn watch_error(table: &str, problem: &str) -> Error {
