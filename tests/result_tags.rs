@@ -467,3 +467,45 @@ async fn the_cost_of_result_tags_in_round_trips() {
     );
     assert_eq!(counts(&cache), (1, 2));
 }
+
+/// The same query before and after result tags were added to it (same name, same key): an
+/// entry stored without result tags was never checked against them and is not served.
+#[cached_query(cache = cache, name = "ret.shared")]
+async fn shared_before(pool: &PgPool, cache: &Cache, slug: &str) -> sqlx::Result<Option<Article>> {
+    sqlx::query_as("SELECT * FROM articles WHERE slug = $1")
+        .bind(slug)
+        .fetch_optional(pool)
+        .await
+}
+
+#[cached_query(cache = cache, name = "ret.shared", invalidate = "article:<ret.id>")]
+async fn shared_after(pool: &PgPool, cache: &Cache, slug: &str) -> sqlx::Result<Option<Article>> {
+    sqlx::query_as("SELECT * FROM articles WHERE slug = $1")
+        .bind(slug)
+        .fetch_optional(pool)
+        .await
+}
+
+#[sqlx::test]
+async fn entries_stored_without_result_tags_are_not_served_by_a_site_with_them(pool: PgPool) {
+    schema(&pool).await;
+    let cache = redis_cache(&redis_url(), &unique_ns("ret-added")).await;
+    shared_before(&pool, &cache, "hello").await.unwrap();
+    sqlx::query("UPDATE articles SET section = 'sport' WHERE id = 1")
+        .execute(&pool)
+        .await
+        .unwrap();
+    cache.invalidate("article:1").await.unwrap();
+    let now = shared_after(&pool, &cache, "hello").await.unwrap().unwrap();
+    assert_eq!(now.section, "sport");
+    shared_after(&pool, &cache, "hello").await.unwrap();
+    assert_eq!(
+        counts(&cache),
+        (1, 2),
+        "the second read after the deploy is a hit"
+    );
+    // `None` from a result-tagged site is stored (with no result tag) and served.
+    assert_eq!(shared_after(&pool, &cache, "nope").await.unwrap(), None);
+    assert_eq!(shared_after(&pool, &cache, "nope").await.unwrap(), None);
+    assert_eq!(counts(&cache), (2, 3));
+}

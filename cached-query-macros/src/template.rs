@@ -62,6 +62,13 @@ pub(crate) fn render_all(tags: &[TagSpec], scope: &Scope<'_>) -> syn::Result<Ren
             TagSpec::Template(lit) => compile(lit, scope, &mut pre)?,
             TagSpec::Expr(expr) => {
                 let by_result = scope.ret && names_ret(quote!(#expr));
+                if by_result && scope.names.iter().any(|n| n == "ret") {
+                    return Err(syn::Error::new_spanned(
+                        expr,
+                        "`ret` names the result, but a parameter is also named `ret`: rename \
+                         the parameter to tag entries by their result",
+                    ));
+                }
                 (value(&quote!(#expr), expr.span(), krate), by_result)
             }
         };
@@ -102,12 +109,19 @@ pub(crate) fn render_all(tags: &[TagSpec], scope: &Scope<'_>) -> syn::Result<Ren
     Ok(Rendered { before, by_result })
 }
 
-/// Whether an expression mentions the identifier `ret`.
+/// Whether an expression uses the variable `ret`: the identifier, not as a field (`q.ret`)
+/// or a path segment after `::` (`m::ret`).
 fn names_ret(tokens: TokenStream) -> bool {
-    tokens.into_iter().any(|t| match t {
-        proc_macro2::TokenTree::Ident(i) => i == "ret",
-        proc_macro2::TokenTree::Group(g) => names_ret(g.stream()),
-        _ => false,
+    let mut after_dot_or_path = false;
+    tokens.into_iter().any(|t| {
+        let hit = match &t {
+            proc_macro2::TokenTree::Ident(i) => i == "ret" && !after_dot_or_path,
+            proc_macro2::TokenTree::Group(g) => names_ret(g.stream()),
+            _ => false,
+        };
+        after_dot_or_path =
+            matches!(&t, proc_macro2::TokenTree::Punct(p) if p.as_char() == '.' || p.as_char() == ':');
+        hit
     })
 }
 
@@ -275,5 +289,21 @@ fn push_literal(fmt: &mut String, text: &str) {
             '}' => fmt.push_str("}}"),
             c => fmt.push(c),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ret_is_the_variable_not_a_field_or_path_segment() {
+        assert!(names_ret(quote!(profile(ret.author_id))));
+        assert!(names_ret(quote!(f(a, (ret)))));
+        assert!(!names_ret(quote!(user(q.ret))));
+        assert!(!names_ret(quote!(m::ret::f(id))));
+        assert!(!names_ret(quote!(user(id))));
+        assert!(names_ret_placeholder("a:<ret.id>") && names_ret_placeholder("<ret>"));
+        assert!(!names_ret_placeholder("a:<retry>") && !names_ret_placeholder("ret:<id>"));
     }
 }

@@ -30,7 +30,16 @@ pub(crate) fn new_token() -> Vec<u8> {
 
 /// The key holding this namespace's invalidation sequence ([`Seq`]).
 pub(crate) fn sequence_key(namespace: &str) -> String {
-    format!("{namespace}:q")
+    format!("{namespace}{SEQUENCE_SUFFIX}")
+}
+
+const SEQUENCE_SUFFIX: &str = ":q";
+
+/// Whether `key` may be a namespace's sequence key (as made by [`sequence_key`]): no entry
+/// is stamped with it, so the near cache need not recheck entries when it changes. (No
+/// entry, tag, generation or server key ends this way.)
+pub(crate) fn is_sequence_key(key: &str) -> bool {
+    key.ends_with(SEQUENCE_SUFFIX)
 }
 
 /// A point in a namespace's invalidation sequence: every invalidation advances `count` by one
@@ -205,6 +214,17 @@ mod tests {
             assert!(k[5..].bytes().all(|b| b.is_ascii_hexdigit()));
         }
         assert_ne!(tag_key("ns", "a"), tag_key("ns", "b"));
+    }
+
+    #[test]
+    fn sequence_keys_are_told_from_stamp_keys() {
+        for ns in ["ns", "a:q", ""] {
+            assert!(is_sequence_key(&sequence_key(ns)));
+            assert!(!is_sequence_key(&tag_key(ns, "x:q")));
+            assert!(!is_sequence_key(&generation_key(ns)));
+            assert!(!is_sequence_key(&server_key(ns)));
+            assert!(!is_sequence_key(&entry_key(ns, &[1; 32])));
+        }
     }
 
     #[test]

@@ -1,7 +1,7 @@
 //! The in-process backend (moka): the same stamps-and-envelopes scheme as Redis, so TTLs,
 //! tags, `clear`, single-flight and stats behave identically, with a bounded entry count.
 
-use super::{Read, StampKey};
+use super::{Read, Settled, StampKey};
 use crate::keyspace::Seq;
 use bytes::Bytes;
 use moka::sync::Cache as Moka;
@@ -69,15 +69,22 @@ impl MemoryStore {
     }
 
     /// The current token of `key`, created at the current sequence when missing (the
-    /// sequence key reads as the sequence itself).
+    /// sequence key reads as the sequence itself). Creation holds the sequence's lock, as
+    /// [`bump`](Self::bump) does for its writes: moka's insert-if-absent is not atomic
+    /// against a concurrent insert, and a token created at an older count must not replace
+    /// a newer one.
     fn stamp(&self, key: &StampKey) -> Bytes {
         if key.key == self.sequence_key {
             return Bytes::copy_from_slice(&self.sequence().bytes());
         }
+        if let Some(held) = self.stamps.get(&key.key) {
+            return held.bytes;
+        }
+        let sequence = self.sequence();
         self.stamps
             .entry_by_ref(&key.key)
             .or_insert_with(|| Stored {
-                bytes: self.sequence().token().into(),
+                bytes: sequence.token().into(),
                 ttl: key.ttl,
             })
             .into_value()
@@ -102,9 +109,13 @@ impl MemoryStore {
     }
 
     /// The sequence now and the tokens of `keys` (created at it when missing).
-    pub(crate) fn settle(&self, keys: &[StampKey]) -> (Bytes, Vec<Bytes>) {
+    pub(crate) fn settle(&self, keys: &[StampKey]) -> Settled {
         let tokens = keys.iter().map(|k| self.stamp(k)).collect();
-        (Bytes::copy_from_slice(&self.sequence().bytes()), tokens)
+        Settled {
+            seq: Bytes::copy_from_slice(&self.sequence().bytes()),
+            tokens,
+            raced: false,
+        }
     }
 
     pub(crate) fn write(&self, entry: &str, bytes: Vec<u8>, ttl: Duration) {
@@ -117,18 +128,16 @@ impl MemoryStore {
         );
     }
 
-    /// Advances the sequence, then gives every key a token written at the new point.
+    /// Advances the sequence, then gives every key a token written at the new point, under
+    /// the sequence's lock: two bumps write in the order of their counts.
     pub(crate) fn bump(&self, keys: &[StampKey]) {
-        let seq = {
-            let mut sequence = self.sequence();
-            *sequence = sequence.next();
-            *sequence
-        };
+        let mut sequence = self.sequence();
+        *sequence = sequence.next();
         for k in keys {
             self.stamps.insert(
                 k.key.clone(),
                 Stored {
-                    bytes: seq.token().into(),
+                    bytes: sequence.token().into(),
                     ttl: k.ttl,
                 },
             );
@@ -139,5 +148,60 @@ impl MemoryStore {
     pub(crate) fn entry_count(&self) -> u64 {
         self.entries.run_pending_tasks();
         self.entries.entry_count()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::{Arc, Barrier};
+
+    /// Runs `a` and `b` on two threads released together, `rounds` times over fresh keys,
+    /// and checks that each key ends with a token at the latest sequence: no write of an
+    /// older count lands after a newer one.
+    fn race(rounds: usize, a: fn(&MemoryStore, &StampKey), b: fn(&MemoryStore, &StampKey)) {
+        let store = Arc::new(MemoryStore::new(1 << 20, "ns:q".to_owned()));
+        let mut older = 0;
+        for i in 0..rounds {
+            let key = StampKey {
+                key: format!("ns:t:{i}"),
+                ttl: None,
+            };
+            let barrier = Arc::new(Barrier::new(2));
+            let other = {
+                let (store, key, barrier) = (store.clone(), key.clone(), barrier.clone());
+                std::thread::spawn(move || {
+                    barrier.wait();
+                    a(&store, &key);
+                })
+            };
+            barrier.wait();
+            b(&store, &key);
+            other.join().unwrap();
+            let now = Seq::parse(&store.settle(&[]).seq).unwrap();
+            let token = store.stamps(std::slice::from_ref(&key))[0].clone().unwrap();
+            if Seq::of_token(&token) != Some(now) {
+                older += 1;
+            }
+        }
+        assert_eq!(older, 0, "keys left at an older count, of {rounds}");
+    }
+
+    #[test]
+    fn creating_a_stamp_never_overwrites_a_concurrent_bump() {
+        race(
+            5_000,
+            |s, k| drop(s.settle(std::slice::from_ref(k))),
+            |s, k| s.bump(std::slice::from_ref(k)),
+        );
+    }
+
+    #[test]
+    fn concurrent_bumps_leave_the_later_count() {
+        race(
+            5_000,
+            |s, k| s.bump(std::slice::from_ref(k)),
+            |s, k| s.bump(std::slice::from_ref(k)),
+        );
     }
 }

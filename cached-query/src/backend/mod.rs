@@ -33,6 +33,17 @@ pub(crate) struct Read {
     pub(crate) near: Option<u64>,
 }
 
+/// What [`Store::settle`] found: the namespace's invalidation sequence, and the tokens of the
+/// keys asked for.
+#[derive(Debug)]
+pub(crate) struct Settled {
+    pub(crate) seq: Bytes,
+    pub(crate) tokens: Vec<Bytes>,
+    /// A token was created at a sequence that moved before the call ended (cluster): no
+    /// result may be stored on it.
+    pub(crate) raced: bool,
+}
+
 /// Why a store operation failed. Crosses the public API as an [`Error`](crate::Error)'s
 /// source via [`into_source`](Self::into_source).
 #[derive(Debug, thiserror::Error)]
@@ -119,21 +130,23 @@ impl Store {
         &self,
         keys: &[StampKey],
         until: Instant,
-    ) -> Result<(Bytes, Vec<Bytes>), StoreError> {
+    ) -> Result<Settled, StoreError> {
         match self {
             Store::Redis(r) => r.settle(keys, until).await,
             Store::Memory(m) => Ok(m.settle(keys)),
         }
     }
 
+    /// Stores an entry, by `until`.
     pub(crate) async fn write(
         &self,
         entry: &str,
         bytes: Vec<u8>,
         ttl: Duration,
+        until: Instant,
     ) -> Result<(), StoreError> {
         match self {
-            Store::Redis(r) => r.write(entry, bytes, ttl).await,
+            Store::Redis(r) => r.write(entry, bytes, ttl, until).await,
             Store::Memory(m) => {
                 m.write(entry, bytes, ttl);
                 Ok(())

@@ -14,7 +14,7 @@
 
 use super::connect::{Conn, Connections};
 use super::near::NearCache;
-use super::{Read, StampKey, StoreError, link};
+use super::{Read, Settled, StampKey, StoreError, link};
 use crate::keyspace::{Seq, new_token};
 use bytes::Bytes;
 use futures_util::future::try_join_all;
@@ -86,6 +86,36 @@ return out
 const SEQ: &str = r"
 return seq(KEYS[1], ARGV[1], tonumber(ARGV[2]))
 ";
+
+/// `KEYS = [stamp]`, `ARGV = [token, ttl]`: writes a sequenced token unless the stamp holds
+/// one of the same epoch at a count at least as high (cluster: the second half of [`BUMP`],
+/// sent apart from the sequence's script, so an earlier invalidation's write that arrives
+/// late must not put an older count back).
+const PUT: &str = r"
+local function count(v)
+  local n = 0
+  for i = 9, 16 do n = n * 256 + string.byte(v, i) end
+  return n
+end
+local cur, new = redis.call('GET', KEYS[1]), ARGV[1]
+if cur and string.len(cur) == 24 and string.len(new) == 24
+   and string.sub(cur, 1, 8) == string.sub(new, 1, 8) and count(cur) >= count(new) then
+  return 0
+end
+put(KEYS[1], new, tonumber(ARGV[2]), false)
+return 1
+";
+
+/// [`PUT`] of `token` into `stamp`.
+fn put_cmd(stamp: &StampKey, token: &[u8]) -> Cmd {
+    let mut cmd = redis::cmd("EVAL");
+    cmd.arg(format!("{LIB}{PUT}"))
+        .arg(1)
+        .arg(&stamp.key)
+        .arg(token)
+        .arg(stamp.ttl.map_or(0, |t| t.as_secs().max(1)));
+    cmd
+}
 
 /// `EVAL` of `LIB` + `body` with `keys` and per-stamp arguments after the epoch.
 fn script(body: &str, sequence_key: &str, stamps: &[&StampKey], extra: Option<u8>) -> Cmd {
@@ -257,7 +287,7 @@ impl RedisStore {
         missing: &[&StampKey],
         until: Instant,
     ) -> Result<Vec<Option<Bytes>>, StoreError> {
-        let (seq, tokens) = self.settle_keys(missing, until).await?;
+        let (seq, tokens, _) = self.settle_keys(missing, until).await?;
         let mut tokens = tokens.into_iter();
         Ok(missing
             .iter()
@@ -273,11 +303,15 @@ impl RedisStore {
 
     /// The sequence now and the tokens of `keys` (the sequence key excluded), each created
     /// at the sequence when missing.
+    ///
+    /// On a cluster the sequence is read apart from the writes: `raced` is set when this
+    /// call created a stamp and the sequence moved meanwhile (an invalidation of that stamp
+    /// may have been written, then evicted, before it was created at the older count).
     async fn settle_keys(
         &self,
         keys: &[&StampKey],
         until: Instant,
-    ) -> Result<(Bytes, Vec<Option<Bytes>>), StoreError> {
+    ) -> Result<(Bytes, Vec<Option<Bytes>>, bool), StoreError> {
         let stamps: Vec<&StampKey> = keys
             .iter()
             .copied()
@@ -285,29 +319,40 @@ impl RedisStore {
             .collect();
         let stamps = &stamps;
         let q = self.sequence_key.as_str();
-        let mut values: Vec<Option<Bytes>> = if !self.conns.is_cluster() {
+        let (mut values, raced): (Vec<Option<Bytes>>, bool) = if !self.conns.is_cluster() {
             let cmd = &script(CREATE, q, stamps, None);
-            self.run(until, |mut c| async move { cmd.query_async(&mut c).await })
-                .await?
+            let values = self
+                .run(until, |mut c| async move { cmd.query_async(&mut c).await })
+                .await?;
+            (values, false)
         } else {
             self.run(until, |mut c| async move {
                 let seq: Bytes = script(SEQ, q, &[], Some(0)).query_async(&mut c).await?;
-                let tokens = try_join_all(stamps.iter().map(|s| {
+                let created = try_join_all(stamps.iter().map(|s| {
                     let (mut c, token) = (c.clone(), sequenced_token(&seq));
                     let mut set = redis::cmd("SET");
-                    set.arg(&s.key).arg(token).arg("NX");
+                    set.arg(&s.key).arg(&token).arg("NX");
                     if let Some(ttl) = s.ttl {
                         set.arg("EX").arg(ttl.as_secs().max(1));
                     }
                     let mut pipe = redis::pipe();
                     pipe.add_command(set).ignore().cmd("GET").arg(&s.key);
                     async move {
-                        let (token,): (Option<Bytes>,) = pipe.query_async(&mut c).await?;
-                        Ok::<_, redis::RedisError>(token)
+                        let (now,): (Option<Bytes>,) = pipe.query_async(&mut c).await?;
+                        let ours = now.as_deref() == Some(&token[..]);
+                        Ok::<_, redis::RedisError>((now, ours))
                     }
                 }))
                 .await?;
-                Ok(std::iter::once(Some(seq)).chain(tokens).collect())
+                let mut raced = false;
+                if created.iter().any(|(_, ours)| *ours) {
+                    let after: Bytes = script(SEQ, q, &[], Some(0)).query_async(&mut c).await?;
+                    raced = after != seq;
+                }
+                let values = std::iter::once(Some(seq))
+                    .chain(created.into_iter().map(|(now, _)| now))
+                    .collect();
+                Ok((values, raced))
             })
             .await?
         };
@@ -317,7 +362,7 @@ impl RedisStore {
             ));
         }
         let seq = values.remove(0).unwrap_or_default();
-        Ok((seq, values))
+        Ok((seq, values, raced))
     }
 
     /// The current tokens of `keys`, none created (`None`: missing), over `near`'s tracking
@@ -358,13 +403,14 @@ impl RedisStore {
         &self,
         keys: &[StampKey],
         until: Instant,
-    ) -> Result<(Bytes, Vec<Bytes>), StoreError> {
+    ) -> Result<Settled, StoreError> {
         let refs: Vec<&StampKey> = keys.iter().collect();
-        let (seq, tokens) = self.settle_keys(&refs, until).await?;
-        Ok((
+        let (seq, tokens, raced) = self.settle_keys(&refs, until).await?;
+        Ok(Settled {
             seq,
-            tokens.into_iter().map(Option::unwrap_or_default).collect(),
-        ))
+            tokens: tokens.into_iter().map(Option::unwrap_or_default).collect(),
+            raced,
+        })
     }
 
     pub(crate) async fn ping(&self) -> Result<(), StoreError> {
@@ -379,13 +425,15 @@ impl RedisStore {
         entry: &str,
         bytes: Vec<u8>,
         ttl: Duration,
+        until: Instant,
     ) -> Result<(), StoreError> {
         let mut set = redis::cmd("SET");
         set.arg(entry).arg(bytes).arg("PX").arg(millis(ttl));
         let set = &set;
-        self.run(self.until(), |mut c| async move {
-            set.query_async::<()>(&mut c).await
-        })
+        self.run(
+            until,
+            |mut c| async move { set.query_async::<()>(&mut c).await },
+        )
         .await
     }
 
@@ -420,13 +468,9 @@ impl RedisStore {
                 let seq: Bytes = script(SEQ, q, &[], Some(1)).query_async(&mut c).await?;
                 let acked = try_join_all(keys.iter().map(|k| {
                     let mut c = c.clone();
-                    let mut set = redis::cmd("SET");
-                    set.arg(&k.key).arg(sequenced_token(&seq));
-                    if let Some(ttl) = k.ttl {
-                        set.arg("EX").arg(ttl.as_secs().max(1));
-                    }
                     let mut pipe = redis::pipe();
-                    pipe.add_command(set).ignore();
+                    pipe.add_command(put_cmd(k, &sequenced_token(&seq)))
+                        .ignore();
                     wait(&mut pipe);
                     async move { pipe.query_async::<Vec<i64>>(&mut c).await }
                 }))
@@ -464,4 +508,122 @@ const CONSISTENT_TRIES: usize = 3;
 
 fn millis(d: Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX).max(1)
+}
+
+/// The scripts on a real Redis (`REDIS_URL`, by default the local one), on keys of a
+/// namespace of their own.
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    async fn conn() -> redis::aio::MultiplexedConnection {
+        let url = std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into());
+        redis::Client::open(url)
+            .unwrap()
+            .get_multiplexed_async_connection()
+            .await
+            .expect("a Redis server for the script tests")
+    }
+
+    fn stamp(name: &str) -> StampKey {
+        let mut key = String::from("cq-unit:");
+        crate::keyspace::push_hex(&mut key, &new_token());
+        key.push_str(name);
+        StampKey {
+            key,
+            ttl: Some(Duration::from_secs(60)),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_late_write_never_puts_an_older_count_back() {
+        let mut c = conn().await;
+        let k = stamp(":t");
+        let seq = Seq::fresh();
+        let (older, newer) = (seq.next(), seq.next().next());
+        put_cmd(&k, &newer.token())
+            .query_async::<()>(&mut c)
+            .await
+            .unwrap();
+        put_cmd(&k, &older.token())
+            .query_async::<()>(&mut c)
+            .await
+            .unwrap();
+        let now: Vec<u8> = redis::cmd("GET")
+            .arg(&k.key)
+            .query_async(&mut c)
+            .await
+            .unwrap();
+        assert_eq!(Seq::of_token(&now), Some(newer), "the later count stays");
+        // Another epoch (the sequence key was lost) or a token without one: replaced.
+        let other = Seq::fresh().next();
+        put_cmd(&k, &other.token())
+            .query_async::<()>(&mut c)
+            .await
+            .unwrap();
+        let now: Vec<u8> = redis::cmd("GET")
+            .arg(&k.key)
+            .query_async(&mut c)
+            .await
+            .unwrap();
+        assert_eq!(Seq::of_token(&now), Some(other));
+        let ttl: i64 = redis::cmd("TTL")
+            .arg(&k.key)
+            .query_async(&mut c)
+            .await
+            .unwrap();
+        assert!((1..=60).contains(&ttl), "{ttl}");
+        let _: () = redis::cmd("DEL")
+            .arg(&k.key)
+            .query_async(&mut c)
+            .await
+            .unwrap();
+    }
+
+    #[tokio::test]
+    async fn bump_advances_the_sequence_and_create_reads_it() {
+        let mut c = conn().await;
+        let (q, a, b) = (stamp(":q"), stamp(":a"), stamp(":b"));
+        let created: Vec<Vec<u8>> = script(CREATE, &q.key, &[&a], None)
+            .query_async(&mut c)
+            .await
+            .unwrap();
+        let start = Seq::parse(&created[0]).unwrap();
+        assert_eq!(Seq::of_token(&created[1]), Some(start));
+        let _: Vec<u8> = script(BUMP, &q.key, &[&a, &b], None)
+            .query_async(&mut c)
+            .await
+            .unwrap();
+        let again: Vec<Vec<u8>> = script(CREATE, &q.key, &[&a, &b], None)
+            .query_async(&mut c)
+            .await
+            .unwrap();
+        let now = Seq::parse(&again[0]).unwrap();
+        assert_eq!(now, start.next());
+        assert_eq!(
+            Seq::of_token(&again[1]),
+            Some(now),
+            "bumped, not created again"
+        );
+        assert_eq!(Seq::of_token(&again[2]), Some(now));
+        // A malformed sequence value is replaced, in a new epoch.
+        let _: () = redis::cmd("SET")
+            .arg(&q.key)
+            .arg("garbage")
+            .query_async(&mut c)
+            .await
+            .unwrap();
+        let seq: Vec<u8> = script(SEQ, &q.key, &[], Some(1))
+            .query_async(&mut c)
+            .await
+            .unwrap();
+        assert!(Seq::parse(&seq).is_some_and(|s| !s.same_epoch(&now)));
+        for k in [&q, &a, &b] {
+            let _: () = redis::cmd("DEL")
+                .arg(&k.key)
+                .query_async(&mut c)
+                .await
+                .unwrap();
+        }
+    }
 }

@@ -26,7 +26,7 @@ use super::envelope::{self, Decoded, ResultStamp};
 use super::flights::Role;
 use super::stats::Recorder;
 use crate::backend::near::NearCache;
-use crate::backend::{Read, StampKey, Store, StoreError};
+use crate::backend::{Read, Settled, StampKey, Store, StoreError};
 use crate::keyspace::{Seq, entry_key, tag_hash, tag_key_of_hash};
 use crate::timing::calls;
 use bytes::Bytes;
@@ -35,6 +35,7 @@ use serde::de::DeserializeOwned;
 use std::future::Future;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
+use tokio::time::Instant;
 
 /// The static description of one `#[cached_query]` function.
 #[derive(Debug)]
@@ -199,18 +200,27 @@ impl Cache {
         let local = near
             .filter(|_| !inner.breaker.is_open())
             .and_then(|n| n.lookup(&entry, &stamp_keys));
+        // One budget for everything before the query: the response timeout.
+        let until = store.until();
         let read = match local {
             Some(local) => Ok(local),
             None => {
                 let fill = inner.near.as_ref();
-                self.round_trip(store, &entry, ttl, &stamp_keys, fill).await
+                self.round_trip(store, &entry, ttl, &stamp_keys, fill, until)
+                    .await
             }
         };
         // 3. Freshness.
+        let by_result = result_tags.is_some();
         let stamps = match read {
             Ok(read) => {
-                if let Some(value) = self.fresh(store, &rec, &entry, &read, own).await {
-                    record_hit(&rec, read.near.is_some());
+                let check = Check {
+                    own,
+                    by_result,
+                    until,
+                };
+                if let Some((value, remote)) = self.fresh(store, &rec, &entry, &read, check).await {
+                    record_hit(&rec, read.near.is_some() && !remote);
                     return Ok(value);
                 }
                 Some(read.stamps)
@@ -261,28 +271,34 @@ impl Cache {
         if let Some(leader) = &leader {
             leader.share(payload.clone());
         }
+        // One budget for everything after it: the response timeout.
+        let until = store.until();
         let stored = match stamps {
             Some(stamps) => {
                 let (own_stamps, sequence) = stamps.split_at(own);
-                let by_result = match (result_tags, sequence.first()) {
+                let settled = match (result_tags, sequence.first()) {
                     (Some(render), Some(before)) => {
                         let tags = render(value);
-                        self.settle_result_tags(store, &rec, tags, ttl, before)
+                        self.settle_result_tags(store, &rec, tags, ttl, before, until)
                             .await
+                            .map(Some)
                     }
-                    _ => Some(Vec::new()),
+                    (Some(_), None) => None,
+                    (None, _) => Some(None),
                 };
-                match by_result {
-                    Some(result) => {
-                        let result: Vec<ResultStamp<'_>> = result
-                            .iter()
-                            .map(|(hash, stamp)| ResultStamp { hash, stamp })
-                            .collect();
+                match settled {
+                    Some(settled) => {
+                        let result: Option<Vec<ResultStamp<'_>>> = settled.as_ref().map(|r| {
+                            r.iter()
+                                .map(|(hash, stamp)| ResultStamp { hash, stamp })
+                                .collect()
+                        });
                         let stamps = Stamps {
                             own: own_stamps,
-                            result: &result,
+                            result: result.as_deref(),
                         };
-                        self.store_payload(store, &rec, site, &entry, stamps, &payload, ttl)
+                        let to = (entry.as_str(), until);
+                        self.store_payload(store, &rec, site, to, stamps, &payload, ttl)
                             .await
                     }
                     None => false,
@@ -315,9 +331,8 @@ impl Cache {
         entry_ttl: Duration,
         stamps: &[StampKey],
         near: Option<&NearCache>,
+        until: Instant,
     ) -> Result<Read, StoreError> {
-        // One budget for everything before the query: the response timeout.
-        let until = store.until();
         if store.is_remote() {
             if self.inner.pending.any() {
                 self.deliver_pending(store, false, until).await?;
@@ -333,20 +348,35 @@ impl Cache {
 
     /// The value in `read`'s entry if it is fresh (its own stamps, the first `own` read, and
     /// its result tags' stamps) and decodes (a corrupt entry or one that does not decode as
-    /// `T` is counted); a near-cache entry is then marked checked.
+    /// `T` is counted), and whether checking its result tags took a Redis read; a near-cache
+    /// entry is then marked checked.
     async fn fresh<T: DeserializeOwned>(
         &self,
         store: &Store,
         rec: &Recorder<'_>,
         entry: &str,
         read: &Read,
-        own: usize,
-    ) -> Option<T> {
+        check: Check,
+    ) -> Option<(T, bool)> {
         let bytes = read.entry.as_ref()?;
-        let payload = match envelope::decode(bytes, read.stamps.get(..own)?) {
+        let mut remote = false;
+        let payload = match envelope::decode(bytes, read.stamps.get(..check.own)?) {
             Decoded::Fresh(payload, result) => {
-                if !result.is_empty() && !self.result_tags_current(store, rec, &result).await {
-                    return None;
+                match result {
+                    // Stored without result tags (before the site had them, or by a process
+                    // that does not know them): never checked against them.
+                    None if check.by_result => return None,
+                    None => {}
+                    Some(result) if result.is_empty() => {}
+                    Some(result) => {
+                        let (current, read_redis) = self
+                            .result_tags_current(store, rec, &result, check.until)
+                            .await;
+                        if !current {
+                            return None;
+                        }
+                        remote = read_redis;
+                    }
                 }
                 payload
             }
@@ -363,19 +393,21 @@ impl Cache {
         if let (Some(seq), Some(near)) = (read.near, &self.inner.near) {
             near.mark_checked(entry, bytes, seq);
         }
-        Some(value)
+        Some((value, remote))
     }
 
-    /// Whether every result tag of an entry still has the stamp stored with it: from the
-    /// near cache when it holds them all, else one read (over the near cache's tracking
-    /// connection, so that their changes end a near hit). A tag missing in Redis (expired,
-    /// evicted) fails the check; a failed read is a miss, counted as an error.
+    /// Whether every result tag of an entry still has the stamp stored with it, and whether
+    /// that took a read: from the near cache when it holds them all, else one read by `until`
+    /// (over the near cache's tracking connection, so that their changes end a near hit). A
+    /// tag missing in Redis (expired, evicted) fails the check; a failed read is a miss,
+    /// counted as an error.
     async fn result_tags_current(
         &self,
         store: &Store,
         rec: &Recorder<'_>,
         result: &[ResultStamp<'_>],
-    ) -> bool {
+        until: Instant,
+    ) -> (bool, bool) {
         let namespace = &self.inner.settings.namespace;
         let keys: Vec<StampKey> = result
             .iter()
@@ -388,30 +420,30 @@ impl Cache {
             .near_layer()
             .filter(|_| !self.inner.breaker.is_open())
             .and_then(|n| n.lookup_stamps(&keys));
+        let remote = held.is_none() && store.is_remote();
         let current: Vec<Option<Bytes>> = match held {
             Some((tokens, _)) => tokens.into_iter().map(Some).collect(),
             None => {
                 if store.is_remote() && !self.inner.breaker.allow() {
-                    return false;
+                    return (false, true);
                 }
-                let r = store
-                    .stamps(&keys, self.inner.near.as_ref(), store.until())
-                    .await;
+                let r = store.stamps(&keys, self.inner.near.as_ref(), until).await;
                 self.observe(&r);
                 match r {
                     Ok(tokens) => tokens,
                     Err(e) => {
                         rec.error();
                         self.warn("Redis read of result tags failed", &e);
-                        return false;
+                        return (false, true);
                     }
                 }
             }
         };
-        result
+        let current = result
             .iter()
             .zip(&current)
-            .all(|(r, now)| now.as_deref().is_some_and(|now| now == r.stamp))
+            .all(|(r, now)| now.as_deref().is_some_and(|now| now == r.stamp));
+        (current, remote)
     }
 
     /// After the query: the stamps of the result's `tags`, to store it with, or `None` when
@@ -426,20 +458,26 @@ impl Cache {
         mut tags: Vec<String>,
         ttl: Duration,
         before: &Bytes,
+        until: Instant,
     ) -> Option<Vec<([u8; 16], Bytes)>> {
         tags.sort_unstable();
         tags.dedup();
         if tags.is_empty() {
             return Some(Vec::new());
         }
+        if tags.len() > MAX_RESULT_TAGS {
+            // An entry holds at most this many; the value is returned, not stored.
+            rec.oversized();
+            return None;
+        }
         let before = Seq::parse(before)?;
         let keys: Vec<StampKey> = tags.iter().map(|t| self.tag_stamp(t, Some(ttl))).collect();
         if store.is_remote() && !self.inner.breaker.allow() {
             return None;
         }
-        let r = store.settle(&keys, store.until()).await;
+        let r = store.settle(&keys, until).await;
         self.observe(&r);
-        let (now, tokens) = match r {
+        let Settled { seq, tokens, raced } = match r {
             Ok(settled) => settled,
             Err(e) => {
                 rec.error();
@@ -447,8 +485,8 @@ impl Cache {
                 return None;
             }
         };
-        let now = Seq::parse(&now);
-        let (mut storable, mut renew) = (true, Vec::new());
+        let now = Seq::parse(&seq);
+        let (mut storable, mut renew) = (!raced, Vec::new());
         for (key, token) in keys.iter().zip(&tokens) {
             match Seq::of_token(token) {
                 Some(at) if at.not_after(&before) => {}
@@ -461,7 +499,7 @@ impl Cache {
             }
         }
         if !renew.is_empty() {
-            let r = self.bump(store, &renew, store.until()).await;
+            let r = self.bump(store, &renew, until).await;
             self.forget_near(&renew);
             if let Err(e) = r {
                 self.warn("giving result tags a sequenced token failed", &e);
@@ -477,7 +515,7 @@ impl Cache {
         store: &Store,
         rec: &Recorder<'_>,
         site: &Site,
-        entry: &str,
+        (entry, until): (&str, Instant),
         stamps: Stamps<'_>,
         payload: &[u8],
         ttl: Duration,
@@ -497,7 +535,7 @@ impl Cache {
         if store.is_remote() && !self.inner.breaker.allow() {
             return false;
         }
-        let r = store.write(entry, bytes, ttl).await;
+        let r = store.write(entry, bytes, ttl, until).await;
         self.observe(&r);
         if let Err(e) = &r {
             rec.error();
@@ -507,13 +545,25 @@ impl Cache {
     }
 }
 
-/// What an entry is stored with: its own stamps, read before the query, and its result tags'
-/// stamps, read after it.
+/// What an entry is stored with: its own stamps, read before the query, and for a site with
+/// result tags their stamps, read after it.
 #[derive(Clone, Copy)]
 struct Stamps<'a> {
     own: &'a [Bytes],
-    result: &'a [ResultStamp<'a>],
+    result: Option<&'a [ResultStamp<'a>]>,
 }
+
+/// How a read entry is checked: its own stamps are the first `own` read; a site with result
+/// tags (`by_result`) serves only entries that carry them, checked by `until`.
+#[derive(Clone, Copy)]
+struct Check {
+    own: usize,
+    by_result: bool,
+    until: Instant,
+}
+
+/// Most result tags one entry can carry (the envelope's limit).
+const MAX_RESULT_TAGS: usize = 255;
 
 /// The single-flight key: the entry, this process's invalidation epoch, and the stamps the
 /// caller saw (`None`: Redis was unreadable).

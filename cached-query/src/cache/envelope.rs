@@ -8,8 +8,10 @@
 //! ```
 //! Stamp 0 is the namespace generation, the others are the entry's tags in template order.
 //! Format 2 adds `m` result tags (tags computed from the value, `<ret…>`), each named by its
-//! [`tag_hash`](crate::keyspace::tag_hash) with the stamp it had when the value was stored;
-//! entries without result tags keep format 1. Anything that does not parse, or has another
+//! [`tag_hash`](crate::keyspace::tag_hash) with the stamp it had when the value was stored.
+//! Every entry of a site with result tags has format 2 (`m` may be 0: `None`, an empty
+//! `Vec`), and such a site serves no format 1 entry: one stored before the site had result
+//! tags, or by a process that does not know them, was never checked against them. Anything that does not parse, or has another
 //! format version, is treated as a miss.
 
 const MAGIC: u8 = 0xC9;
@@ -34,15 +36,18 @@ pub(crate) struct ResultStamp<'a> {
     pub(crate) stamp: &'a [u8],
 }
 
-/// Encodes `payload` with the stamps the value was computed under and its result tags'
-/// stamps; `None` when a stamp is not [valid](valid_stamp) or there are more than 255 of
-/// either kind (the value must not be stored).
+/// Encodes `payload` with the stamps the value was computed under and, for a site with
+/// result tags, its result tags' stamps (format 2); `None` when a stamp is not
+/// [valid](valid_stamp) or there are more than 255 of either kind (the value must not be
+/// stored).
 pub(crate) fn encode<S: AsRef<[u8]>>(
     stamps: &[S],
-    result: &[ResultStamp<'_>],
+    result: Option<&[ResultStamp<'_>]>,
     payload: &[u8],
 ) -> Option<Vec<u8>> {
     let n = u8::try_from(stamps.len()).ok()?;
+    let with_result = result.is_some();
+    let result = result.unwrap_or_default();
     let m = u8::try_from(result.len()).ok()?;
     if !stamps.iter().all(|s| valid_stamp(s.as_ref()))
         || !result
@@ -59,10 +64,10 @@ pub(crate) fn encode<S: AsRef<[u8]>>(
             .sum::<usize>();
     let mut out = Vec::with_capacity(header + payload.len());
     out.push(MAGIC);
-    out.push(if result.is_empty() {
-        FORMAT_VERSION
-    } else {
+    out.push(if with_result {
         FORMAT_WITH_RESULT_TAGS
+    } else {
+        FORMAT_VERSION
     });
     out.push(n);
     for s in stamps {
@@ -70,7 +75,7 @@ pub(crate) fn encode<S: AsRef<[u8]>>(
         out.push(s.len() as u8); // checked by valid_stamp
         out.extend_from_slice(s);
     }
-    if !result.is_empty() {
+    if with_result {
         out.push(m);
         for r in result {
             out.extend_from_slice(r.hash);
@@ -85,9 +90,9 @@ pub(crate) fn encode<S: AsRef<[u8]>>(
 /// Why stored bytes were not usable.
 #[derive(Debug, PartialEq, Eq)]
 pub(crate) enum Decoded<'a> {
-    /// Well-formed and computed under exactly the current stamps: the payload, and the
-    /// result tags whose stamps must still be checked.
-    Fresh(&'a [u8], Vec<ResultStamp<'a>>),
+    /// Well-formed and computed under exactly the current stamps: the payload, and (format
+    /// 2) the result tags whose stamps must still be checked.
+    Fresh(&'a [u8], Option<Vec<ResultStamp<'a>>>),
     /// Well-formed but computed under other stamps (an invalidation or `clear` happened since).
     Stale,
     /// Not an entry of this format: corrupt, truncated or written by another format version.
@@ -97,7 +102,7 @@ pub(crate) enum Decoded<'a> {
 /// An entry split into its parts.
 struct Parts<'a> {
     stamps: Vec<&'a [u8]>,
-    result: Vec<ResultStamp<'a>>,
+    result: Option<Vec<ResultStamp<'a>>>,
     payload: &'a [u8],
 }
 
@@ -122,8 +127,9 @@ fn split<'a>(bytes: &'a [u8]) -> Option<Parts<'a>> {
         let len = take(&mut rest, 1)?[0];
         stamps.push(take(&mut rest, usize::from(len))?);
     }
-    let mut result = Vec::new();
+    let mut result = None;
     if *version == FORMAT_WITH_RESULT_TAGS {
+        let result = result.insert(Vec::new());
         let m = take(&mut rest, 1)?[0];
         for _ in 0..m {
             let hash = take(&mut rest, HASH_LEN)?;
@@ -176,46 +182,52 @@ mod tests {
     #[test]
     fn stamps_that_cannot_be_stamps_are_never_stored_nor_matched() {
         for bad in [vec![], vec![7u8; 256], vec![7u8; 1000]] {
-            assert_eq!(encode(&[vec![1u8; 16], bad.clone()], &[], b"1"), None);
+            assert_eq!(encode(&[vec![1u8; 16], bad.clone()], None, b"1"), None);
             // An entry stored (by hand, or an older version) under that stamp is not fresh.
             let mut forged = vec![MAGIC, FORMAT_VERSION, 1, 0];
             forged.extend_from_slice(b"1");
             assert_ne!(
                 decode(&forged, std::slice::from_ref(&bad)),
-                Decoded::Fresh(b"1", vec![])
+                Decoded::Fresh(b"1", None)
             );
         }
         let too_many: Vec<Vec<u8>> = (0..256).map(|_| vec![1u8; 16]).collect();
-        assert_eq!(encode(&too_many, &[], b"1"), None);
-        assert!(encode(&[vec![1u8; 255]], &[], b"1").is_some());
+        assert_eq!(encode(&too_many, None, b"1"), None);
+        assert!(encode(&[vec![1u8; 255]], None, b"1").is_some());
     }
 
     #[test]
     fn round_trip() {
-        let bytes = encode(&stamps(), &[], b"{\"a\":1}").unwrap();
+        let bytes = encode(&stamps(), None, b"{\"a\":1}").unwrap();
         assert_eq!(
             decode(&bytes, &stamps()),
-            Decoded::Fresh(b"{\"a\":1}", vec![])
+            Decoded::Fresh(b"{\"a\":1}", None)
         );
         assert_eq!(payload(&bytes), Some(&b"{\"a\":1}"[..]));
         assert_eq!(payload(&bytes[..10]), None);
     }
 
     #[test]
-    fn result_tags_round_trip_and_their_absence_keeps_format_1() {
+    fn result_tags_round_trip_and_sites_without_them_keep_format_1() {
         let hash = [7u8; 16];
         let result = [ResultStamp {
             hash: &hash,
             stamp: b"token",
         }];
-        let bytes = encode(&stamps(), &result, b"[1]").unwrap();
+        let bytes = encode(&stamps(), Some(&result), b"[1]").unwrap();
         assert_eq!(bytes[1], FORMAT_WITH_RESULT_TAGS);
         assert_eq!(
             decode(&bytes, &stamps()),
-            Decoded::Fresh(b"[1]", result.to_vec())
+            Decoded::Fresh(b"[1]", Some(result.to_vec()))
         );
         assert_eq!(payload(&bytes), Some(&b"[1]"[..]));
-        assert_eq!(encode(&stamps(), &[], b"1").unwrap()[1], FORMAT_VERSION);
+        // A site with result tags and a value that has none (`None`) still writes format 2.
+        let empty = encode(&stamps(), Some(&[]), b"null").unwrap();
+        assert_eq!(
+            decode(&empty, &stamps()),
+            Decoded::Fresh(b"null", Some(vec![]))
+        );
+        assert_eq!(encode(&stamps(), None, b"1").unwrap()[1], FORMAT_VERSION);
         for cut in 0..bytes.len() - 3 {
             assert!(payload(&bytes[..cut]).is_none_or(|p| p.len() < 3), "{cut}");
         }
@@ -223,12 +235,12 @@ mod tests {
             hash: &hash[..3],
             stamp: b"token",
         }];
-        assert_eq!(encode(&stamps(), &bad, b"1"), None);
+        assert_eq!(encode(&stamps(), Some(&bad), b"1"), None);
     }
 
     #[test]
     fn other_stamps_are_stale() {
-        let bytes = encode(&stamps(), &[], b"1").unwrap();
+        let bytes = encode(&stamps(), None, b"1").unwrap();
         let mut now = stamps();
         now[1][0] = 9;
         assert_eq!(decode(&bytes, &now), Decoded::Stale);
@@ -237,7 +249,7 @@ mod tests {
 
     #[test]
     fn garbage_and_truncation_are_corrupt_never_panics() {
-        let bytes = encode(&stamps(), &[], b"1").unwrap();
+        let bytes = encode(&stamps(), None, b"1").unwrap();
         for cut in 0..bytes.len() - 1 {
             let d = decode(&bytes[..cut], &stamps());
             assert!(matches!(d, Decoded::Corrupt | Decoded::Fresh(..)), "{cut}");
@@ -282,7 +294,7 @@ mod fuzz {
     fn decoding_garbage_never_panics() {
         let mut rng = Rng(0x9E37_79B9_7F4A_7C15);
         let stamps = vec![vec![7u8; 16], vec![9u8; 16], vec![1u8; 3]];
-        let valid = encode(&stamps, &[], br#"{"id":1,"name":"x","tags":[1,null]}"#).unwrap();
+        let valid = encode(&stamps, None, br#"{"id":1,"name":"x","tags":[1,null]}"#).unwrap();
         let (mut fresh, mut stale, mut corrupt) = (0, 0, 0);
         for round in 0..200_000 {
             let mut bytes = if round % 2 == 0 {

@@ -373,9 +373,9 @@ impl Cache {
     /// waiting for Redis's message), or may have changed: a timed-out bump may have landed.
     pub(super) fn forget_near(&self, keys: &[StampKey]) {
         if let Some(near) = &self.inner.near {
-            // Every bump advances the sequence too.
             near.forget(keys);
-            near.forget(&[self.sequence_stamp()]);
+            // Every bump advances the sequence too.
+            near.forget_sequence(&self.sequence_stamp());
         }
     }
 

@@ -26,7 +26,7 @@ use super::connect::{Source, Timeouts};
 use super::identity::{self, Guard};
 use super::link::{self, Link};
 use super::{Read, StampKey, StoreError};
-use crate::keyspace::is_entry_key;
+use crate::keyspace::{is_entry_key, is_sequence_key};
 use bytes::Bytes;
 use futures_util::FutureExt;
 use redis::{Cmd, PushInfo, PushKind, Value};
@@ -318,6 +318,14 @@ impl NearCache {
         Some((tokens, stamp_seq))
     }
 
+    /// Drops the sequence key (this process just advanced it): like a message about it,
+    /// entries stay checked.
+    pub(crate) fn forget_sequence(&self, key: &StampKey) {
+        let _exclusive = self.shared.drop_lock();
+        self.shared.seq.fetch_add(1, SeqCst);
+        self.shared.stamps.remove(&key.key);
+    }
+
     /// Drops `keys` (stamps this process just changed in Redis).
     pub(crate) fn forget(&self, keys: &[StampKey]) {
         let _exclusive = self.shared.drop_lock();
@@ -388,6 +396,8 @@ impl Shared {
             };
             match k {
                 Some(k) if is_entry_key(k) => self.entries.remove(k),
+                // The invalidation sequence stamps no entry: checked entries stay checked.
+                Some(k) if is_sequence_key(k) => self.stamps.remove(k),
                 // A stamp (held or not: it may have been evicted locally), or a key that
                 // is not ours to judge.
                 _ => {
@@ -511,6 +521,22 @@ pub(crate) mod tests {
             .drop_keys(&[Value::BulkString(tag.key.clone().into_bytes())]);
         assert!(near.checked(&entry(1)).is_none());
         assert!(near.lookup(&entry(1), &[tag]).is_none());
+    }
+
+    #[test]
+    fn sequence_messages_keep_entries_checked() {
+        let near = offline();
+        let entry = crate::keyspace::entry_key("ns", &[1; 32]);
+        let tag = key(&crate::keyspace::tag_key("ns", "items"));
+        fill(&near, near.seq(), &entry, &tag);
+        let read = near.lookup(&entry, std::slice::from_ref(&tag)).unwrap();
+        near.mark_checked(&entry, read.entry.as_ref().unwrap(), read.near.unwrap());
+        // Every invalidation anywhere in the namespace advances its sequence.
+        let sequence = crate::keyspace::sequence_key("ns");
+        near.shared
+            .drop_keys(&[Value::BulkString(sequence.clone().into_bytes())]);
+        near.forget_sequence(&key(&sequence));
+        assert!(near.checked(&entry).is_some());
     }
 
     #[test]
