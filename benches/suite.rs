@@ -77,6 +77,25 @@ async fn cq_user(cache: &Cache, pool: &PgPool, id: i64) -> Result<User, sqlx::Er
     select_user(pool, id).await
 }
 
+/// The same read tagged by the result (`<ret.id>`): a hit also checks the tag's stamp.
+#[cached_query(cache = cache, ttl = 600, invalidate = "user:<ret.id>", skip(pool))]
+async fn cq_user_by_result(cache: &Cache, pool: &PgPool, id: i64) -> Result<User, sqlx::Error> {
+    select_user(pool, id).await
+}
+
+/// A fresh key on every call (`nonce`), tagged by the result: always a miss, then the result
+/// tags' script and a fill.
+#[cached_query(cache = cache, ttl = 60, invalidate = "user:<ret.id>", skip(pool))]
+async fn cq_user_miss_by_result(
+    cache: &Cache,
+    pool: &PgPool,
+    id: i64,
+    nonce: u64,
+) -> Result<User, sqlx::Error> {
+    let _ = nonce;
+    select_user(pool, id).await
+}
+
 /// A fresh key on every call (`nonce`): always a miss, then a fill.
 #[cached_query(cache = cache, ttl = 60, invalidate = "user:<id>", skip(pool))]
 async fn cq_user_miss(
@@ -373,6 +392,29 @@ async fn read_cases() -> Vec<Row> {
         stats.misses <= ROWS as u64 + stats.errors && stats.near_hits * 3 > stats.hits,
         "near cache mostly missed: {stats:?}"
     );
+    let by_result = cache("by-result", None).await;
+    rows.push(
+        measure("#[cached_query] hit, Redis (1 result tag)", move |id| {
+            let c = by_result.clone();
+            async move {
+                black_box(cq_user_by_result(&c, pool(), id).await.unwrap());
+            }
+        })
+        .await,
+    );
+    let by_result_near = cache("by-result-near", Some(10_000)).await;
+    rows.push(
+        measure(
+            "#[cached_query] hit, near cache (1 result tag)",
+            move |id| {
+                let c = by_result_near.clone();
+                async move {
+                    black_box(cq_user_by_result(&c, pool(), id).await.unwrap());
+                }
+            },
+        )
+        .await,
+    );
     rows.push(
         measure("cached 4 AsyncRedisCache", |id| async move {
             black_box(peer_user(id).await.unwrap());
@@ -397,6 +439,20 @@ async fn read_cases() -> Vec<Row> {
                 black_box(cq_user_miss(&c, pool(), id, nonce).await.unwrap());
             }
         })
+        .await,
+    );
+    let miss_cache = cache("miss-by-result", None).await;
+    let nonce = Arc::new(AtomicU64::new(0));
+    rows.push(
+        measure(
+            "#[cached_query] miss: query + fill (1 result tag)",
+            move |id| {
+                let (c, nonce) = (miss_cache.clone(), nonce.fetch_add(1, Relaxed));
+                async move {
+                    black_box(cq_user_miss_by_result(&c, pool(), id, nonce).await.unwrap());
+                }
+            },
+        )
         .await,
     );
     rows

@@ -166,3 +166,45 @@ async fn tag_functions_serve_both_sides() {
     profile(&cache, 44, 9).await.unwrap();
     assert_eq!(PROFILES.load(SeqCst), before + 4);
 }
+
+#[derive(serde::Serialize, serde::Deserialize)]
+struct Draft {
+    id: i64,
+    editor: Option<i64>,
+}
+
+/// Queries run by `drafts`.
+static DRAFTS: AtomicU32 = AtomicU32::new(0);
+
+#[cached_query(cache = cache, invalidate = ["editor:<ret.editor>", "draft:<ret.id>"])]
+async fn drafts(cache: &Cache, ids: Vec<(i64, Option<i64>)>) -> Result<Vec<Draft>, String> {
+    DRAFTS.fetch_add(1, SeqCst);
+    Ok(ids
+        .into_iter()
+        .map(|(id, editor)| Draft { id, editor })
+        .collect())
+}
+
+/// `<ret.field>` where the field is an `Option`: one tag per element that has one.
+#[tokio::test]
+async fn an_option_field_of_the_result_drops_only_its_own_tag() {
+    let cache = Cache::builder().memory().build().await.unwrap();
+    let list = vec![(1, Some(5)), (2, None)];
+    drafts(&cache, list.clone()).await.unwrap();
+    cache
+        .invalidate_many(["editor:None", "editor:"])
+        .await
+        .unwrap();
+    drafts(&cache, list.clone()).await.unwrap();
+    assert_eq!(
+        DRAFTS.load(SeqCst),
+        1,
+        "no tag for the draft without an editor"
+    );
+    cache.invalidate("draft:2").await.unwrap();
+    drafts(&cache, list.clone()).await.unwrap();
+    assert_eq!(DRAFTS.load(SeqCst), 2, "its other tag is there");
+    cache.invalidate("editor:5").await.unwrap();
+    drafts(&cache, list).await.unwrap();
+    assert_eq!(DRAFTS.load(SeqCst), 3);
+}
