@@ -22,3 +22,12 @@ async fn no_such_field(id: i64) -> Result<Option<Article>, String> {
 }
 
 fn main() {}
+
+cached_query::tags! {
+    fn article(id: i64) = "article:{id}";
+}
+
+#[cached_query(invalidate = [article(ret.id)])]
+async fn shadowed_in_an_expression(ret: i64) -> Result<Article, String> {
+    Ok(Article { id: ret })
+}
