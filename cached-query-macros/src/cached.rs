@@ -136,9 +136,13 @@ pub(crate) fn block(
     let before = &tags.before;
     // With result tags, the closure that renders them goes last: it is type-checked after
     // the body, whose output gives it its argument type.
-    let (entry, by_result) = match &tags.by_result {
-        Some(render) => (quote!(cached_by_result), quote!(, #render)),
-        None => (quote!(cached), quote!()),
+    let (entry, by_result, spec) = match &tags.by_result {
+        Some((render, spec)) => (
+            quote!(cached_by_result),
+            quote!(, #render),
+            quote!(__cq_key.result_tags(#spec);),
+        ),
+        None => (quote!(cached), quote!(), quote!()),
     };
     Ok(quote! {
         static __CQ_SITE: #krate::__private::Site = #krate::__private::Site {
@@ -150,6 +154,7 @@ pub(crate) fn block(
         #cache
         let mut __cq_key = #krate::__private::key(&__CQ_SITE);
         #(#key_parts)*
+        #spec
         #before
         let __cq_in_transaction: bool = #in_transaction;
         #krate::__private::#entry(

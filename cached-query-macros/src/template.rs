@@ -47,8 +47,9 @@ pub(crate) struct Rendered {
     /// `let __cq_tags: Vec<String> = …;` (and the values result tags take from parameters),
     /// before the query.
     pub(crate) before: TokenStream,
-    /// A closure rendering the result tags from `&T`, when there are any.
-    pub(crate) by_result: Option<TokenStream>,
+    /// A closure rendering the result tags from `&T`, when there are any, and their text
+    /// (part of the key: entries are checked only against the result tags they carry).
+    pub(crate) by_result: Option<(TokenStream, String)>,
 }
 
 /// Renders `tags` in order, leaving out those with a `None` value; tags that name `ret`
@@ -57,6 +58,7 @@ pub(crate) struct Rendered {
 pub(crate) fn render_all(tags: &[TagSpec], scope: &Scope<'_>) -> syn::Result<Rendered> {
     let krate = scope.krate;
     let (mut args, mut results, mut pre) = (Vec::new(), Vec::new(), Vec::new());
+    let mut results_text = Vec::new();
     for t in tags {
         let (rendered, by_result) = match t {
             TagSpec::Template(lit) => compile(lit, scope, &mut pre)?,
@@ -74,6 +76,10 @@ pub(crate) fn render_all(tags: &[TagSpec], scope: &Scope<'_>) -> syn::Result<Ren
         };
         if by_result {
             results.push(rendered);
+            results_text.push(match t {
+                TagSpec::Template(lit) => lit.value(),
+                TagSpec::Expr(expr) => quote!(#expr).to_string(),
+            });
         } else {
             args.push(rendered);
         }
@@ -92,6 +98,7 @@ pub(crate) fn render_all(tags: &[TagSpec], scope: &Scope<'_>) -> syn::Result<Ren
         };
     };
     let ret = format_ident!("ret");
+    let spec = results_text.join(" | ");
     let by_result = (!results.is_empty()).then(|| {
         quote! {
             |__cq_value| {
@@ -106,21 +113,31 @@ pub(crate) fn render_all(tags: &[TagSpec], scope: &Scope<'_>) -> syn::Result<Ren
             }
         }
     });
+    let by_result = by_result.map(|render| (render, spec));
     Ok(Rendered { before, by_result })
 }
 
 /// Whether an expression uses the variable `ret`: the identifier, not as a field (`q.ret`)
-/// or a path segment after `::` (`m::ret`).
+/// or a path segment after `::` (`m::ret`); after a single `:` (`Key { id: ret.id }`) it is
+/// the variable.
 fn names_ret(tokens: TokenStream) -> bool {
-    let mut after_dot_or_path = false;
+    use proc_macro2::{Spacing, TokenTree};
+    let (mut prev, mut before): (Option<TokenTree>, Option<TokenTree>) = (None, None);
     tokens.into_iter().any(|t| {
-        let hit = match &t {
-            proc_macro2::TokenTree::Ident(i) => i == "ret" && !after_dot_or_path,
-            proc_macro2::TokenTree::Group(g) => names_ret(g.stream()),
+        let qualified = match (&before, &prev) {
+            (_, Some(TokenTree::Punct(p))) if p.as_char() == '.' => true,
+            (Some(TokenTree::Punct(a)), Some(TokenTree::Punct(b))) => {
+                a.as_char() == ':' && a.spacing() == Spacing::Joint && b.as_char() == ':'
+            }
             _ => false,
         };
-        after_dot_or_path =
-            matches!(&t, proc_macro2::TokenTree::Punct(p) if p.as_char() == '.' || p.as_char() == ':');
+        let hit = match &t {
+            TokenTree::Ident(i) => i == "ret" && !qualified,
+            TokenTree::Group(g) => names_ret(g.stream()),
+            _ => false,
+        };
+        before = prev.take();
+        prev = Some(t);
         hit
     })
 }
@@ -302,6 +319,7 @@ mod tests {
         assert!(names_ret(quote!(f(a, (ret)))));
         assert!(!names_ret(quote!(user(q.ret))));
         assert!(!names_ret(quote!(m::ret::f(id))));
+        assert!(names_ret(quote!(tag(Key { id: ret.id }))));
         assert!(!names_ret(quote!(user(id))));
         assert!(names_ret_placeholder("a:<ret.id>") && names_ret_placeholder("<ret>"));
         assert!(!names_ret_placeholder("a:<retry>") && !names_ret_placeholder("ret:<id>"));

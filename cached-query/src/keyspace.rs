@@ -86,6 +86,10 @@ impl Seq {
         Seq::parse(&token[..SEQ_LEN])
     }
 
+    pub(crate) fn count(&self) -> u64 {
+        self.count
+    }
+
     pub(crate) fn next(self) -> Seq {
         Seq {
             count: self.count + 1,

@@ -114,7 +114,6 @@ impl MemoryStore {
         Settled {
             seq: Bytes::copy_from_slice(&self.sequence().bytes()),
             tokens,
-            raced: false,
         }
     }
 

@@ -39,9 +39,6 @@ pub(crate) struct Read {
 pub(crate) struct Settled {
     pub(crate) seq: Bytes,
     pub(crate) tokens: Vec<Bytes>,
-    /// A token was created at a sequence that moved before the call ended (cluster): no
-    /// result may be stored on it.
-    pub(crate) raced: bool,
 }
 
 /// Why a store operation failed. Crosses the public API as an [`Error`](crate::Error)'s

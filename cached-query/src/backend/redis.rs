@@ -34,12 +34,13 @@ pub(crate) struct RedisStore {
 }
 
 /// Lua shared by the scripts: `seq(key, epoch, step)` reads the sequence (creating it in
-/// `epoch` at count 0 when missing or malformed) and advances it by `step` (0 or 1);
-/// `put(key, token, ttl, nx)` writes one stamp.
+/// `epoch` at count 0 when missing or malformed) and advances it by `step` (0 or 1; -1 starts
+/// `epoch` at count 1 whatever is there); `put(key, token, ttl, nx)` writes one stamp.
 const LIB: &str = r"
 local function seq(key, epoch, step)
   local v = redis.call('GET', key)
-  local valid = v and string.len(v) == 16
+  local valid = v and string.len(v) == 16 and step >= 0
+  if step < 0 then step = 1 end
   local e, n = epoch, 0
   if valid then
     e = string.sub(v, 1, 8)
@@ -90,7 +91,8 @@ return seq(KEYS[1], ARGV[1], tonumber(ARGV[2]))
 /// `KEYS = [stamp]`, `ARGV = [token, ttl]`: writes a sequenced token unless the stamp holds
 /// one of the same epoch at a count at least as high (cluster: the second half of [`BUMP`],
 /// sent apart from the sequence's script, so an earlier invalidation's write that arrives
-/// late must not put an older count back).
+/// late must not put an older count back). A creation marker (count byte 0xFF) is always
+/// replaced. Returns -1 when written, else the count it kept.
 const PUT: &str = r"
 local function count(v)
   local n = 0
@@ -99,11 +101,19 @@ local function count(v)
 end
 local cur, new = redis.call('GET', KEYS[1]), ARGV[1]
 if cur and string.len(cur) == 24 and string.len(new) == 24
-   and string.sub(cur, 1, 8) == string.sub(new, 1, 8) and count(cur) >= count(new) then
-  return 0
+   and string.sub(cur, 1, 8) == string.sub(new, 1, 8) and string.byte(cur, 9) ~= 255
+   and count(cur) >= count(new) then
+  return count(cur)
 end
 put(KEYS[1], new, tonumber(ARGV[2]), false)
-return 1
+return -1
+";
+
+/// `KEYS = [stamp]`, `ARGV = [marker, token, ttl]`: replaces a creation marker with `token`
+/// if the stamp still holds that marker; returns the stamp's token (cluster creation).
+const SWAP: &str = r"
+if redis.call('GET', KEYS[1]) == ARGV[1] then put(KEYS[1], ARGV[2], tonumber(ARGV[3]), false) end
+return redis.call('GET', KEYS[1])
 ";
 
 /// [`PUT`] of `token` into `stamp`.
@@ -118,7 +128,7 @@ fn put_cmd(stamp: &StampKey, token: &[u8]) -> Cmd {
 }
 
 /// `EVAL` of `LIB` + `body` with `keys` and per-stamp arguments after the epoch.
-fn script(body: &str, sequence_key: &str, stamps: &[&StampKey], extra: Option<u8>) -> Cmd {
+fn script(body: &str, sequence_key: &str, stamps: &[&StampKey], extra: Option<i8>) -> Cmd {
     let mut cmd = redis::cmd("EVAL");
     cmd.arg(format!("{LIB}{body}"))
         .arg(1 + stamps.len())
@@ -287,7 +297,7 @@ impl RedisStore {
         missing: &[&StampKey],
         until: Instant,
     ) -> Result<Vec<Option<Bytes>>, StoreError> {
-        let (seq, tokens, _) = self.settle_keys(missing, until).await?;
+        let (seq, tokens) = self.settle_keys(missing, until).await?;
         let mut tokens = tokens.into_iter();
         Ok(missing
             .iter()
@@ -304,14 +314,15 @@ impl RedisStore {
     /// The sequence now and the tokens of `keys` (the sequence key excluded), each created
     /// at the sequence when missing.
     ///
-    /// On a cluster the sequence is read apart from the writes: `raced` is set when this
-    /// call created a stamp and the sequence moved meanwhile (an invalidation of that stamp
-    /// may have been written, then evicted, before it was created at the older count).
+    /// On a cluster the sequence is read apart from the writes, so a stamp is created as a
+    /// *marker* (a count no reader accepts), then the sequence is read again and the marker
+    /// replaced by a token at that count: an invalidation of the stamp written, then evicted,
+    /// between the first read and the creation cannot be undone by an older count.
     async fn settle_keys(
         &self,
         keys: &[&StampKey],
         until: Instant,
-    ) -> Result<(Bytes, Vec<Option<Bytes>>, bool), StoreError> {
+    ) -> Result<(Bytes, Vec<Option<Bytes>>), StoreError> {
         let stamps: Vec<&StampKey> = keys
             .iter()
             .copied()
@@ -319,19 +330,17 @@ impl RedisStore {
             .collect();
         let stamps = &stamps;
         let q = self.sequence_key.as_str();
-        let (mut values, raced): (Vec<Option<Bytes>>, bool) = if !self.conns.is_cluster() {
+        let mut values: Vec<Option<Bytes>> = if !self.conns.is_cluster() {
             let cmd = &script(CREATE, q, stamps, None);
-            let values = self
-                .run(until, |mut c| async move { cmd.query_async(&mut c).await })
-                .await?;
-            (values, false)
+            self.run(until, |mut c| async move { cmd.query_async(&mut c).await })
+                .await?
         } else {
             self.run(until, |mut c| async move {
                 let seq: Bytes = script(SEQ, q, &[], Some(0)).query_async(&mut c).await?;
-                let created = try_join_all(stamps.iter().map(|s| {
-                    let (mut c, token) = (c.clone(), sequenced_token(&seq));
+                let got = try_join_all(stamps.iter().map(|s| {
+                    let (mut c, marker) = (c.clone(), marker(&seq));
                     let mut set = redis::cmd("SET");
-                    set.arg(&s.key).arg(&token).arg("NX");
+                    set.arg(&s.key).arg(&marker).arg("NX");
                     if let Some(ttl) = s.ttl {
                         set.arg("EX").arg(ttl.as_secs().max(1));
                     }
@@ -339,20 +348,39 @@ impl RedisStore {
                     pipe.add_command(set).ignore().cmd("GET").arg(&s.key);
                     async move {
                         let (now,): (Option<Bytes>,) = pipe.query_async(&mut c).await?;
-                        let ours = now.as_deref() == Some(&token[..]);
-                        Ok::<_, redis::RedisError>((now, ours))
+                        Ok::<_, redis::RedisError>(now)
                     }
                 }))
                 .await?;
-                let mut raced = false;
-                if created.iter().any(|(_, ours)| *ours) {
-                    let after: Bytes = script(SEQ, q, &[], Some(0)).query_async(&mut c).await?;
-                    raced = after != seq;
+                // Markers (ours, or left by a call that did not finish) become tokens at the
+                // sequence as it is now.
+                let mut after = None;
+                let mut values = vec![Some(seq.clone())];
+                for (s, now) in stamps.iter().zip(got) {
+                    let value = match now {
+                        Some(m) if is_marker(&m) => {
+                            let after = match &after {
+                                Some(a) => Bytes::clone(a),
+                                None => {
+                                    let a: Bytes =
+                                        script(SEQ, q, &[], Some(0)).query_async(&mut c).await?;
+                                    after.insert(a).clone()
+                                }
+                            };
+                            let mut swap = redis::cmd("EVAL");
+                            swap.arg(format!("{LIB}{SWAP}"))
+                                .arg(1)
+                                .arg(&s.key)
+                                .arg(&m[..])
+                                .arg(sequenced_token(&after))
+                                .arg(s.ttl.map_or(0, |t| t.as_secs().max(1)));
+                            swap.query_async(&mut c).await?
+                        }
+                        other => other,
+                    };
+                    values.push(value);
                 }
-                let values = std::iter::once(Some(seq))
-                    .chain(created.into_iter().map(|(now, _)| now))
-                    .collect();
-                Ok((values, raced))
+                Ok(values)
             })
             .await?
         };
@@ -362,7 +390,7 @@ impl RedisStore {
             ));
         }
         let seq = values.remove(0).unwrap_or_default();
-        Ok((seq, values, raced))
+        Ok((seq, values))
     }
 
     /// The current tokens of `keys`, none created (`None`: missing), over `near`'s tracking
@@ -405,11 +433,10 @@ impl RedisStore {
         until: Instant,
     ) -> Result<Settled, StoreError> {
         let refs: Vec<&StampKey> = keys.iter().collect();
-        let (seq, tokens, raced) = self.settle_keys(&refs, until).await?;
+        let (seq, tokens) = self.settle_keys(&refs, until).await?;
         Ok(Settled {
             seq,
             tokens: tokens.into_iter().map(Option::unwrap_or_default).collect(),
-            raced,
         })
     }
 
@@ -461,21 +488,39 @@ impl RedisStore {
             })
             .await?
         } else {
-            // The sequence's node first, then one pipeline per key (its `SET`, then the `WAIT`
+            // The sequence's node first, then one pipeline per key (its write, then the `WAIT`
             // on that key's node).
-            let wait = &wait;
             self.run_on(self.replicas.is_some(), until, |mut c| async move {
                 let seq: Bytes = script(SEQ, q, &[], Some(1)).query_async(&mut c).await?;
-                let acked = try_join_all(keys.iter().map(|k| {
-                    let mut c = c.clone();
-                    let mut pipe = redis::pipe();
-                    pipe.add_command(put_cmd(k, &sequenced_token(&seq)))
-                        .ignore();
-                    wait(&mut pipe);
-                    async move { pipe.query_async::<Vec<i64>>(&mut c).await }
-                }))
-                .await?;
-                Ok(acked.into_iter().flatten().collect())
+                let replicas = self.replicas;
+                let mut done = put_all(&c, &seq, keys.iter().collect(), replicas).await?;
+                // A stamp that kept a count above ours: a newer invalidation's (fine), or the
+                // sequence went back (its node restarted from older data or failed over to a
+                // replica behind it): then it is behind that count too, and every write would
+                // be refused: start a new epoch and write again.
+                let ours = Seq::parse(&seq).map_or(0, |s| s.count());
+                let kept = |r: &[i64]| r.first().copied().unwrap_or(-1);
+                if done
+                    .iter()
+                    .any(|(_, r)| kept(r) > 0 && kept(r).unsigned_abs() > ours)
+                {
+                    let now: Bytes = script(SEQ, q, &[], Some(0)).query_async(&mut c).await?;
+                    let now = Seq::parse(&now).map_or(0, |s| s.count());
+                    let behind: Vec<&StampKey> = done
+                        .iter()
+                        .filter(|(_, r)| kept(r) > 0 && kept(r).unsigned_abs() > now)
+                        .map(|(k, _)| *k)
+                        .collect();
+                    if !behind.is_empty() {
+                        let fresh: Bytes =
+                            script(SEQ, q, &[], Some(-1)).query_async(&mut c).await?;
+                        done.extend(put_all(&c, &fresh, behind, replicas).await?);
+                    }
+                }
+                Ok(done
+                    .into_iter()
+                    .flat_map(|(_, r)| r.into_iter().skip(1))
+                    .collect())
             })
             .await?
         };
@@ -492,11 +537,47 @@ impl RedisStore {
     }
 }
 
+/// Writes each of `keys` a token at `seq` with [`PUT`] (cluster), each followed by the
+/// `WAIT` for `replicas`: per key, what `PUT` kept (-1: written) and the replicas' count.
+async fn put_all<'k>(
+    c: &Conn,
+    seq: &[u8],
+    keys: Vec<&'k StampKey>,
+    replicas: Option<(usize, Duration)>,
+) -> redis::RedisResult<Vec<(&'k StampKey, Vec<i64>)>> {
+    try_join_all(keys.into_iter().map(|k| {
+        let mut c = c.clone();
+        let mut pipe = redis::pipe();
+        pipe.add_command(put_cmd(k, &sequenced_token(seq)));
+        if let Some((n, wait)) = replicas {
+            pipe.cmd("WAIT").arg(n).arg(millis(wait));
+        }
+        async move {
+            let replies = pipe.query_async::<Vec<i64>>(&mut c).await?;
+            Ok((k, replies))
+        }
+    }))
+    .await
+}
+
 /// A token written at the sequence `seq` (as read from Redis): `seq` and a random tail.
 fn sequenced_token(seq: &[u8]) -> Vec<u8> {
     let mut token = seq.to_vec();
     token.extend_from_slice(&new_token()[..8]);
     token
+}
+
+/// A creation marker in `seq`'s epoch: a count no sequence reaches (first count byte 0xFF),
+/// and a random tail that tells markers apart.
+fn marker(seq: &[u8]) -> Vec<u8> {
+    let mut token = seq.get(..8).unwrap_or(&[0; 8]).to_vec();
+    token.extend_from_slice(&[0xFF; 8]);
+    token.extend_from_slice(&new_token()[..8]);
+    token
+}
+
+fn is_marker(token: &[u8]) -> bool {
+    token.len() == 24 && token[8] == 0xFF
 }
 
 fn unexpected(what: &'static str) -> StoreError {
@@ -573,6 +654,55 @@ mod tests {
             .await
             .unwrap();
         assert!((1..=60).contains(&ttl), "{ttl}");
+        let _: () = redis::cmd("DEL")
+            .arg(&k.key)
+            .query_async(&mut c)
+            .await
+            .unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_creation_marker_is_replaced_by_its_creator_or_any_write() {
+        let mut c = conn().await;
+        let k = stamp(":t");
+        let seq = Seq::fresh().next().bytes();
+        let mark = marker(&seq);
+        assert!(is_marker(&mark) && Seq::of_token(&mark).is_some_and(|m| m.count() > 1 << 56));
+        let swap = |expected: &[u8], token: &[u8]| {
+            let mut cmd = redis::cmd("EVAL");
+            cmd.arg(format!("{LIB}{SWAP}"))
+                .arg(1)
+                .arg(&k.key)
+                .arg(expected)
+                .arg(token)
+                .arg(60);
+            cmd
+        };
+        let _: () = redis::cmd("SET")
+            .arg(&k.key)
+            .arg(&mark)
+            .query_async(&mut c)
+            .await
+            .unwrap();
+        let token = sequenced_token(&seq);
+        let other: Vec<u8> = swap(&marker(&seq), &token)
+            .query_async(&mut c)
+            .await
+            .unwrap();
+        assert_eq!(other, mark, "another marker is not ours to replace");
+        let now: Vec<u8> = swap(&mark, &token).query_async(&mut c).await.unwrap();
+        assert_eq!(now, token);
+        // An invalidation's write replaces a marker whatever its count.
+        let _: () = redis::cmd("SET")
+            .arg(&k.key)
+            .arg(&mark)
+            .query_async(&mut c)
+            .await
+            .unwrap();
+        let kept: i64 = put_cmd(&k, &token).query_async(&mut c).await.unwrap();
+        assert_eq!(kept, -1, "written");
+        let kept: i64 = put_cmd(&k, &token).query_async(&mut c).await.unwrap();
+        assert_eq!(kept, 1, "the same count is kept, and reported");
         let _: () = redis::cmd("DEL")
             .arg(&k.key)
             .query_async(&mut c)

@@ -477,7 +477,7 @@ impl Cache {
         }
         let r = store.settle(&keys, until).await;
         self.observe(&r);
-        let Settled { seq, tokens, raced } = match r {
+        let Settled { seq, tokens } = match r {
             Ok(settled) => settled,
             Err(e) => {
                 rec.error();
@@ -486,10 +486,23 @@ impl Cache {
             }
         };
         let now = Seq::parse(&seq);
-        let (mut storable, mut renew) = (!raced, Vec::new());
+        // A sequence in another epoch than the one read before the query (the sequence key
+        // was lost meanwhile): counts are not comparable, and a late write of the old epoch
+        // may have put an old token back.
+        let same_epoch = now.is_some_and(|now| now.same_epoch(&before));
+        let (mut storable, mut renew) = (same_epoch, Vec::new());
         for (key, token) in keys.iter().zip(&tokens) {
             match Seq::of_token(token) {
                 Some(at) if at.not_after(&before) => {}
+                // A count past the sequence itself: the sequence went back (its node restarted
+                // from older data, or failed over to a replica behind it). Bumping the tag
+                // starts a new epoch (see `RedisStore::bump`).
+                Some(at)
+                    if now.is_some_and(|now| at.same_epoch(&now) && at.count() > now.count()) =>
+                {
+                    storable = false;
+                    renew.push(key.clone());
+                }
                 // Bumped (or created) after the query began.
                 Some(at) if now.is_some_and(|now| at.same_epoch(&now)) => storable = false,
                 _ => {

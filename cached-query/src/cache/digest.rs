@@ -68,6 +68,12 @@ impl KeyBuilder {
         self.types.push(std::any::type_name::<T>());
     }
 
+    /// The text of the site's result tags: an entry is only checked against the result tags
+    /// it carries, so a change to them must abandon the entries stored before it.
+    pub fn result_tags(&mut self, spec: &'static str) {
+        self.types.push(spec);
+    }
+
     /// The sha256 of the canonical key document, or why an argument could not be serialised.
     pub(crate) fn digest(self) -> Result<[u8; 32], serde_json::Error> {
         if let Some(e) = self.error {
