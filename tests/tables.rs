@@ -256,3 +256,58 @@ async fn no_stale_reads_under_raw_writes_memory(pool: PgPool) {
         .unwrap();
     no_stale_reads_under_raw_writes(pool, a, b).await;
 }
+
+#[cached_query(cache = cache, tables = auto)]
+async fn event_count(pool: &PgPool, cache: &Cache) -> sqlx::Result<i64> {
+    sqlx::query_scalar("SELECT count(*) FROM events")
+        .fetch_one(pool)
+        .await
+}
+
+/// A partitioned table: a write naming a partition directly does not fire the parent's
+/// statement trigger, so `watch_tables` puts it on every partition too (with the parent's
+/// name); a view cannot be watched.
+#[sqlx::test]
+async fn watched_partitions_and_refused_views(pool: PgPool) {
+    sqlx::raw_sql(
+        "CREATE TABLE events (id INT, kind TEXT NOT NULL) PARTITION BY LIST (kind);
+         CREATE TABLE events_a PARTITION OF events FOR VALUES IN ('a');
+         CREATE TABLE events_b PARTITION OF events FOR VALUES IN ('b');
+         CREATE VIEW recent_events AS SELECT * FROM events;",
+    )
+    .execute(&pool)
+    .await
+    .unwrap();
+    let cache = redis(&pool, &unique_ns("partitions"))
+        .build()
+        .await
+        .unwrap();
+    cache.watch_tables(&["events"]).await.unwrap();
+    assert!(matches!(
+        cache.watch_tables(&["recent_events"]).await,
+        Err(cached_query::Error::Watch { problem, .. }) if problem.contains("not a table")
+    ));
+    assert_eq!(event_count(&pool, &cache).await.unwrap(), 0);
+    for (n, sql) in [
+        (1, "INSERT INTO events VALUES (1, 'a')"),
+        (2, "INSERT INTO events_b VALUES (2, 'b')"),
+        (1, "DELETE FROM events_a"),
+    ] {
+        sqlx::raw_sql(sql).execute(&pool).await.unwrap();
+        within(AFTER_COMMIT, sql, || {
+            let (pool, cache) = (pool.clone(), cache.clone());
+            async move { event_count(&pool, &cache).await.unwrap() == n }
+        })
+        .await;
+    }
+    cache.unwatch_table("events").await.unwrap();
+    let left: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM pg_trigger WHERE tgname = 'cached_query_table'")
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+    assert_eq!(
+        left, 0,
+        "unwatch_table removes the partitions' triggers too"
+    );
+}

@@ -284,15 +284,24 @@ fn table_tags(arg: Option<&TablesArg>, item: &ItemFn, access: Access) -> syn::Re
             })
             .collect(),
         Some(TablesArg::Auto(span)) => {
-            let literals = sql::literals(&item.block);
+            let literals = sql::literals(&item.block).map_err(|at| {
+                syn::Error::new(
+                    at,
+                    format!(
+                        "`tables = auto` cannot read the SQL here (inside another macro, a \
+                         query file, or a query builder); name the tables instead: {explicit}"
+                    ),
+                )
+            })?;
             if literals.is_empty() {
                 return Err(syn::Error::new(
                     *span,
                     format!(
                         "`tables = auto` found no SQL in this function's body: it reads the string \
-                         literals passed to sqlx's `query!`, `query_as!`, `query_scalar!` macros \
-                         and `query(…)`, `query_as(…)`, `query_scalar(…)` calls written in the \
-                         body itself; name the tables instead: {explicit}"
+                         literals passed to sqlx's `query!`, `query_as!`, `query_scalar!` macros, \
+                         to `query(…)`, `query_as(…)`, `query_scalar(…)`, `raw_sql(…)` and to \
+                         executor methods (`.execute(\"…\")`) written in the body itself; name \
+                         the tables instead: {explicit}"
                     ),
                 ));
             }
@@ -302,7 +311,7 @@ fn table_tags(arg: Option<&TablesArg>, item: &ItemFn, access: Access) -> syn::Re
                     syn::Error::new(
                         lit.span(),
                         format!(
-                            "`tables = auto` could not parse this SQL ({e}); name the tables \
+                            "`tables = auto` cannot use this SQL ({e}); name the tables \
                              instead: {explicit}"
                         ),
                     )

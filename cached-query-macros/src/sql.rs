@@ -2,21 +2,24 @@
 //! write, named as PostgreSQL folds them (unquoted names lowercased, no schema).
 //!
 //! What is seen: string literals passed directly to sqlx's `query!`, `query_as!`,
-//! `query_scalar!` (and their `_unchecked` forms) and to `query(…)`, `query_as(…)`,
-//! `query_scalar(…)` (and `…_with`) written in this body. SQL built at run time, kept in a
-//! constant, or run by a helper the body calls is not seen.
+//! `query_scalar!` (and their `_unchecked` forms), to `query(…)`, `query_as(…)`,
+//! `query_scalar(…)` (and `…_with`) and `raw_sql(…)`, and to executor methods such as
+//! `.execute("…")`, written in this body. SQL built at run time, kept in a constant, or run by
+//! a helper the body calls is not seen. A query call inside another macro (`try_join!(…)`),
+//! `query_file!` and `QueryBuilder` are refused rather than missed, and so are functions in
+//! `FROM` (their tables are invisible).
 
 use proc_macro2::{Span, TokenTree};
 use sqlparser::ast::{
-    FromTable, ObjectName, ObjectNamePart, Query, Statement, TableFactor, TableObject, Visit,
-    Visitor,
+    FromTable, ObjectName, ObjectNamePart, Statement, TableFactor, TableObject, Visit, Visitor,
 };
 use sqlparser::dialect::PostgreSqlDialect;
 use sqlparser::parser::Parser;
 use std::collections::BTreeSet;
 use std::ops::ControlFlow;
+use syn::spanned::Spanned;
 use syn::visit::Visit as SynVisit;
-use syn::{Block, Expr, ExprCall, ExprMacro, LitStr};
+use syn::{Block, Expr, ExprCall, LitStr};
 
 const MACROS: &[&str] = &[
     "query",
@@ -33,37 +36,104 @@ const FUNCTIONS: &[&str] = &[
     "query_with",
     "query_as_with",
     "query_scalar_with",
+    "raw_sql",
+];
+/// Executor methods that take the SQL itself.
+const METHODS: &[&str] = &[
+    "execute",
+    "execute_many",
+    "fetch",
+    "fetch_all",
+    "fetch_many",
+    "fetch_one",
+    "fetch_optional",
+];
+/// Names that, met where the SQL cannot be read (inside another macro's tokens, or as the
+/// query itself), mean SQL this parser would miss.
+const HIDDEN: &[&str] = &[
+    "query_file",
+    "query_file_as",
+    "query_file_scalar",
+    "query_file_unchecked",
+    "query_file_as_unchecked",
+    "query_file_scalar_unchecked",
+    "QueryBuilder",
 ];
 
-/// The SQL literals in `body`, in order.
-pub(crate) fn literals(body: &Block) -> Vec<LitStr> {
-    let mut finder = Finder(Vec::new());
+/// The SQL literals in `body`, in order; `Err` with the span of SQL it cannot read.
+pub(crate) fn literals(body: &Block) -> Result<Vec<LitStr>, Span> {
+    let mut finder = Finder::default();
     finder.visit_block(body);
-    finder.0
+    match finder.hidden {
+        Some(span) => Err(span),
+        None => Ok(finder.found),
+    }
 }
 
-struct Finder(Vec<LitStr>);
+#[derive(Default)]
+struct Finder {
+    found: Vec<LitStr>,
+    /// Where SQL was met that cannot be read.
+    hidden: Option<Span>,
+}
+
+/// Whether `tokens` name a query function or macro anywhere (a macro's arguments are not
+/// parsed: its SQL cannot be read).
+fn mentions_queries(tokens: proc_macro2::TokenStream) -> bool {
+    tokens.into_iter().any(|t| match t {
+        TokenTree::Ident(i) => {
+            let i = i.to_string();
+            FUNCTIONS.contains(&i.as_str())
+                || MACROS.contains(&i.as_str())
+                || HIDDEN.contains(&i.as_str())
+        }
+        TokenTree::Group(g) => mentions_queries(g.stream()),
+        _ => false,
+    })
+}
 
 impl<'ast> SynVisit<'ast> for Finder {
-    fn visit_expr_macro(&mut self, m: &'ast ExprMacro) {
-        let named = m
-            .mac
-            .path
-            .segments
-            .last()
-            .is_some_and(|s| MACROS.contains(&s.ident.to_string().as_str()));
-        if named {
+    fn visit_macro(&mut self, m: &'ast syn::Macro) {
+        let name = m.path.segments.last().map(|s| s.ident.to_string());
+        let name = name.as_deref().unwrap_or_default();
+        if MACROS.contains(&name) {
             // The first string literal among the macro's arguments (`query_as!(T, "…")`).
-            let lit = m.mac.tokens.clone().into_iter().find_map(|t| match t {
+            let lit = m.tokens.clone().into_iter().find_map(|t| match t {
                 TokenTree::Literal(l) => match syn::Lit::new(l) {
                     syn::Lit::Str(s) => Some(s),
                     _ => None,
                 },
                 _ => None,
             });
-            self.0.extend(lit);
+            match lit {
+                Some(lit) => self.found.push(lit),
+                None => self.hidden = self.hidden.or(Some(m.path.span())),
+            }
+        } else if HIDDEN.contains(&name) || mentions_queries(m.tokens.clone()) {
+            self.hidden = self.hidden.or(Some(m.path.span()));
         }
-        syn::visit::visit_expr_macro(self, m);
+    }
+
+    fn visit_path(&mut self, p: &'ast syn::Path) {
+        if p.segments
+            .iter()
+            .any(|s| HIDDEN.contains(&s.ident.to_string().as_str()))
+        {
+            self.hidden = self.hidden.or(Some(p.span()));
+        }
+        syn::visit::visit_path(self, p);
+    }
+
+    fn visit_expr_method_call(&mut self, call: &'ast syn::ExprMethodCall) {
+        if METHODS.contains(&call.method.to_string().as_str())
+            && let Some(Expr::Lit(syn::ExprLit {
+                lit: syn::Lit::Str(s),
+                ..
+            })) = call.args.first()
+        {
+            self.found.push(s.clone());
+        }
+        syn::visit::visit_expr_method_call(self, call);
     }
 
     fn visit_expr_call(&mut self, call: &'ast ExprCall) {
@@ -77,7 +147,7 @@ impl<'ast> SynVisit<'ast> for Finder {
                 ..
             })) = call.args.first()
         {
-            self.0.push(s.clone());
+            self.found.push(s.clone());
         }
         syn::visit::visit_expr_call(self, call);
     }
@@ -90,22 +160,25 @@ pub(crate) struct Tables {
     pub(crate) written: BTreeSet<String>,
 }
 
-/// Parses `sql` (PostgreSQL syntax) into the tables it reads (every relation named, common
-/// table expressions excepted) and writes (targets of INSERT, UPDATE, DELETE, MERGE,
-/// TRUNCATE).
+/// Parses `sql` (PostgreSQL syntax) into the tables it reads (every relation named: a common
+/// table expression's name too, since it may shadow a table it reads, and a tag nothing bumps
+/// costs nothing) and writes (targets of INSERT, UPDATE, DELETE, MERGE, TRUNCATE). A function
+/// in `FROM` is an error: the tables it reads are invisible here.
 pub(crate) fn tables(sql: &str) -> Result<Tables, String> {
-    let statements = Parser::parse_sql(&PostgreSqlDialect {}, sql).map_err(|e| e.to_string())?;
+    let statements = Parser::parse_sql(&PostgreSqlDialect {}, sql)
+        .map_err(|e| format!("it does not parse: {e}"))?;
     let mut v = Relations::default();
-    let _ = statements.visit(&mut v);
-    let mut out = Tables::default();
-    for name in v.relations {
-        if !v.ctes.contains(&name) {
-            out.read.insert(name);
-        }
+    if let ControlFlow::Break(function) = statements.visit(&mut v) {
+        return Err(format!(
+            "`{function}` in FROM is a function: the tables it reads cannot be seen"
+        ));
     }
-    out.written = v.written;
+    let mut out = Tables {
+        read: v.relations,
+        written: v.written,
+    };
     // A target is written, not read, unless the statement also reads it elsewhere: keep it
-    // in both only when it appears as a source too (counted by `sources`).
+    // in both only when it appears as a relation more often than as a target.
     for w in &out.written {
         if v.targets.get(w).copied().unwrap_or(0) >= v.seen.get(w).copied().unwrap_or(0) {
             out.read.remove(w);
@@ -117,7 +190,6 @@ pub(crate) fn tables(sql: &str) -> Result<Tables, String> {
 #[derive(Default)]
 struct Relations {
     relations: BTreeSet<String>,
-    ctes: BTreeSet<String>,
     written: BTreeSet<String>,
     /// How often each name appears as a relation, and as a write target.
     seen: std::collections::BTreeMap<String, usize>,
@@ -140,18 +212,23 @@ impl Relations {
 }
 
 impl Visitor for Relations {
-    type Break = ();
+    /// The name of a function met in `FROM`.
+    type Break = String;
 
-    fn pre_visit_query(&mut self, query: &Query) -> ControlFlow<()> {
-        if let Some(with) = &query.with {
-            for cte in &with.cte_tables {
-                self.ctes.insert(fold_ident(&cte.alias.name));
+    fn pre_visit_table_factor(&mut self, factor: &TableFactor) -> ControlFlow<String> {
+        match factor {
+            TableFactor::Table {
+                name,
+                args: Some(_),
+                ..
             }
+            | TableFactor::Function { name, .. } => ControlFlow::Break(name.to_string()),
+            TableFactor::TableFunction { expr, .. } => ControlFlow::Break(expr.to_string()),
+            _ => ControlFlow::Continue(()),
         }
-        ControlFlow::Continue(())
     }
 
-    fn pre_visit_relation(&mut self, relation: &ObjectName) -> ControlFlow<()> {
+    fn pre_visit_relation(&mut self, relation: &ObjectName) -> ControlFlow<String> {
         if let Some(n) = fold(relation) {
             *self.seen.entry(n.clone()).or_default() += 1;
             self.relations.insert(n);
@@ -159,7 +236,7 @@ impl Visitor for Relations {
         ControlFlow::Continue(())
     }
 
-    fn pre_visit_statement(&mut self, statement: &Statement) -> ControlFlow<()> {
+    fn pre_visit_statement(&mut self, statement: &Statement) -> ControlFlow<String> {
         match statement {
             Statement::Insert(insert) => {
                 if let TableObject::TableName(name) = &insert.table {
@@ -200,12 +277,20 @@ fn fold(name: &ObjectName) -> Option<String> {
     }
 }
 
+/// PostgreSQL's folding: unquoted names lowercased in ASCII only, every name cut to 63 bytes
+/// (as `relname` holds it).
 fn fold_ident(ident: &sqlparser::ast::Ident) -> String {
-    if ident.quote_style.is_some() {
+    let mut name = if ident.quote_style.is_some() {
         ident.value.clone()
     } else {
-        ident.value.to_lowercase()
+        ident.value.to_ascii_lowercase()
+    };
+    let mut end = name.len().min(63);
+    while !name.is_char_boundary(end) {
+        end -= 1;
     }
+    name.truncate(end);
+    name
 }
 
 /// A table name written by hand (`tables("users", "app.\"Orgs\"")`) folded the same way.
@@ -248,8 +333,25 @@ mod tests {
         assert_eq!(t.read, set(&["Users", "articles", "follows"]));
         assert!(t.written.is_empty());
 
-        let t = tables("WITH recent AS (SELECT * FROM articles) SELECT * FROM recent").unwrap();
-        assert_eq!(t.read, set(&["articles"]), "a CTE is not a table");
+        let t = tables(
+            "WITH articles AS (SELECT * FROM articles WHERE NOT hidden) SELECT * FROM articles",
+        )
+        .unwrap();
+        assert_eq!(
+            t.read,
+            set(&["articles"]),
+            "a CTE shadowing the table it reads"
+        );
+        let t = tables("WITH d AS (DELETE FROM x RETURNING *) SELECT * FROM d").unwrap();
+        assert_eq!(t.written, set(&["x"]), "a writable CTE");
+        assert!(
+            tables("SELECT * FROM feed_for($1)")
+                .unwrap_err()
+                .contains("feed_for")
+        );
+        let long = format!("SELECT 1 FROM {}", "a".repeat(70));
+        assert_eq!(tables(&long).unwrap().read, set(&[&"a".repeat(63)]));
+        assert_eq!(tables("SELECT 1 FROM ÄRZTE").unwrap().read, set(&["Ärzte"]));
 
         let t = tables("UPDATE users SET name = $1 WHERE id = $2").unwrap();
         assert_eq!((t.written, t.read), (set(&["users"]), set(&[])));
@@ -274,18 +376,30 @@ mod tests {
             let d = sqlx::query_as_with("SELECT 1 FROM d", args);
             let not = format!("SELECT 1 FROM e");
             let built = sqlx::query(&sql);
+            let e = pool.execute("DELETE FROM e").await?;
+            let f = sqlx::raw_sql("TRUNCATE f").execute(pool).await?;
             helper(pool).await
         });
-        let found: Vec<String> = literals(&body).iter().map(LitStr::value).collect();
+        let found: Vec<String> = literals(&body).unwrap().iter().map(LitStr::value).collect();
         assert_eq!(
             found,
             [
                 "SELECT 1 FROM a",
                 "SELECT * FROM \"B\"",
                 "SELECT 1 FROM c",
-                "SELECT 1 FROM d"
+                "SELECT 1 FROM d",
+                "DELETE FROM e",
+                "TRUNCATE f"
             ]
         );
+        for hidden in [
+            syn::parse_quote!({ tokio::try_join!(query("SELECT 1 FROM a").fetch_one(p)) }),
+            syn::parse_quote!({ sqlx::query_file!("q.sql") }),
+            syn::parse_quote!({ QueryBuilder::new("SELECT * FROM a") }),
+        ] {
+            let body: Block = hidden;
+            assert!(literals(&body).is_err());
+        }
     }
 
     #[test]

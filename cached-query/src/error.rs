@@ -123,6 +123,10 @@ impl Error {
 /// (`Commit`, and `Connect`/`Outbox` when sqlx caused them), keeping its SQLSTATE; a Redis
 /// failure (`InvalidationPending`, `Unavailable`) becomes `sqlx::Error::Io`; everything else
 /// (set-up mistakes) `sqlx::Error::Configuration`. The original is the wrapped error.
+///
+/// `InvalidationPending` after a write means the write happened and its invalidation is
+/// delivered later: code that retries on `Io` must not write again for it. Match on
+/// [`Error`] before converting when that matters.
 impl From<Error> for sqlx::Error {
     fn from(e: Error) -> Self {
         match e {

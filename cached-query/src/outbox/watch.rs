@@ -117,11 +117,27 @@ pub(crate) async fn install_tables(outbox: &Outbox, tables: &[&str]) -> Result<(
     let mut sql = String::from("BEGIN;\nSELECT pg_advisory_xact_lock(7421030571094261);\n");
     for table in tables {
         let oid = resolve(pool, table).await?;
-        let name: String = sqlx::query_scalar("SELECT relname::text FROM pg_class WHERE oid = $1")
+        let (name, kind): (String, String) =
+            sqlx::query_as("SELECT relname::text, relkind::text FROM pg_class WHERE oid = $1")
+                .bind(oid)
+                .fetch_one(pool)
+                .await
+                .map_err(|e| Error::outbox("reading the table's name", e))?;
+        if kind != "r" && kind != "p" {
+            return Err(watch_error(
+                table,
+                "is not a table (a view, a materialized view or a foreign table): watch the \
+                 tables it reads, and tag the queries with them",
+            ));
+        }
+        // Partitions and inheritance children: a statement naming one of them directly does
+        // not fire the parent's statement trigger, so they get it too, recording the parent's
+        // name (the name the application's SQL uses).
+        let children: Vec<i64> = sqlx::query_scalar(CHILDREN)
             .bind(oid)
-            .fetch_one(pool)
+            .fetch_all(pool)
             .await
-            .map_err(|e| Error::outbox("reading the table's name", e))?;
+            .map_err(|e| Error::outbox("listing the table's partitions", e))?;
         let tag = literal(&format!("table:{name}"));
         let function = format!("{schema}.{}", table_function_name(oid));
         let mut quote = "$cq$".to_owned();
@@ -136,8 +152,13 @@ BEGIN
     INSERT INTO {schema}.cached_query_outbox (tags) VALUES (ARRAY[{tag}]);
     RETURN NULL;
 END {quote};
+"#
+        ));
+        for target in std::iter::once(oid).chain(children) {
+            sql.push_str(&format!(
+                r#"
 DO $cq_do$
-DECLARE target regclass := {oid}::regclass;
+DECLARE target regclass := {target}::regclass;
 BEGIN
     EXECUTE format('DROP TRIGGER IF EXISTS cached_query_table ON %s', target);
     EXECUTE format('CREATE TRIGGER cached_query_table
@@ -145,7 +166,8 @@ BEGIN
         FOR EACH STATEMENT EXECUTE FUNCTION {function}()', target);
 END $cq_do$;
 "#
-        ));
+            ));
+        }
     }
     sql.push_str("COMMIT;\n");
     run_script(pool, sql)
@@ -159,6 +181,19 @@ pub(crate) async fn uninstall(outbox: &Outbox, table: &str) -> Result<(), Error>
     let oid = resolve(pool, table).await?;
     let function = format!("{}.{}", outbox.schema, function_name(oid));
     let table_function = format!("{}.{}", outbox.schema, table_function_name(oid));
+    let children: Vec<i64> = sqlx::query_scalar(CHILDREN)
+        .bind(oid)
+        .fetch_all(pool)
+        .await
+        .map_err(|e| Error::outbox("listing the table's partitions", e))?;
+    let children: String = children
+        .iter()
+        .map(|c| {
+            format!(
+                "EXECUTE format('DROP TRIGGER IF EXISTS cached_query_table ON %s', {c}::regclass);\n"
+            )
+        })
+        .collect();
     let sql = format!(
         r#"
 BEGIN;
@@ -171,6 +206,7 @@ BEGIN
     EXECUTE format('DROP TRIGGER IF EXISTS cached_query_watch_del ON %s', target);
     EXECUTE format('DROP TRIGGER IF EXISTS cached_query_watch_trunc ON %s', target);
     EXECUTE format('DROP TRIGGER IF EXISTS cached_query_table ON %s', target);
+    {children}
 END $cq_do$;
 DROP FUNCTION IF EXISTS {function}();
 DROP FUNCTION IF EXISTS {table_function}();
@@ -195,6 +231,12 @@ async fn resolve(pool: &PgPool, table: &str) -> Result<i64, Error> {
 fn function_name(oid: i64) -> String {
     format!("cached_query_watch_{oid}")
 }
+
+/// Every partition and inheritance child of the table `$1`, at any depth.
+const CHILDREN: &str = "WITH RECURSIVE c(oid) AS (
+        SELECT inhrelid FROM pg_inherits WHERE inhparent = $1
+        UNION SELECT i.inhrelid FROM pg_inherits i JOIN c ON i.inhparent = c.oid)
+    SELECT oid::bigint FROM c";
 
 fn table_function_name(oid: i64) -> String {
     format!("cached_query_table_{oid}")

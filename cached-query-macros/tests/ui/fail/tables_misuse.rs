@@ -27,3 +27,21 @@ async fn not_a_name(pool: &PgPool) -> Result<i64, sqlx::Error> {
 }
 
 fn main() {}
+
+#[cached_query(tables = auto)]
+async fn in_another_macro(pool: &PgPool) -> Result<i64, sqlx::Error> {
+    let (a,) = futures_like!(sqlx::query_scalar("SELECT 1 FROM a").fetch_one(pool));
+    a
+}
+
+#[cached_query(tables = auto)]
+async fn function_in_from(pool: &PgPool) -> Result<i64, sqlx::Error> {
+    sqlx::query_scalar("SELECT count(*) FROM feed_for($1)").bind(1).fetch_one(pool).await
+}
+
+macro_rules! futures_like {
+    ($e:expr) => {
+        ($e.await,)
+    };
+}
+use futures_like;
