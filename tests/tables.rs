@@ -148,11 +148,12 @@ async fn watched_tables_catch_writes_from_any_client(pool: PgPool) {
     .await;
     // Removed by unwatch_table: writes no longer reach the tag.
     cache.unwatch_table("users").await.unwrap();
-    let rows: i64 =
-        sqlx::query_scalar("SELECT count(*) FROM pg_trigger WHERE tgname = 'cached_query_table'")
-            .fetch_one(&pool)
-            .await
-            .unwrap();
+    let rows: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM pg_trigger WHERE tgname LIKE 'cached_query_table_%'",
+    )
+    .fetch_one(&pool)
+    .await
+    .unwrap();
     assert_eq!(rows, 1, "only articles' trigger is left");
     let no_outbox = Cache::builder().memory().build().await.unwrap();
     assert!(matches!(
@@ -301,11 +302,12 @@ async fn watched_partitions_and_refused_views(pool: PgPool) {
         .await;
     }
     cache.unwatch_table("events").await.unwrap();
-    let left: i64 =
-        sqlx::query_scalar("SELECT count(*) FROM pg_trigger WHERE tgname = 'cached_query_table'")
-            .fetch_one(&pool)
-            .await
-            .unwrap();
+    let left: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM pg_trigger WHERE tgname LIKE 'cached_query_table_%'",
+    )
+    .fetch_one(&pool)
+    .await
+    .unwrap();
     assert_eq!(
         left, 0,
         "unwatch_table removes the partitions' triggers too"

@@ -288,8 +288,9 @@ fn table_tags(arg: Option<&TablesArg>, item: &ItemFn, access: Access) -> syn::Re
                 syn::Error::new(
                     at,
                     format!(
-                        "`tables = auto` cannot read the SQL here (inside another macro, a \
-                         query file, or a query builder); name the tables instead: {explicit}"
+                        "`tables = auto` cannot read the SQL here (not a string literal, inside \
+                         another macro, a query file or a query builder); name the tables \
+                         instead: {explicit}"
                     ),
                 )
             })?;

@@ -38,6 +38,29 @@ const FUNCTIONS: &[&str] = &[
     "query_scalar_with",
     "raw_sql",
 ];
+/// Set-returning functions that read no table, allowed in `FROM`.
+const READS_NO_TABLE: &[&str] = &[
+    "generate_series",
+    "generate_subscripts",
+    "unnest",
+    "json_array_elements",
+    "json_array_elements_text",
+    "jsonb_array_elements",
+    "jsonb_array_elements_text",
+    "json_each",
+    "json_each_text",
+    "jsonb_each",
+    "jsonb_each_text",
+    "json_to_record",
+    "json_to_recordset",
+    "jsonb_to_record",
+    "jsonb_to_recordset",
+    "json_populate_recordset",
+    "jsonb_populate_recordset",
+    "regexp_matches",
+    "regexp_split_to_table",
+    "string_to_table",
+];
 /// Executor methods that take the SQL itself.
 const METHODS: &[&str] = &[
     "execute",
@@ -77,15 +100,23 @@ struct Finder {
     hidden: Option<Span>,
 }
 
-/// Whether `tokens` name a query function or macro anywhere (a macro's arguments are not
-/// parsed: its SQL cannot be read).
+/// Whether `tokens` call a query function or macro anywhere (`query(`, `query!`,
+/// `query::<…>(`, `QueryBuilder::`): a macro's arguments are not parsed, so its SQL cannot be
+/// read. A variable that happens to be named `query` is not a call.
 fn mentions_queries(tokens: proc_macro2::TokenStream) -> bool {
-    tokens.into_iter().any(|t| match t {
-        TokenTree::Ident(i) => {
-            let i = i.to_string();
-            FUNCTIONS.contains(&i.as_str())
-                || MACROS.contains(&i.as_str())
-                || HIDDEN.contains(&i.as_str())
+    let tokens: Vec<TokenTree> = tokens.into_iter().collect();
+    tokens.iter().enumerate().any(|(i, t)| match t {
+        TokenTree::Ident(ident) => {
+            let name = ident.to_string();
+            let named = FUNCTIONS.contains(&name.as_str())
+                || MACROS.contains(&name.as_str())
+                || HIDDEN.contains(&name.as_str());
+            let called = match tokens.get(i + 1) {
+                Some(TokenTree::Group(g)) => g.delimiter() == proc_macro2::Delimiter::Parenthesis,
+                Some(TokenTree::Punct(p)) => p.as_char() == '!' || p.as_char() == ':',
+                _ => false,
+            };
+            named && called
         }
         TokenTree::Group(g) => mentions_queries(g.stream()),
         _ => false,
@@ -142,12 +173,16 @@ impl<'ast> SynVisit<'ast> for Finder {
                 .segments
                 .last()
                 .is_some_and(|s| FUNCTIONS.contains(&s.ident.to_string().as_str()))
-            && let Some(Expr::Lit(syn::ExprLit {
-                lit: syn::Lit::Str(s),
-                ..
-            })) = call.args.first()
         {
-            self.found.push(s.clone());
+            match call.args.first() {
+                Some(Expr::Lit(syn::ExprLit {
+                    lit: syn::Lit::Str(s),
+                    ..
+                })) => self.found.push(s.clone()),
+                // SQL from a variable, `include_str!`, `format!`…: not readable here.
+                Some(other) => self.hidden = self.hidden.or(Some(other.span())),
+                None => {}
+            }
         }
         syn::visit::visit_expr_call(self, call);
     }
@@ -222,7 +257,11 @@ impl Visitor for Relations {
                 args: Some(_),
                 ..
             }
-            | TableFactor::Function { name, .. } => ControlFlow::Break(name.to_string()),
+            | TableFactor::Function { name, .. }
+                if !READS_NO_TABLE.contains(&name.to_string().to_ascii_lowercase().as_str()) =>
+            {
+                ControlFlow::Break(name.to_string())
+            }
             TableFactor::TableFunction { expr, .. } => ControlFlow::Break(expr.to_string()),
             _ => ControlFlow::Continue(()),
         }
@@ -375,7 +414,6 @@ mod tests {
                 .await?;
             let d = sqlx::query_as_with("SELECT 1 FROM d", args);
             let not = format!("SELECT 1 FROM e");
-            let built = sqlx::query(&sql);
             let e = pool.execute("DELETE FROM e").await?;
             let f = sqlx::raw_sql("TRUNCATE f").execute(pool).await?;
             helper(pool).await
@@ -392,7 +430,20 @@ mod tests {
                 "TRUNCATE f"
             ]
         );
+        let fine: Block = syn::parse_quote!({
+            tracing::debug!(query, "searching");
+            let rows = sqlx::query("SELECT 1 FROM a").fetch_all(p).await?;
+            println!("{}", vec![query]);
+        });
+        assert_eq!(
+            literals(&fine).unwrap().len(),
+            1,
+            "a variable named query is not a call"
+        );
+        assert!(tables("SELECT x FROM generate_series(1, 3) x").is_ok());
         for hidden in [
+            syn::parse_quote!({ sqlx::query(include_str!("q.sql")) }),
+            syn::parse_quote!({ sqlx::query(&sql) }),
             syn::parse_quote!({ tokio::try_join!(query("SELECT 1 FROM a").fetch_one(p)) }),
             syn::parse_quote!({ sqlx::query_file!("q.sql") }),
             syn::parse_quote!({ QueryBuilder::new("SELECT * FROM a") }),

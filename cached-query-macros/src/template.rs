@@ -98,7 +98,8 @@ pub(crate) fn render_all(tags: &[TagSpec], scope: &Scope<'_>) -> syn::Result<Ren
         };
     };
     let ret = format_ident!("ret");
-    let spec = results_text.join(" | ");
+    // One line per tag (a template with a line break in it is not a real concern).
+    let spec = results_text.join("\n");
     let by_result = (!results.is_empty()).then(|| {
         quote! {
             |__cq_value| {

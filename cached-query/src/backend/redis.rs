@@ -91,8 +91,11 @@ return seq(KEYS[1], ARGV[1], tonumber(ARGV[2]))
 /// `KEYS = [stamp]`, `ARGV = [token, ttl]`: writes a sequenced token unless the stamp holds
 /// one of the same epoch at a count at least as high (cluster: the second half of [`BUMP`],
 /// sent apart from the sequence's script, so an earlier invalidation's write that arrives
-/// late must not put an older count back). A creation marker (count byte 0xFF) is always
-/// replaced. Returns -1 when written, else the count it kept.
+/// late must not put an older count back; an equal count is the same invalidation, written
+/// again). A missing stamp or a creation marker (count byte 0xFF) gets a new marker: a write
+/// that finds the key gone may be late, after a newer one that was evicted, and the next
+/// reader turns the marker into a token at the sequence it reads then. Returns -1 when
+/// written, else the count it kept.
 const PUT: &str = r"
 local function count(v)
   local n = 0
@@ -102,8 +105,11 @@ end
 local cur, new = redis.call('GET', KEYS[1]), ARGV[1]
 if cur and string.len(cur) == 24 and string.len(new) == 24
    and string.sub(cur, 1, 8) == string.sub(new, 1, 8) and string.byte(cur, 9) ~= 255
-   and count(cur) >= count(new) then
+   and count(cur) > count(new) then
   return count(cur)
+end
+if not cur or (string.len(cur) == 24 and string.byte(cur, 9) == 255) then
+  new = string.sub(new, 1, 8) .. string.rep(string.char(255), 8) .. string.sub(new, 17, 24)
 end
 put(KEYS[1], new, tonumber(ARGV[2]), false)
 return -1
@@ -263,10 +269,13 @@ impl RedisStore {
             return Err(unexpected("MGET returned an unexpected number of values"));
         }
         let mut entry_bytes = values.remove(0);
+        // A creation marker (cluster) is a stamp being created: finish the creation, so every
+        // caller ends with the same token.
+        let unset = |v: &Option<Bytes>| v.as_deref().is_none_or(is_marker);
         let missing: Vec<&StampKey> = stamps
             .iter()
             .zip(&values)
-            .filter(|(_, v)| v.is_none())
+            .filter(|(_, v)| unset(v))
             .map(|(s, _)| s)
             .collect();
         if !missing.is_empty() {
@@ -278,7 +287,7 @@ impl RedisStore {
             entry_bytes = None;
             let created = self.create_stamps(&missing, until).await?;
             let mut created = created.into_iter();
-            for v in values.iter_mut().filter(|v| v.is_none()) {
+            for v in values.iter_mut().filter(|v| unset(v)) {
                 *v = created.next().flatten();
             }
         }
@@ -379,6 +388,10 @@ impl RedisStore {
                         other => other,
                     };
                     values.push(value);
+                }
+                // The sequence the tokens were created at, when later than the first read.
+                if let Some(after) = after {
+                    values[0] = Some(after);
                 }
                 Ok(values)
             })
@@ -490,37 +503,29 @@ impl RedisStore {
         } else {
             // The sequence's node first, then one pipeline per key (its write, then the `WAIT`
             // on that key's node).
-            self.run_on(self.replicas.is_some(), until, |mut c| async move {
-                let seq: Bytes = script(SEQ, q, &[], Some(1)).query_async(&mut c).await?;
+            self.run_on(self.replicas.is_some(), until, |c| async move {
                 let replicas = self.replicas;
+                let mut acked = Vec::new();
+                let seq = advance(&c, q, 1, replicas, &mut acked).await?;
                 let mut done = put_all(&c, &seq, keys.iter().collect(), replicas).await?;
-                // A stamp that kept a count above ours: a newer invalidation's (fine), or the
-                // sequence went back (its node restarted from older data or failed over to a
-                // replica behind it): then it is behind that count too, and every write would
-                // be refused: start a new epoch and write again.
-                let ours = Seq::parse(&seq).map_or(0, |s| s.count());
-                let kept = |r: &[i64]| r.first().copied().unwrap_or(-1);
-                if done
-                    .iter()
-                    .any(|(_, r)| kept(r) > 0 && kept(r).unsigned_abs() > ours)
-                {
-                    let now: Bytes = script(SEQ, q, &[], Some(0)).query_async(&mut c).await?;
-                    let now = Seq::parse(&now).map_or(0, |s| s.count());
-                    let behind: Vec<&StampKey> = done
-                        .iter()
-                        .filter(|(_, r)| kept(r) > 0 && kept(r).unsigned_abs() > now)
-                        .map(|(k, _)| *k)
-                        .collect();
+                // A stamp that kept a count above ours: a newer invalidation's, or one from
+                // before the sequence went back (its node restarted from older data, or failed
+                // over to a replica behind it), which would swallow this one. Write those again
+                // at a count taken now; one still refused means the sequence is behind it:
+                // start a new epoch and write again.
+                let again = refused(&done);
+                if !again.is_empty() {
+                    let now = advance(&c, q, 1, replicas, &mut acked).await?;
+                    let second = put_all(&c, &now, again, replicas).await?;
+                    let behind = refused(&second);
+                    done.extend(second);
                     if !behind.is_empty() {
-                        let fresh: Bytes =
-                            script(SEQ, q, &[], Some(-1)).query_async(&mut c).await?;
+                        let fresh = advance(&c, q, -1, replicas, &mut acked).await?;
                         done.extend(put_all(&c, &fresh, behind, replicas).await?);
                     }
                 }
-                Ok(done
-                    .into_iter()
-                    .flat_map(|(_, r)| r.into_iter().skip(1))
-                    .collect())
+                acked.extend(done.into_iter().flat_map(|(_, r)| r.into_iter().skip(1)));
+                Ok(acked)
             })
             .await?
         };
@@ -558,6 +563,38 @@ async fn put_all<'k>(
         }
     }))
     .await
+}
+
+/// [`SEQ`] by `step` on the sequence's node (cluster), followed there by the `WAIT` for
+/// `replicas` (a replica promoted later must not hand back an older sequence), whose count
+/// goes to `acked`.
+async fn advance(
+    c: &Conn,
+    q: &str,
+    step: i8,
+    replicas: Option<(usize, Duration)>,
+    acked: &mut Vec<i64>,
+) -> redis::RedisResult<Bytes> {
+    let mut c = c.clone();
+    let Some((n, wait)) = replicas else {
+        return script(SEQ, q, &[], Some(step)).query_async(&mut c).await;
+    };
+    let mut pipe = redis::pipe();
+    pipe.add_command(script(SEQ, q, &[], Some(step)))
+        .cmd("WAIT")
+        .arg(n)
+        .arg(millis(wait));
+    let (seq, replicated): (Bytes, i64) = pipe.query_async(&mut c).await?;
+    acked.push(replicated);
+    Ok(seq)
+}
+
+/// The keys whose [`PUT`] kept a higher count (see [`RedisStore::bump`]).
+fn refused<'k>(done: &[(&'k StampKey, Vec<i64>)]) -> Vec<&'k StampKey> {
+    done.iter()
+        .filter(|(_, r)| r.first().is_some_and(|kept| *kept >= 0))
+        .map(|(k, _)| *k)
+        .collect()
 }
 
 /// A token written at the sequence `seq` (as read from Redis): `seq` and a random tail.
@@ -622,8 +659,22 @@ mod tests {
         let k = stamp(":t");
         let seq = Seq::fresh();
         let (older, newer) = (seq.next(), seq.next().next());
+        // A missing stamp gets a marker (the write may be late after an eviction)…
         put_cmd(&k, &newer.token())
             .query_async::<()>(&mut c)
+            .await
+            .unwrap();
+        let now: Vec<u8> = redis::cmd("GET")
+            .arg(&k.key)
+            .query_async(&mut c)
+            .await
+            .unwrap();
+        assert!(is_marker(&now));
+        // …and an existing token is only replaced by a count at least as high.
+        let _: () = redis::cmd("SET")
+            .arg(&k.key)
+            .arg(newer.token())
+            .query_async(&mut c)
             .await
             .unwrap();
         put_cmd(&k, &older.token())
@@ -701,8 +752,34 @@ mod tests {
             .unwrap();
         let kept: i64 = put_cmd(&k, &token).query_async(&mut c).await.unwrap();
         assert_eq!(kept, -1, "written");
+        let now: Vec<u8> = redis::cmd("GET")
+            .arg(&k.key)
+            .query_async(&mut c)
+            .await
+            .unwrap();
+        assert!(
+            is_marker(&now) && now != mark,
+            "over a marker, a new marker"
+        );
+        let _: () = redis::cmd("SET")
+            .arg(&k.key)
+            .arg(&token)
+            .query_async(&mut c)
+            .await
+            .unwrap();
         let kept: i64 = put_cmd(&k, &token).query_async(&mut c).await.unwrap();
-        assert_eq!(kept, 1, "the same count is kept, and reported");
+        assert_eq!(kept, -1, "the same count is written again");
+        let lower = sequenced_token(&Seq::fresh().bytes());
+        let mut lower_same_epoch = token[..8].to_vec();
+        lower_same_epoch.extend_from_slice(&lower[8..]);
+        let kept: i64 = put_cmd(&k, &lower_same_epoch)
+            .query_async(&mut c)
+            .await
+            .unwrap();
+        assert_eq!(
+            kept, 1,
+            "a lower count is refused, and the kept count reported"
+        );
         let _: () = redis::cmd("DEL")
             .arg(&k.key)
             .query_async(&mut c)

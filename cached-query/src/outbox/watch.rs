@@ -154,14 +154,16 @@ BEGIN
 END {quote};
 "#
         ));
+        // Named after the watched table: a partition watched on its own keeps its own trigger.
+        let trigger = table_function_name(oid);
         for target in std::iter::once(oid).chain(children) {
             sql.push_str(&format!(
                 r#"
 DO $cq_do$
 DECLARE target regclass := {target}::regclass;
 BEGIN
-    EXECUTE format('DROP TRIGGER IF EXISTS cached_query_table ON %s', target);
-    EXECUTE format('CREATE TRIGGER cached_query_table
+    EXECUTE format('DROP TRIGGER IF EXISTS {trigger} ON %s', target);
+    EXECUTE format('CREATE TRIGGER {trigger}
         AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE ON %s
         FOR EACH STATEMENT EXECUTE FUNCTION {function}()', target);
 END $cq_do$;
@@ -181,19 +183,6 @@ pub(crate) async fn uninstall(outbox: &Outbox, table: &str) -> Result<(), Error>
     let oid = resolve(pool, table).await?;
     let function = format!("{}.{}", outbox.schema, function_name(oid));
     let table_function = format!("{}.{}", outbox.schema, table_function_name(oid));
-    let children: Vec<i64> = sqlx::query_scalar(CHILDREN)
-        .bind(oid)
-        .fetch_all(pool)
-        .await
-        .map_err(|e| Error::outbox("listing the table's partitions", e))?;
-    let children: String = children
-        .iter()
-        .map(|c| {
-            format!(
-                "EXECUTE format('DROP TRIGGER IF EXISTS cached_query_table ON %s', {c}::regclass);\n"
-            )
-        })
-        .collect();
     let sql = format!(
         r#"
 BEGIN;
@@ -205,11 +194,11 @@ BEGIN
     EXECUTE format('DROP TRIGGER IF EXISTS cached_query_watch_upd ON %s', target);
     EXECUTE format('DROP TRIGGER IF EXISTS cached_query_watch_del ON %s', target);
     EXECUTE format('DROP TRIGGER IF EXISTS cached_query_watch_trunc ON %s', target);
-    EXECUTE format('DROP TRIGGER IF EXISTS cached_query_table ON %s', target);
-    {children}
 END $cq_do$;
 DROP FUNCTION IF EXISTS {function}();
-DROP FUNCTION IF EXISTS {table_function}();
+-- With the triggers that use it: on the table, its partitions, and any partition detached
+-- since it was watched.
+DROP FUNCTION IF EXISTS {table_function}() CASCADE;
 COMMIT;
 "#
     );

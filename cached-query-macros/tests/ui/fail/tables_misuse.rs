@@ -2,7 +2,16 @@ use cached_query::{cached_query, invalidates};
 use sqlx::PgPool;
 
 #[cached_query(tables = auto)]
-async fn no_sql(pool: &PgPool, sql: &'static str) -> Result<i64, sqlx::Error> {
+async fn no_sql(pool: &PgPool) -> Result<i64, sqlx::Error> {
+    helper(pool).await
+}
+
+async fn helper(_: &PgPool) -> Result<i64, sqlx::Error> {
+    Ok(1)
+}
+
+#[cached_query(tables = auto)]
+async fn sql_from_a_variable(pool: &PgPool, sql: &'static str) -> Result<i64, sqlx::Error> {
     sqlx::query_scalar(sql).fetch_one(pool).await
 }
 
