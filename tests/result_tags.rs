@@ -9,7 +9,6 @@ use common::{keys_under, raw, redis_cache, redis_url, unique_ns};
 use serde::{Deserialize, Serialize};
 use sqlx::PgPool;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicI64, Ordering::SeqCst};
 use tokio::sync::Notify;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, sqlx::FromRow)]
@@ -268,69 +267,10 @@ async fn counter_by_name(pool: &PgPool, cache: &Cache, name: &str) -> sqlx::Resu
 /// writers invalidate it by id. No reader may see a value older than the last invalidation
 /// that completed before its read began.
 async fn no_stale_reads(pool: PgPool, cache: Cache) {
-    let completed = Arc::new(AtomicI64::new(0));
-    let writing = Arc::new(AtomicBool::new(true));
-    let writers: Vec<_> = (0..2)
-        .map(|_| {
-            let (pool, cache, completed) = (pool.clone(), cache.clone(), completed.clone());
-            tokio::spawn(async move {
-                for _ in 0..60 {
-                    let mut tx = pool.begin().await.unwrap();
-                    let v: i64 = sqlx::query_scalar(
-                        "UPDATE counters SET value = value + 1 WHERE id = 1 RETURNING value",
-                    )
-                    .fetch_one(&mut *tx)
-                    .await
-                    .unwrap();
-                    cache
-                        .commit_and_invalidate(tx, ["counter:1"])
-                        .await
-                        .unwrap();
-                    completed.fetch_max(v, SeqCst);
-                }
-            })
-        })
-        .collect();
-    let readers: Vec<_> = (0..4)
-        .map(|_| {
-            let (pool, cache, completed, writing) = (
-                pool.clone(),
-                cache.clone(),
-                completed.clone(),
-                writing.clone(),
-            );
-            tokio::spawn(async move {
-                let (mut reads, mut stale) = (0u32, Vec::new());
-                while writing.load(SeqCst) {
-                    let floor = completed.load(SeqCst);
-                    let (_, seen) = counter_by_name(&pool, &cache, "hits").await.unwrap();
-                    if seen < floor {
-                        stale.push((seen, floor));
-                    }
-                    reads += 1;
-                    tokio::task::yield_now().await;
-                }
-                (reads, stale)
-            })
-        })
-        .collect();
-    for w in writers {
-        w.await.unwrap();
-    }
-    writing.store(false, SeqCst);
-    let mut total = 0;
-    for r in readers {
-        let (reads, stale) = r.await.unwrap();
-        assert!(stale.is_empty(), "stale reads (seen, floor): {stale:?}");
-        total += reads;
-    }
-    assert_eq!(counter_by_name(&pool, &cache, "hits").await.unwrap().1, 120);
-    let stats = cache.stats();
-    assert!(
-        stats.hits > 0,
-        "the cache served some reads: {stats:?} of {total}"
-    );
-    assert_eq!(stats.errors, 0);
+    common::no_stale_reads(pool, cache, |pool, cache| async move {
+        counter_by_name(&pool, &cache, "hits").await.unwrap().1
+    })
+    .await;
 }
 
 #[sqlx::test]

@@ -1044,3 +1044,81 @@ impl Commits {
             .unwrap_or_default()
     }
 }
+
+/// The stale-set stress: 2 writers each commit 60 increments of `counters` row 1 with
+/// `commit_and_invalidate(tx, ["counter:1"])` while 4 readers read the value through
+/// `read`. No read may return a value older than the last invalidation that completed before
+/// it began; the cache must have served some reads, with no error.
+pub async fn no_stale_reads<F, Fut>(pool: sqlx::PgPool, cache: Cache, read: F)
+where
+    F: Fn(sqlx::PgPool, Cache) -> Fut + Clone + Send + 'static,
+    Fut: std::future::Future<Output = i64> + Send,
+{
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, AtomicI64, Ordering::SeqCst};
+    let completed = Arc::new(AtomicI64::new(0));
+    let writing = Arc::new(AtomicBool::new(true));
+    let writers: Vec<_> = (0..2)
+        .map(|_| {
+            let (pool, cache, completed) = (pool.clone(), cache.clone(), completed.clone());
+            tokio::spawn(async move {
+                for _ in 0..60 {
+                    let mut tx = pool.begin().await.unwrap();
+                    let v: i64 = sqlx::query_scalar(
+                        "UPDATE counters SET value = value + 1 WHERE id = 1 RETURNING value",
+                    )
+                    .fetch_one(&mut *tx)
+                    .await
+                    .unwrap();
+                    cache
+                        .commit_and_invalidate(tx, ["counter:1"])
+                        .await
+                        .unwrap();
+                    completed.fetch_max(v, SeqCst);
+                }
+            })
+        })
+        .collect();
+    let readers: Vec<_> = (0..4)
+        .map(|_| {
+            let (pool, cache, completed, writing, read) = (
+                pool.clone(),
+                cache.clone(),
+                completed.clone(),
+                writing.clone(),
+                read.clone(),
+            );
+            tokio::spawn(async move {
+                let (mut reads, mut stale) = (0u32, Vec::new());
+                while writing.load(SeqCst) {
+                    let floor = completed.load(SeqCst);
+                    let seen = read(pool.clone(), cache.clone()).await;
+                    if seen < floor {
+                        stale.push((seen, floor));
+                    }
+                    reads += 1;
+                    // A memory hit is a ready future: give the writers their turn.
+                    tokio::task::yield_now().await;
+                }
+                (reads, stale)
+            })
+        })
+        .collect();
+    for w in writers {
+        w.await.unwrap();
+    }
+    writing.store(false, SeqCst);
+    let mut total = 0;
+    for r in readers {
+        let (reads, stale) = r.await.unwrap();
+        assert!(stale.is_empty(), "stale reads (seen, floor): {stale:?}");
+        total += reads;
+    }
+    assert_eq!(read(pool, cache.clone()).await, 120);
+    let stats = cache.stats();
+    assert!(
+        stats.hits > 0,
+        "the cache served some reads: {stats:?} of {total}"
+    );
+    assert_eq!(stats.errors, 0);
+}
