@@ -643,6 +643,18 @@ mod tests {
             .expect("a Redis server for the script tests")
     }
 
+    async fn get(c: &mut redis::aio::MultiplexedConnection, k: &StampKey) -> Vec<u8> {
+        redis::cmd("GET").arg(&k.key).query_async(c).await.unwrap()
+    }
+
+    async fn del(c: &mut redis::aio::MultiplexedConnection, k: &StampKey) {
+        redis::cmd("DEL")
+            .arg(&k.key)
+            .query_async::<()>(c)
+            .await
+            .unwrap();
+    }
+
     fn stamp(name: &str) -> StampKey {
         let mut key = String::from("cq-unit:");
         crate::keyspace::push_hex(&mut key, &new_token());
@@ -664,11 +676,7 @@ mod tests {
             .query_async::<()>(&mut c)
             .await
             .unwrap();
-        let now: Vec<u8> = redis::cmd("GET")
-            .arg(&k.key)
-            .query_async(&mut c)
-            .await
-            .unwrap();
+        let now = get(&mut c, &k).await;
         assert!(is_marker(&now));
         // …and an existing token is only replaced by a count at least as high.
         let _: () = redis::cmd("SET")
@@ -681,11 +689,7 @@ mod tests {
             .query_async::<()>(&mut c)
             .await
             .unwrap();
-        let now: Vec<u8> = redis::cmd("GET")
-            .arg(&k.key)
-            .query_async(&mut c)
-            .await
-            .unwrap();
+        let now = get(&mut c, &k).await;
         assert_eq!(Seq::of_token(&now), Some(newer), "the later count stays");
         // Another epoch (the sequence key was lost) or a token without one: replaced.
         let other = Seq::fresh().next();
@@ -693,11 +697,7 @@ mod tests {
             .query_async::<()>(&mut c)
             .await
             .unwrap();
-        let now: Vec<u8> = redis::cmd("GET")
-            .arg(&k.key)
-            .query_async(&mut c)
-            .await
-            .unwrap();
+        let now = get(&mut c, &k).await;
         assert_eq!(Seq::of_token(&now), Some(other));
         let ttl: i64 = redis::cmd("TTL")
             .arg(&k.key)
@@ -705,11 +705,7 @@ mod tests {
             .await
             .unwrap();
         assert!((1..=60).contains(&ttl), "{ttl}");
-        let _: () = redis::cmd("DEL")
-            .arg(&k.key)
-            .query_async(&mut c)
-            .await
-            .unwrap();
+        del(&mut c, &k).await;
     }
 
     #[tokio::test]
@@ -752,11 +748,7 @@ mod tests {
             .unwrap();
         let kept: i64 = put_cmd(&k, &token).query_async(&mut c).await.unwrap();
         assert_eq!(kept, -1, "written");
-        let now: Vec<u8> = redis::cmd("GET")
-            .arg(&k.key)
-            .query_async(&mut c)
-            .await
-            .unwrap();
+        let now = get(&mut c, &k).await;
         assert!(
             is_marker(&now) && now != mark,
             "over a marker, a new marker"
@@ -780,11 +772,7 @@ mod tests {
             kept, 1,
             "a lower count is refused, and the kept count reported"
         );
-        let _: () = redis::cmd("DEL")
-            .arg(&k.key)
-            .query_async(&mut c)
-            .await
-            .unwrap();
+        del(&mut c, &k).await;
     }
 
     #[tokio::test]
@@ -826,11 +814,7 @@ mod tests {
             .unwrap();
         assert!(Seq::parse(&seq).is_some_and(|s| !s.same_epoch(&now)));
         for k in [&q, &a, &b] {
-            let _: () = redis::cmd("DEL")
-                .arg(&k.key)
-                .query_async(&mut c)
-                .await
-                .unwrap();
+            del(&mut c, &k).await;
         }
     }
 }
