@@ -814,7 +814,7 @@ mod tests {
             .unwrap();
         assert!(Seq::parse(&seq).is_some_and(|s| !s.same_epoch(&now)));
         for k in [&q, &a, &b] {
-            del(&mut c, &k).await;
+            del(&mut c, k).await;
         }
     }
 }
