@@ -26,6 +26,7 @@ mod kw {
     syn::custom_keyword!(assume_no_transaction);
     syn::custom_keyword!(tables);
     syn::custom_keyword!(auto);
+    syn::custom_keyword!(batch);
 }
 
 /// `tables = auto` or `tables("users", …)`: `table:<name>` tags from the SQL.
@@ -180,6 +181,8 @@ pub(crate) struct CachedArgs {
     /// checked (`impl Executor`, a generic `E: Executor`, `Acquire`) are trusted to be outside one.
     pub(crate) assume_no_transaction: Option<LitBool>,
     pub(crate) tables: Option<TablesArg>,
+    /// `batch = ids`: the parameter whose elements are each their own entry.
+    pub(crate) batch: Option<Ident>,
     pub(crate) krate: Krate,
 }
 
@@ -196,6 +199,7 @@ impl Parse for CachedArgs {
                 || arg.value(kw::key, &mut a.key, Expr::parse)?
                 || arg.value(kw::name, &mut a.name, name)?
                 || arg.value(kw::version, &mut a.version, version)?
+                || arg.value(kw::batch, &mut a.batch, Ident::parse)?
                 || arg.value(
                     kw::assume_no_transaction,
                     &mut a.assume_no_transaction,

@@ -2,6 +2,7 @@
 //! `<crate>::__private` that receives the original body as a future.
 
 use crate::args::{CachedArgs, InvalidatesArgs, Krate, TablesArg};
+use crate::batch::Batch;
 use crate::item::{
     body_future, expand_with, query_name, replace_body, require_async, resolve_cache,
 };
@@ -31,13 +32,19 @@ pub(crate) fn block(
     let info = FnInfo::new(&item.sig);
     let skip = args.skip.as_deref().unwrap_or_default();
 
+    let batch = match &args.batch {
+        Some(name) => Some(Batch::new(name, args, &info, ok_ty)?),
+        None => None,
+    };
     if let Some(lit) = &args.cache_none
         && !lit.value
         && !sig::is_option(ok_ty)
+        && batch.is_none()
     {
         return Err(syn::Error::new(
             lit.span(),
-            "`cache_none = false` needs the Ok type to be written as `Option<…>`",
+            "`cache_none = false` needs the Ok type to be written as `Option<…>` (or a batch \
+             function's map)",
         ));
     }
     if let Some(p) = info.transaction_param() {
@@ -78,7 +85,13 @@ pub(crate) fn block(
             key_parts.push(quote_spanned!(span=> __cq_key.custom(&(#expr));));
         }
         None => {
-            for p in info.params.iter().filter(|p| !p.executor) {
+            // A batch's elements are keyed one by one, at run time.
+            let batched = |p: &&sig::Param<'_>| {
+                batch
+                    .as_ref()
+                    .is_some_and(|b| p.ident.is_some_and(|i| i == b.ident))
+            };
+            for p in info.params.iter().filter(|p| !p.executor && !batched(p)) {
                 if let Some(ident) = p.ident {
                     if !skip.contains(ident) {
                         let span = p.ty.span();
@@ -134,6 +147,27 @@ pub(crate) fn block(
     tags.extend(table_tags(args.tables.as_ref(), item, Access::Read)?);
     let tags = compile_tags(&tags, &info, true, krate)?;
     let before = &tags.before;
+    let prelude = quote! {
+        static __CQ_SITE: #krate::__private::Site = #krate::__private::Site {
+            name: #name,
+            version: #version,
+            ttl_secs: #ttl,
+            cache_none: #cache_none,
+        };
+        #cache
+        let mut __cq_key = #krate::__private::key(&__CQ_SITE);
+        #(#key_parts)*
+    };
+    if let Some(batch) = &batch {
+        if tags.by_result.is_some() {
+            return Err(syn::Error::new(
+                batch.ident.span(),
+                "tags from the result (`<ret…>`) are not supported with `batch`: tag each \
+                 element by its key instead (`\"user:<ids>\"`)",
+            ));
+        }
+        return Ok(batch.call(krate, prelude, before, in_transaction, body));
+    }
     // With result tags, the closure that renders them goes last: it is type-checked after
     // the body, whose output gives it its argument type.
     let (entry, by_result, spec) = match &tags.by_result {
@@ -145,15 +179,7 @@ pub(crate) fn block(
         None => (quote!(cached), quote!(), quote!()),
     };
     Ok(quote! {
-        static __CQ_SITE: #krate::__private::Site = #krate::__private::Site {
-            name: #name,
-            version: #version,
-            ttl_secs: #ttl,
-            cache_none: #cache_none,
-        };
-        #cache
-        let mut __cq_key = #krate::__private::key(&__CQ_SITE);
-        #(#key_parts)*
+        #prelude
         #spec
         #before
         let __cq_in_transaction: bool = #in_transaction;

@@ -4,9 +4,10 @@
 //!
 //! `stack` decides how `#[timed]` and `#[cached_query]` nest and calls `cached` or `timed`,
 //! which expand one attribute each with the helpers of `item`, `sig` and `template`, from the
-//! arguments `args` parsed.
+//! arguments `args` parsed; `batch` expands `#[cached_query(batch = …)]`'s call.
 
 mod args;
+mod batch;
 mod cached;
 mod item;
 mod sig;

@@ -361,6 +361,50 @@ fn first_type_arg(segment: &PathSegment) -> Option<&Type> {
     })
 }
 
+/// How a batch parameter holds its elements (see [`batch_elements`]).
+#[derive(Clone, Copy)]
+pub(crate) enum BatchKind {
+    /// `&[K]`.
+    Slice,
+    /// `Vec<K>`.
+    Vec,
+    /// `&Vec<K>`.
+    RefVec,
+}
+
+/// The element type of a batch parameter written `&[K]`, `Vec<K>` or `&Vec<K>`.
+pub(crate) fn batch_elements(ty: &Type) -> Option<(BatchKind, &Type)> {
+    match ty {
+        Type::Reference(r) if r.mutability.is_none() => match &*r.elem {
+            Type::Slice(slice) => Some((BatchKind::Slice, &slice.elem)),
+            inner => type_arg_of(inner, "Vec").map(|k| (BatchKind::RefVec, k)),
+        },
+        Type::Paren(p) => batch_elements(&p.elem),
+        Type::Group(g) => batch_elements(&g.elem),
+        other => type_arg_of(other, "Vec").map(|k| (BatchKind::Vec, k)),
+    }
+}
+
+/// The key and value types of an Ok type written `HashMap<K, V, …>` or `BTreeMap<K, V>`.
+pub(crate) fn map_types(ty: &Type) -> Option<(&Type, &Type)> {
+    let Type::Path(tp) = ty else {
+        return None;
+    };
+    let last = tp
+        .path
+        .segments
+        .last()
+        .filter(|s| s.ident == "HashMap" || s.ident == "BTreeMap")?;
+    let PathArguments::AngleBracketed(ab) = &last.arguments else {
+        return None;
+    };
+    let mut types = ab.args.iter().filter_map(|a| match a {
+        GenericArgument::Type(t) => Some(t),
+        _ => None,
+    });
+    Some((types.next()?, types.next()?))
+}
+
 /// Whether `ty` is written as `Option<…>`.
 pub(crate) fn is_option(ty: &Type) -> bool {
     last_segment(ty).is_some_and(|s| s == "Option")

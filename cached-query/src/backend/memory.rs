@@ -1,7 +1,7 @@
 //! The in-process backend (moka): the same stamps-and-envelopes scheme as Redis, so TTLs,
 //! tags, `clear`, single-flight and stats behave identically, with a bounded entry count.
 
-use super::{Read, Settled, StampKey};
+use super::{Read, ReadMany, Settled, StampKey};
 use crate::keyspace::Seq;
 use bytes::Bytes;
 use moka::sync::Cache as Moka;
@@ -98,6 +98,19 @@ impl MemoryStore {
             entry,
             stamps,
             near: None,
+        }
+    }
+
+    /// `entries` and the tokens of `stamps` (created when missing: never reported as
+    /// created, as a token made here cannot equal one an entry holds).
+    pub(crate) fn read_many(&self, entries: &[String], stamps: &[StampKey]) -> ReadMany {
+        ReadMany {
+            entries: entries
+                .iter()
+                .map(|e| self.entries.get(e).map(|s| s.bytes))
+                .collect(),
+            stamps: stamps.iter().map(|s| self.stamp(s)).collect(),
+            created: vec![false; stamps.len()],
         }
     }
 

@@ -33,6 +33,21 @@ pub(crate) struct Read {
     pub(crate) near: Option<u64>,
 }
 
+/// What [`Store::read_many`] returns: each entry's bytes in the order asked, the current
+/// token of every stamp key, and which of those this read created (an entry whose stamps
+/// include one cannot have been stored under it: a miss).
+#[derive(Debug)]
+pub(crate) struct ReadMany {
+    pub(crate) entries: Vec<Option<Bytes>>,
+    pub(crate) stamps: Vec<Bytes>,
+    pub(crate) created: Vec<bool>,
+}
+
+/// Most keys one Redis command carries in a batch read or write: a batch of 500 elements
+/// with up to three tags each (plus the namespace generation) is one `MGET`; larger ones
+/// are split into commands of at most this many keys.
+pub(crate) const MAX_KEYS_PER_COMMAND: usize = 2048;
+
 /// What [`Store::settle`] found: the namespace's invalidation sequence, and the tokens of the
 /// keys asked for.
 #[derive(Debug)]
@@ -104,6 +119,41 @@ impl Store {
         match self {
             Store::Redis(r) => r.read(entry, entry_ttl, stamps, near, until).await,
             Store::Memory(m) => Ok(m.read(entry, stamps)),
+        }
+    }
+
+    /// Reads `entries` and the `stamps` they are checked against, by `until` (over `near`'s
+    /// tracking connection when given, which keeps each entry at most `entry_ttl`); missing
+    /// stamps are created.
+    pub(crate) async fn read_many(
+        &self,
+        entries: &[String],
+        entry_ttl: Duration,
+        stamps: &[StampKey],
+        near: Option<&NearCache>,
+        until: Instant,
+    ) -> Result<ReadMany, StoreError> {
+        match self {
+            Store::Redis(r) => r.read_many(entries, entry_ttl, stamps, near, until).await,
+            Store::Memory(m) => Ok(m.read_many(entries, stamps)),
+        }
+    }
+
+    /// Stores entries, each `(key, bytes)`, by `until`.
+    pub(crate) async fn write_many(
+        &self,
+        entries: Vec<(String, Vec<u8>)>,
+        ttl: Duration,
+        until: Instant,
+    ) -> Result<(), StoreError> {
+        match self {
+            Store::Redis(r) => r.write_many(entries, ttl, until).await,
+            Store::Memory(m) => {
+                for (entry, bytes) in entries {
+                    m.write(&entry, bytes, ttl);
+                }
+                Ok(())
+            }
         }
     }
 

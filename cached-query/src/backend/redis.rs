@@ -14,7 +14,7 @@
 
 use super::connect::{Conn, Connections};
 use super::near::NearCache;
-use super::{Read, Settled, StampKey, StoreError, link};
+use super::{MAX_KEYS_PER_COMMAND, Read, ReadMany, Settled, StampKey, StoreError, link};
 use crate::keyspace::{Seq, new_token};
 use bytes::Bytes;
 use futures_util::future::try_join_all;
@@ -245,56 +245,88 @@ impl RedisStore {
         near: Option<&NearCache>,
         until: Instant,
     ) -> Result<Read, StoreError> {
-        let mut mget = redis::cmd("MGET");
-        mget.arg(entry);
-        for s in stamps {
-            mget.arg(&s.key);
-        }
-        let mget = &mget;
-        let mut values: Vec<Option<Bytes>> = match near {
-            None => {
-                self.run(until, |mut c| async move { mget.query_async(&mut c).await })
-                    .await?
-            }
-            Some(near) => {
-                let seq = near.seq();
-                let values: Vec<Option<Bytes>> = near.read(mget, until, self.deadline).await?;
-                if values.len() == stamps.len() + 1 {
-                    near.fill(seq, (entry, entry_ttl), stamps, &values);
+        let entries = [entry.to_owned()];
+        let read = self
+            .read_many(&entries, entry_ttl, stamps, near, until)
+            .await?;
+        let [entry] = <[Option<Bytes>; 1]>::try_from(read.entries)
+            .map_err(|_| unexpected("MGET returned an unexpected number of values"))?;
+        // The entry cannot have been stored under a token that did not exist: it is a miss
+        // whatever the tokens read now (a server restarted from disk in between could hand
+        // back one it held before).
+        let created = read.created.contains(&true);
+        Ok(Read {
+            entry: entry.filter(|_| !created),
+            stamps: read.stamps,
+            near: None,
+        })
+    }
+
+    /// `entries` and `stamps` in one `MGET` per [`MAX_KEYS_PER_COMMAND`] keys, then one
+    /// script creating the stamps that were missing, all by `until`. With a near cache the
+    /// `MGET`s go over its tracking connection and what they return is kept there
+    /// (entries `entry_ttl` at most).
+    pub(crate) async fn read_many(
+        &self,
+        entries: &[String],
+        entry_ttl: Duration,
+        stamps: &[StampKey],
+        near: Option<&NearCache>,
+        until: Instant,
+    ) -> Result<ReadMany, StoreError> {
+        let keys: Vec<&str> = entries
+            .iter()
+            .map(String::as_str)
+            .chain(stamps.iter().map(|s| s.key.as_str()))
+            .collect();
+        let seq = near.map(NearCache::seq);
+        let mut values: Vec<Option<Bytes>> = Vec::with_capacity(keys.len());
+        for chunk in keys.chunks(MAX_KEYS_PER_COMMAND) {
+            let mut mget = redis::cmd("MGET");
+            chunk.iter().for_each(|k| {
+                mget.arg(*k);
+            });
+            let mget = &mget;
+            let got: Vec<Option<Bytes>> = match near {
+                None => {
+                    self.run(until, |mut c| async move { mget.query_async(&mut c).await })
+                        .await?
                 }
-                values
+                Some(near) => near.read(mget, until, self.deadline).await?,
+            };
+            if got.len() != chunk.len() {
+                return Err(unexpected("MGET returned an unexpected number of values"));
             }
-        };
-        if values.len() != stamps.len() + 1 {
-            return Err(unexpected("MGET returned an unexpected number of values"));
+            values.extend(got);
         }
-        let mut entry_bytes = values.remove(0);
+        if let (Some(near), Some(seq)) = (near, seq) {
+            near.fill(seq, (entries, entry_ttl), stamps, &values);
+        }
+        let mut tokens = values.split_off(entries.len());
         // A creation marker (cluster) is a stamp being created: finish the creation, so every
         // caller ends with the same token.
         let unset = |v: &Option<Bytes>| v.as_deref().is_none_or(is_marker);
+        let created: Vec<bool> = tokens.iter().map(unset).collect();
         let missing: Vec<&StampKey> = stamps
             .iter()
-            .zip(&values)
-            .filter(|(_, v)| unset(v))
+            .zip(&created)
+            .filter(|(_, c)| **c)
             .map(|(s, _)| s)
             .collect();
-        if !missing.is_empty() {
-            // First use of a tag, or its key expired or was evicted: create it with a random
-            // token unless a concurrent caller won the race, and use whichever token is there.
-            // The entry cannot have been stored under a token that did not exist: it is a
-            // miss whatever the tokens read now (a server restarted from disk in between
-            // could hand back one it held before).
-            entry_bytes = None;
-            let created = self.create_stamps(&missing, until).await?;
-            let mut created = created.into_iter();
-            for v in values.iter_mut().filter(|v| unset(v)) {
-                *v = created.next().flatten();
-            }
+        // First use of a tag, or its key expired or was evicted: create it with a random
+        // token unless a concurrent caller won the race, and use whichever token is there.
+        let mut made = Vec::with_capacity(missing.len());
+        for chunk in missing.chunks(MAX_KEYS_PER_COMMAND - 1) {
+            made.extend(self.create_stamps(chunk, until).await?);
         }
-        Ok(Read {
-            entry: entry_bytes,
-            stamps: values.into_iter().map(Option::unwrap_or_default).collect(),
-            near: None,
+        let mut made = made.into_iter();
+        for v in tokens.iter_mut().filter(|v| unset(v)) {
+            *v = made.next().flatten();
+        }
+        Ok(ReadMany {
+            entries: values,
+            stamps: tokens.into_iter().map(Option::unwrap_or_default).collect(),
+            created,
         })
     }
 
@@ -475,6 +507,48 @@ impl RedisStore {
             |mut c| async move { set.query_async::<()>(&mut c).await },
         )
         .await
+    }
+
+    /// Stores `entries` by `until`: one pipeline of `SET … PX` per [`MAX_KEYS_PER_COMMAND`]
+    /// entries on a single node; on a cluster, whose pipelines cannot cross slots, one `SET`
+    /// per entry, sent concurrently.
+    pub(crate) async fn write_many(
+        &self,
+        entries: Vec<(String, Vec<u8>)>,
+        ttl: Duration,
+        until: Instant,
+    ) -> Result<(), StoreError> {
+        let set = |(entry, bytes): (String, Vec<u8>)| {
+            let mut set = redis::cmd("SET");
+            set.arg(entry).arg(bytes).arg("PX").arg(millis(ttl));
+            set
+        };
+        let sets: Vec<Cmd> = entries.into_iter().map(set).collect();
+        if self.conns.is_cluster() {
+            let sets = &sets;
+            return self
+                .run(until, |c| async move {
+                    try_join_all(sets.iter().map(|set| {
+                        let mut c = c.clone();
+                        async move { set.query_async::<()>(&mut c).await }
+                    }))
+                    .await
+                    .map(drop)
+                })
+                .await;
+        }
+        for chunk in sets.chunks(MAX_KEYS_PER_COMMAND) {
+            let mut pipe = redis::pipe();
+            for set in chunk {
+                pipe.add_command(set.clone()).ignore();
+            }
+            let pipe = &pipe;
+            self.run(until, |mut c| async move {
+                pipe.query_async::<()>(&mut c).await
+            })
+            .await?;
+        }
+        Ok(())
     }
 
     /// Advances the sequence and replaces the tokens of `keys` with fresh ones written at it,

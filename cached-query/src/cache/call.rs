@@ -51,7 +51,7 @@ pub struct Site {
 }
 
 impl Site {
-    fn ttl(&self) -> Option<Duration> {
+    pub(super) fn ttl(&self) -> Option<Duration> {
         (self.ttl_secs > 0).then(|| Duration::from_secs(self.ttl_secs))
     }
 }
@@ -219,7 +219,10 @@ impl Cache {
                     by_result,
                     until,
                 };
-                if let Some((value, remote)) = self.fresh(store, &rec, &entry, &read, check).await {
+                let decode = |p: &[u8]| serde_json::from_slice::<T>(p).ok();
+                if let Some((value, remote)) =
+                    self.fresh(store, &rec, &entry, &read, check, decode).await
+                {
                     record_hit(&rec, read.near.is_some() && !remote);
                     return Ok(value);
                 }
@@ -315,7 +318,7 @@ impl Cache {
     /// The near cache, unless invalidations are pending: then nothing is served from
     /// process memory until they are delivered. (A round trip delivers them first, so it may
     /// still fill the near cache.)
-    fn near_layer(&self) -> Option<&NearCache> {
+    pub(super) fn near_layer(&self) -> Option<&NearCache> {
         self.inner
             .near
             .as_ref()
@@ -333,6 +336,15 @@ impl Cache {
         near: Option<&NearCache>,
         until: Instant,
     ) -> Result<Read, StoreError> {
+        self.may_read(store, until).await?;
+        let r = store.read(entry, entry_ttl, stamps, near, until).await;
+        self.observe(&r);
+        r
+    }
+
+    /// What a read from Redis waits for: pending invalidations delivered, and the breaker
+    /// letting calls through.
+    pub(super) async fn may_read(&self, store: &Store, until: Instant) -> Result<(), StoreError> {
         if store.is_remote() {
             if self.inner.pending.any() {
                 self.deliver_pending(store, false, until).await?;
@@ -341,22 +353,21 @@ impl Cache {
                 return Err(StoreError::CircuitOpen);
             }
         }
-        let r = store.read(entry, entry_ttl, stamps, near, until).await;
-        self.observe(&r);
-        r
+        Ok(())
     }
 
     /// The value in `read`'s entry if it is fresh (its own stamps, the first `own` read, and
-    /// its result tags' stamps) and decodes (a corrupt entry or one that does not decode as
-    /// `T` is counted), and whether checking its result tags took a Redis read; a near-cache
-    /// entry is then marked checked.
-    async fn fresh<T: DeserializeOwned>(
+    /// its result tags' stamps) and its payload `decode`s (a corrupt entry or one that does
+    /// not decode is counted), and whether checking its result tags took a Redis read; a
+    /// near-cache entry is then marked checked.
+    pub(super) async fn fresh<T>(
         &self,
         store: &Store,
         rec: &Recorder<'_>,
         entry: &str,
         read: &Read,
         check: Check,
+        decode: impl FnOnce(&[u8]) -> Option<T>,
     ) -> Option<(T, bool)> {
         let bytes = read.entry.as_ref()?;
         let mut remote = false;
@@ -386,7 +397,7 @@ impl Cache {
                 return None;
             }
         };
-        let Ok(value) = serde_json::from_slice(payload) else {
+        let Some(value) = decode(payload) else {
             rec.decode_error();
             return None;
         };
@@ -569,10 +580,10 @@ struct Stamps<'a> {
 /// How a read entry is checked: its own stamps are the first `own` read; a site with result
 /// tags (`by_result`) serves only entries that carry them, checked by `until`.
 #[derive(Clone, Copy)]
-struct Check {
-    own: usize,
-    by_result: bool,
-    until: Instant,
+pub(super) struct Check {
+    pub(super) own: usize,
+    pub(super) by_result: bool,
+    pub(super) until: Instant,
 }
 
 /// Most result tags one entry can carry (the envelope's limit).
@@ -580,7 +591,7 @@ const MAX_RESULT_TAGS: usize = 255;
 
 /// The single-flight key: the entry, this process's invalidation epoch, and the stamps the
 /// caller saw (`None`: Redis was unreadable).
-fn flight_key(entry: &str, epoch: u64, stamps: Option<&[Bytes]>) -> Vec<u8> {
+pub(super) fn flight_key(entry: &str, epoch: u64, stamps: Option<&[Bytes]>) -> Vec<u8> {
     let n = stamps.map_or(1, <[Bytes]>::len);
     let mut flight = Vec::with_capacity(entry.len() + 9 + 17 * n);
     flight.extend_from_slice(entry.as_bytes());

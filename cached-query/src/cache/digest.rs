@@ -76,6 +76,33 @@ impl KeyBuilder {
 
     /// The sha256 of the canonical key document, or why an argument could not be serialised.
     pub(crate) fn digest(self) -> Result<[u8; 32], serde_json::Error> {
+        let mut doc = self.document()?;
+        doc.push(b'}');
+        Ok(Sha256::digest(&doc).into())
+    }
+
+    /// One digest per element of a batch: the key document with the element added under its
+    /// own field (`"b"`), so a batch's entries never share a key with a single read's.
+    pub(crate) fn element_digests<K: Serialize>(
+        self,
+        elements: &[K],
+    ) -> Result<Vec<[u8; 32]>, serde_json::Error> {
+        let mut doc = self.document()?;
+        doc.extend_from_slice(b",\"b\":");
+        let prefix = doc.len();
+        elements
+            .iter()
+            .map(|element| {
+                doc.truncate(prefix);
+                write_canonical(&mut doc, &to_key_value(element)?);
+                doc.push(b'}');
+                Ok(Sha256::digest(&doc).into())
+            })
+            .collect()
+    }
+
+    /// The key document without its closing brace.
+    fn document(self) -> Result<Vec<u8>, serde_json::Error> {
         if let Some(e) = self.error {
             return Err(e);
         }
@@ -100,8 +127,7 @@ impl KeyBuilder {
                 doc.push(b']');
             }
         }
-        doc.push(b'}');
-        Ok(Sha256::digest(&doc).into())
+        Ok(doc)
     }
 }
 

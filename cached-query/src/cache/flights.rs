@@ -70,6 +70,32 @@ impl Flights {
     /// query that began before an invalidation this caller has seen.
     pub(crate) fn join(&self, key: Vec<u8>, ticket: u64, started_after: Option<u64>) -> Role<'_> {
         let mut map = self.map.lock().unwrap_or_else(|e| e.into_inner());
+        self.join_locked(&mut map, key, ticket, started_after)
+    }
+
+    /// [`join`](Self::join) for several keys at once (a batch), all under one lock: every
+    /// flight a batch follows was created before any flight it leads. A batch waits for the
+    /// flights it follows before running its query, so waits only ever go to older flights
+    /// and cannot form a cycle.
+    pub(crate) fn join_many(
+        &self,
+        keys: Vec<Vec<u8>>,
+        ticket: u64,
+        started_after: Option<u64>,
+    ) -> Vec<Role<'_>> {
+        let mut map = self.map.lock().unwrap_or_else(|e| e.into_inner());
+        keys.into_iter()
+            .map(|key| self.join_locked(&mut map, key, ticket, started_after))
+            .collect()
+    }
+
+    fn join_locked(
+        &self,
+        map: &mut HashMap<Vec<u8>, Flight>,
+        key: Vec<u8>,
+        ticket: u64,
+        started_after: Option<u64>,
+    ) -> Role<'_> {
         let joinable = |f: &&Flight| {
             f.landed.is_none_or(|landed| ticket < landed)
                 && started_after.is_none_or(|arrived| f.id >= arrived)

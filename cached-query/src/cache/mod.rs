@@ -2,6 +2,7 @@
 //! (`call`), the write side (`invalidate`, `pending`), and what they use: single-flight,
 //! the circuit breaker, stats, the stored envelope and the argument digest.
 
+pub(crate) mod batch;
 pub(crate) mod breaker;
 pub(crate) mod builder;
 pub(crate) mod call;

@@ -109,27 +109,42 @@ pub(crate) struct Recorder<'a> {
 }
 
 macro_rules! record {
-    ($($name:ident => $field:ident $(, $metric:literal)?);* $(;)?) => {$(
+    ($($name:ident $(/ $many:ident)? => $field:ident, $metric:expr);* $(;)?) => {$(
         pub(crate) fn $name(&self) {
-            self.total.$field.fetch_add(1, Relaxed);
-            self.query.$field.fetch_add(1, Relaxed);
-            $(
-                #[cfg(feature = "metrics")]
-                metrics::counter!($metric, "query" => self.name).increment(1);
-            )?
+            self.add(|c| &c.$field, $metric, 1);
         }
+        $(
+            /// Counts `n` at once (a batch's keys).
+            pub(crate) fn $many(&self, n: u64) {
+                self.add(|c| &c.$field, $metric, n);
+            }
+        )?
     )*};
 }
 
 impl Recorder<'_> {
     record! {
-        hit => hits, "cached_query_cache_hits_total";
-        near_hit => near_hits, "cached_query_near_hits_total";
-        miss => misses, "cached_query_cache_misses_total";
-        error => errors, "cached_query_cache_errors_total";
-        decode_error => decode_errors;
-        oversized => oversized;
-        bypassed => bypassed, "cached_query_cache_bypassed_total";
+        hit / hits => hits, Some("cached_query_cache_hits_total");
+        near_hit / near_hits => near_hits, Some("cached_query_near_hits_total");
+        miss / misses => misses, Some("cached_query_cache_misses_total");
+        error => errors, Some("cached_query_cache_errors_total");
+        decode_error => decode_errors, None;
+        oversized => oversized, None;
+        bypassed => bypassed, Some("cached_query_cache_bypassed_total");
+    }
+
+    /// Adds `n` to a counter of the cache's total and of this query's, and to its metric.
+    #[cfg_attr(not(feature = "metrics"), allow(unused_variables))]
+    fn add(&self, field: fn(&Counters) -> &AtomicU64, metric: Option<&'static str>, n: u64) {
+        if n == 0 {
+            return;
+        }
+        field(self.total).fetch_add(n, Relaxed);
+        field(&self.query).fetch_add(n, Relaxed);
+        #[cfg(feature = "metrics")]
+        if let Some(metric) = metric {
+            metrics::counter!(metric, "query" => self.name).increment(n);
+        }
     }
 }
 

@@ -105,8 +105,13 @@ pub(crate) fn execute_sync<T>(f: impl FnOnce() -> T) -> T {
 
 /// A `#[cached_query]` call answered from the cache (or a shared flight).
 pub(crate) fn cache_hit() {
-    if active() {
-        let _ = COUNTS.try_with(|c| c.cache_hits.fetch_add(1, Relaxed));
+    cache_hits(1);
+}
+
+/// `n` keys of a batch answered from the cache (or shared flights).
+pub(crate) fn cache_hits(n: u64) {
+    if active() && n > 0 {
+        let _ = COUNTS.try_with(|c| c.cache_hits.fetch_add(n, Relaxed));
         mark_parent();
     }
 }

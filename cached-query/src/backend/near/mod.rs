@@ -209,7 +209,11 @@ impl NearCache {
     }
 
     /// The entry and every stamp, if all are held locally.
-    pub(crate) fn lookup(&self, entry: &str, stamps: &[StampKey]) -> Option<Read> {
+    pub(crate) fn lookup<'k>(
+        &self,
+        entry: &str,
+        stamps: impl IntoIterator<Item = &'k StampKey>,
+    ) -> Option<Read> {
         if !self.leased() {
             return None;
         }
@@ -217,7 +221,7 @@ impl NearCache {
         let stamp_seq = s.stamp_seq.load(SeqCst);
         let entry = s.entries.get(entry)?;
         let stamps = stamps
-            .iter()
+            .into_iter()
             .map(|k| s.stamps.get(&k.key))
             .collect::<Option<Vec<_>>>()?;
         Some(Read {
@@ -258,13 +262,13 @@ impl NearCache {
         }
     }
 
-    /// Keeps what an `MGET` of `entry` then `stamps` on the tracking connection returned
+    /// Keeps what `MGET`s of `entries` then `stamps` on the tracking connection returned
     /// (`values`, in that order; `None`: absent in Redis, not kept), unless something was
     /// dropped since `seq` was taken.
     pub(crate) fn fill(
         &self,
         seq: u64,
-        (entry, entry_ttl): (&str, Duration),
+        (entries, entry_ttl): (&[String], Duration),
         stamps: &[StampKey],
         values: &[Option<Bytes>],
     ) {
@@ -273,14 +277,14 @@ impl NearCache {
         // the inserts (it removes them). Inserting first and undoing on a changed `seq`
         // would let another caller check an entry against a stale token in between.
         let _exclusive = s.drop_lock();
-        if s.seq.load(SeqCst) != seq {
+        if s.seq.load(SeqCst) != seq || values.len() != entries.len() + stamps.len() {
             return;
         }
-        let Some((entry_bytes, stamp_values)) = values.split_first() else {
-            return;
-        };
-        if let Some(bytes) = entry_bytes {
-            s.entries.insert(entry, bytes.clone(), Some(entry_ttl));
+        let (entry_values, stamp_values) = values.split_at(entries.len());
+        for (entry, v) in entries.iter().zip(entry_values) {
+            if let Some(bytes) = v {
+                s.entries.insert(entry, bytes.clone(), Some(entry_ttl));
+            }
         }
         for (k, v) in stamps.iter().zip(stamp_values) {
             if let Some(bytes) = v {
@@ -291,16 +295,7 @@ impl NearCache {
 
     /// Keeps what an `MGET` of `stamps` alone returned, as [`fill`](Self::fill) does.
     pub(crate) fn fill_stamps(&self, seq: u64, stamps: &[StampKey], values: &[Option<Bytes>]) {
-        let s = &*self.shared;
-        let _exclusive = s.drop_lock();
-        if s.seq.load(SeqCst) != seq {
-            return;
-        }
-        for (k, v) in stamps.iter().zip(values) {
-            if let Some(bytes) = v {
-                s.stamps.insert(&k.key, bytes.clone(), k.ttl);
-            }
-        }
+        self.fill(seq, (&[], Duration::ZERO), stamps, values);
     }
 
     /// The tokens of `stamps`, if all are held locally, with the stamp sequence before the
@@ -466,7 +461,7 @@ pub(crate) mod tests {
         ];
         near.fill(
             seq,
-            (entry, Duration::from_secs(60)),
+            (&[entry.to_owned()], Duration::from_secs(60)),
             std::slice::from_ref(tag),
             &values,
         );
