@@ -100,23 +100,32 @@ impl<'a> Batch<'a> {
             map_key,
             ..
         } = self;
-        let same_key = {
+        // The elements typed as the map's keys and back: a map keyed by another type is one
+        // error, on its key type.
+        let (as_keys, as_elements) = {
             let span = map_key.span();
             let krate = krate.at(span);
-            quote_spanned!(span=> #krate::__private::same_key::<#map_key, #element>();)
+            (
+                quote_spanned!(span=> #krate::__private::as_map_keys::<#map_key, #element>),
+                quote_spanned!(span=> #krate::__private::as_elements::<#map_key, #element>),
+            )
         };
         let requested = {
             let span = ident.span();
-            quote_spanned!(span=> &#ident[..])
+            quote_spanned!(span=> #as_keys(&#ident[..]))
         };
         let rebound = match self.kind {
             BatchKind::Slice => quote!(&__cq_keys[..]),
             BatchKind::Vec => quote!(__cq_keys),
             BatchKind::RefVec => quote!(&__cq_keys),
         };
+        // `mut ids` in the signature: the parameter itself is only read (its rebinding in the
+        // body is what may be changed).
+        let mutable = matches!(pat, Pat::Ident(p) if p.mutability.is_some())
+            .then(|| quote!(let _ = &mut #ident;));
         quote! {
             #prelude
-            #same_key
+            #mutable
             let __cq_requested = #requested;
             let __cq_tags: ::std::vec::Vec<::std::vec::Vec<::std::string::String>> =
                 ::core::iter::Iterator::collect(::core::iter::Iterator::map(
@@ -138,7 +147,7 @@ impl<'a> Batch<'a> {
                 __cq_in_transaction,
                 &__cq_missing,
                 async {
-                    let __cq_keys = __cq_missing.take();
+                    let __cq_keys = #as_elements(__cq_missing.take());
                     let #pat = #rebound;
                     (#body).await
                 },

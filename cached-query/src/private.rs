@@ -2,7 +2,9 @@
 //! may change in any release.
 
 pub use crate::Cache;
-pub use crate::cache::batch::{BatchKeys, BatchMap, SameKey, cached_batch, same_key};
+pub use crate::cache::batch::{
+    BatchKeys, BatchMap, SameKey, as_elements, as_map_keys, cached_batch,
+};
 pub use crate::cache::call::{Site, cached, cached_by_result, in_transaction, key};
 pub use crate::cache::digest::{KeyBuilder, skipped_handle};
 pub use crate::cache::global::{as_cache, default_cache};

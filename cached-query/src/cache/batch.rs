@@ -74,18 +74,38 @@ impl<K: Ord, V> BatchMap for BTreeMap<K, V> {
     }
 }
 
-/// Holds `A`'s place where `A` must be `B`: the key type of a batch function's map and the
-/// element type of its batch parameter.
+/// Holds where `Self` must be `B`: the key type of a batch function's map and the element
+/// type of its batch parameter. Generated code converts between the two through it (an
+/// identity), so a mismatch is this one error, on the map's key type.
 #[diagnostic::on_unimplemented(
     message = "the map's key type `{Self}` is not the element type of the batch parameter, `{B}`",
     label = "a batch function returns a map from its batch's elements: `HashMap<{B}, V>` or `BTreeMap<{B}, V>`"
 )]
-pub trait SameKey<B> {}
+pub trait SameKey<B>: Sized {
+    /// The batch's elements as map keys.
+    fn keys(elements: &[B]) -> &[Self];
+    /// Map keys as the batch's elements.
+    fn elements(keys: Vec<Self>) -> Vec<B>;
+}
 
-impl<T> SameKey<T> for T {}
+impl<T> SameKey<T> for T {
+    fn keys(elements: &[T]) -> &[T] {
+        elements
+    }
+    fn elements(keys: Vec<T>) -> Vec<T> {
+        keys
+    }
+}
 
-/// Checks at compile time that `A` is `B` (see [`SameKey`]).
-pub fn same_key<A: SameKey<B>, B>() {}
+/// The batch parameter's elements, typed as the map's keys `A` (see [`SameKey`]).
+pub fn as_map_keys<A: SameKey<B>, B>(elements: &[B]) -> &[A] {
+    A::keys(elements)
+}
+
+/// Map keys `A` typed as the batch parameter's elements (see [`SameKey`]).
+pub fn as_elements<A: SameKey<B>, B>(keys: Vec<A>) -> Vec<B> {
+    A::elements(keys)
+}
 
 /// Hands the elements that missed to the function's body, which generated code runs as a
 /// future that takes them from here when first polled.
