@@ -14,6 +14,7 @@ use cached_query::{Cache, cached_query, timed};
 use redis::aio::MultiplexedConnection;
 use serde::{Deserialize, Serialize};
 use sqlx::PgPool;
+use std::collections::HashMap;
 use std::future::Future;
 use std::hint::black_box;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
@@ -108,6 +109,26 @@ async fn cq_user_miss(
     select_user(pool, id).await
 }
 
+/// The same rows read as one batch: one entry per id.
+#[cached_query(cache = cache, ttl = 600, batch = ids, invalidate = "user:<ids>", skip(pool))]
+async fn cq_users(
+    cache: &Cache,
+    pool: &PgPool,
+    ids: &[i64],
+) -> Result<HashMap<i64, User>, sqlx::Error> {
+    select_users(pool, ids).await
+}
+
+async fn select_users(pool: &PgPool, ids: &[i64]) -> Result<HashMap<i64, User>, sqlx::Error> {
+    DB_EXECUTIONS.fetch_add(1, Relaxed);
+    let rows: Vec<User> =
+        sqlx::query_as("SELECT id, name, email, bio, karma FROM cq_bench_users WHERE id = ANY($1)")
+            .bind(ids)
+            .fetch_all(pool)
+            .await?;
+    Ok(rows.into_iter().map(|u| (u.id, u)).collect())
+}
+
 /// Entries that all carry one tag, for the invalidation cost.
 #[cached_query(cache = cache, ttl = 600, invalidate = "<tag>")]
 async fn tagged(cache: &Cache, tag: &str, n: u64) -> Result<u64, std::convert::Infallible> {
@@ -174,12 +195,22 @@ where
     F: Fn(i64) -> Fut + Send + Sync + 'static,
     Fut: Future<Output = ()> + Send,
 {
+    measure_calls(case, 1, f).await
+}
+
+/// [`measure`] for calls that each cost about `weight` plain ones: `n / weight` calls.
+async fn measure_calls<F, Fut>(case: &'static str, weight: usize, f: F) -> Row
+where
+    F: Fn(i64) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = ()> + Send,
+{
     let s = &*SETTINGS;
     let (n, window) = if s.smoke {
         (300, Duration::from_millis(200))
     } else {
         (20_000, Duration::from_secs(3))
     };
+    let n = (n / weight).max(20);
     let f = Arc::new(f);
     // On a worker thread, like a request handler (not on the thread blocked in `block_on`).
     let single = f.clone();
@@ -645,6 +676,316 @@ async fn invalidation_case() {
     );
 }
 
+/// Batch reads of the 100 rows against 100 single hits (in sequence, and concurrently), and
+/// a batch with 10 misses against the uncached `WHERE id = ANY($1)` query.
+async fn batch_case() {
+    let cache = cache("batch", None).await;
+    let ids: Vec<i64> = (1..=ROWS).collect();
+    let all: &'static [i64] = Box::leak(ids.clone().into_boxed_slice());
+    cq_users(&cache, pool(), &ids).await.unwrap();
+    for &id in &ids {
+        cq_user(&cache, pool(), id).await.unwrap();
+    }
+    let single = {
+        let cache = cache.clone();
+        measure("one single hit", move |id| {
+            let c = cache.clone();
+            async move {
+                black_box(cq_user(&c, pool(), id).await.unwrap());
+            }
+        })
+        .await
+    };
+    let batch = {
+        let cache = cache.clone();
+        measure_calls("batch of 100, all hits", 20, move |_| {
+            let c = cache.clone();
+            async move {
+                black_box(cq_users(&c, pool(), all).await.unwrap());
+            }
+        })
+        .await
+    };
+    let sequence = {
+        let cache = cache.clone();
+        measure_calls("100 single hits in sequence", 20, move |_| {
+            let c = cache.clone();
+            async move {
+                for &id in all {
+                    black_box(cq_user(&c, pool(), id).await.unwrap());
+                }
+            }
+        })
+        .await
+    };
+    let joined = {
+        let cache = cache.clone();
+        measure_calls("100 single hits, `join_all`", 20, move |_| {
+            let c = cache.clone();
+            async move {
+                let calls = all.iter().map(|&id| cq_user(&c, pool(), id));
+                black_box(futures_util::future::join_all(calls).await);
+            }
+        })
+        .await
+    };
+    println!(
+        "
+### Batch reads (100 keys)
+"
+    );
+    println!(
+        "| case | p50 | p99 | p50 vs one single hit | keys/s (64 tasks) | keys/s vs single hits |"
+    );
+    println!("|---|---:|---:|---:|---:|---:|");
+    let single_keys = single.ops_per_sec;
+    for (row, keys) in [
+        (&single, 1.0),
+        (&batch, 100.0),
+        (&sequence, 100.0),
+        (&joined, 100.0),
+    ] {
+        println!(
+            "| {} | {:.1} µs | {:.1} µs | {:.2}× | {:.0} | {:.2}× |",
+            row.case,
+            us(row.p50),
+            us(row.p99),
+            row.p50.as_secs_f64() / single.p50.as_secs_f64(),
+            row.ops_per_sec * keys,
+            row.ops_per_sec * keys / single_keys,
+        );
+    }
+
+    // 10 of the 100 invalidated before each timed call (the invalidation is not timed).
+    let rounds = if SETTINGS.smoke { 30 } else { 2_000 };
+    let (mut missing, mut any100, mut any10) = (Vec::new(), Vec::new(), Vec::new());
+    let executions = DB_EXECUTIONS.load(Relaxed);
+    for round in 0..rounds {
+        let stale: Vec<String> = (0..10)
+            .map(|k| format!("user:{}", (round * 10 + k) % ROWS as usize + 1))
+            .collect();
+        cache.invalidate_many(&stale).await.unwrap();
+        let start = Instant::now();
+        black_box(cq_users(&cache, pool(), all).await.unwrap());
+        missing.push(start.elapsed());
+        let start = Instant::now();
+        black_box(select_users(pool(), all).await.unwrap());
+        any100.push(start.elapsed());
+        let ten: Vec<i64> = (0..10)
+            .map(|k| (round as i64 * 10 + k) % ROWS + 1)
+            .collect();
+        let start = Instant::now();
+        black_box(select_users(pool(), &ten).await.unwrap());
+        any10.push(start.elapsed());
+    }
+    // One query per batch call, plus the two uncached ones per round.
+    assert_eq!(DB_EXECUTIONS.load(Relaxed) - executions, 3 * rounds as u64);
+    for lat in [&mut missing, &mut any100, &mut any10] {
+        lat.sort();
+    }
+    println!(
+        "
+### Batch of 100 with 10 misses ({rounds} rounds)
+"
+    );
+    println!(
+        "| case | p50 | p99 |
+|---|---:|---:|"
+    );
+    for (case, lat) in [
+        (
+            "batch of 100, 10 invalidated: read, query of 10, write",
+            &missing,
+        ),
+        ("uncached `WHERE id = ANY($1)`, 100 ids", &any100),
+        ("uncached `WHERE id = ANY($1)`, 10 ids", &any10),
+    ] {
+        println!(
+            "| {case} | {:.1} µs | {:.1} µs |",
+            us(percentile(lat, 0.5)),
+            us(percentile(lat, 0.99))
+        );
+    }
+}
+
+/// Validating the stamps inside Redis: one `EVALSHA` that reads the entries and their
+/// stamps, compares them and returns only the fresh payloads, against today's `MGET` of
+/// entries and stamps checked on the client.
+const CHECK_IN_REDIS: &str = r"
+local n = tonumber(ARGV[1])
+local vals = redis.call('MGET', unpack(KEYS))
+local out, a = {}, 2
+for i = 1, n do
+  local c = tonumber(ARGV[a]); a = a + 1
+  local e = vals[i]
+  local ok = e and string.byte(e, 1) == 201 and string.byte(e, 2) == 1 and string.byte(e, 3) == c
+  local pos = 4
+  for _ = 1, c do
+    local s = vals[n + tonumber(ARGV[a])]; a = a + 1
+    if ok then
+      local len = string.byte(e, pos)
+      if not s or not len or len == 0 or string.sub(e, pos + 1, pos + len) ~= s then ok = false end
+      pos = pos + 1 + (len or 0)
+    end
+  end
+  out[i] = ok and string.sub(e, pos) or false
+end
+return out
+";
+
+/// The payload of an entry in the library's envelope (format 1) if its stamps are `current`:
+/// what a hit does on the client today.
+fn checked_payload<'a>(entry: &'a [u8], current: &[&[u8]]) -> Option<&'a [u8]> {
+    let [0xC9, 1, n, rest @ ..] = entry else {
+        return None;
+    };
+    if usize::from(*n) != current.len() {
+        return None;
+    }
+    let mut rest = rest;
+    for c in current {
+        let (&len, tail) = rest.split_first()?;
+        let len = usize::from(len);
+        if len == 0 || tail.len() < len || &tail[..len] != *c {
+            return None;
+        }
+        rest = &tail[len..];
+    }
+    Some(rest)
+}
+
+async fn protocol_case() {
+    let p = format!("{}:proto", SETTINGS.prefix);
+    let mut conn = raw_redis().await;
+    let generation = b"generation-token".to_vec();
+    let _: () = redis::cmd("SET")
+        .arg(format!("{p}:g"))
+        .arg(&generation)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    for id in 1..=ROWS {
+        let tag = format!("tag-token-{id:06}").into_bytes();
+        let json = serde_json::to_vec(&select_user(pool(), id).await.unwrap()).unwrap();
+        let mut entry = vec![0xC9, 1, 2, generation.len() as u8];
+        entry.extend_from_slice(&generation);
+        entry.push(tag.len() as u8);
+        entry.extend_from_slice(&tag);
+        entry.extend_from_slice(&json);
+        let _: () = redis::pipe()
+            .cmd("SET")
+            .arg(format!("{p}:e:{id}"))
+            .arg(entry)
+            .ignore()
+            .cmd("SET")
+            .arg(format!("{p}:t:{id}"))
+            .arg(tag)
+            .ignore()
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+    }
+    let sha: String = redis::cmd("SCRIPT")
+        .arg("LOAD")
+        .arg(CHECK_IN_REDIS)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let sha: &'static str = Box::leak(sha.into_boxed_str());
+    let p: &'static str = Box::leak(p.into_boxed_str());
+    // `ids`' entries, the generation, then each one's tag: the key list of either read.
+    let keys = move |ids: &[i64]| -> Vec<String> {
+        let entries = ids.iter().map(|id| format!("{p}:e:{id}"));
+        let tags = ids.iter().map(|id| format!("{p}:t:{id}"));
+        entries.chain([format!("{p}:g")]).chain(tags).collect()
+    };
+    let mget = move |ids: Vec<i64>, c: MultiplexedConnection| async move {
+        let mut c = c;
+        let n = ids.len();
+        let values: Vec<Option<Vec<u8>>> = redis::cmd("MGET")
+            .arg(keys(&ids))
+            .query_async(&mut c)
+            .await
+            .unwrap();
+        let generation = values[n].as_deref().unwrap();
+        for i in 0..n {
+            let tag = values[n + 1 + i].as_deref().unwrap();
+            let payload = checked_payload(values[i].as_deref().unwrap(), &[generation, tag]);
+            black_box(serde_json::from_slice::<User>(payload.unwrap()).unwrap());
+        }
+    };
+    let evalsha = move |ids: Vec<i64>, c: MultiplexedConnection| async move {
+        let mut c = c;
+        let n = ids.len();
+        let mut cmd = redis::cmd("EVALSHA");
+        cmd.arg(sha).arg(2 * n + 1).arg(keys(&ids)).arg(n);
+        for i in 0..n {
+            cmd.arg(2).arg(1).arg(2 + i);
+        }
+        let payloads: Vec<Option<Vec<u8>>> = cmd.query_async(&mut c).await.unwrap();
+        for payload in payloads {
+            black_box(serde_json::from_slice::<User>(&payload.unwrap()).unwrap());
+        }
+    };
+    let mut rows = Vec::new();
+    for (case, batch, script) in [
+        (
+            "one hit: `MGET` entry + 2 stamps, checked on the client",
+            false,
+            false,
+        ),
+        ("one hit: `EVALSHA`, checked in Redis", false, true),
+        (
+            "100 hits: `MGET` of 201 keys, checked on the client",
+            true,
+            false,
+        ),
+        (
+            "100 hits: `EVALSHA` of 201 keys, checked in Redis",
+            true,
+            true,
+        ),
+    ] {
+        let c = conn.clone();
+        rows.push(
+            measure_calls(case, if batch { 20 } else { 1 }, move |id| {
+                let ids = if batch {
+                    (1..=ROWS).collect()
+                } else {
+                    vec![id]
+                };
+                let c = c.clone();
+                async move {
+                    if script {
+                        evalsha(ids, c).await
+                    } else {
+                        mget(ids, c).await
+                    }
+                }
+            })
+            .await,
+        );
+    }
+    println!(
+        "
+### Checking stamps on the client or in Redis (raw protocol, same entries)
+"
+    );
+    println!(
+        "| case | p50 | p99 | throughput (64 tasks) |
+|---|---:|---:|---:|"
+    );
+    for r in &rows {
+        println!(
+            "| {} | {:.1} µs | {:.1} µs | {:.0} ops/s |",
+            r.case,
+            us(r.p50),
+            us(r.p99),
+            r.ops_per_sec
+        );
+    }
+}
+
 fn us(d: Duration) -> f64 {
     d.as_secs_f64() * 1e6
 }
@@ -763,6 +1104,8 @@ fn main() {
         println!("\n### Reads\n");
         let rows = read_cases().await;
         print_table(&rows);
+        batch_case().await;
+        protocol_case().await;
         invalidation_case().await;
         write_case().await;
         stampede_case().await;

@@ -9,6 +9,7 @@ use common::{RedisServer, keys_under, raw, redis_cache, redis_url, unique_ns};
 use sqlx::{PgConnection, PgPool};
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 use tokio::sync::{Semaphore, mpsc};
 
 /// What a batch function's executions saw; optionally each one stops at a gate: it reports
@@ -46,6 +47,15 @@ impl Probe {
     }
 }
 
+/// The keys of the next execution to reach the gate (10 s at most: a caller that never
+/// gets there waits for something it should not).
+async fn next(reached: &mut mpsc::UnboundedReceiver<Vec<i64>>) -> Vec<i64> {
+    tokio::time::timeout(Duration::from_secs(10), reached.recv())
+        .await
+        .expect("an execution reaches the gate")
+        .unwrap()
+}
+
 /// 100 people, ids 1 to 100, in org `id % 3`.
 async fn schema(pool: &PgPool) {
     sqlx::raw_sql(
@@ -66,11 +76,12 @@ async fn people(
     probe: &Probe,
     ids: &[i64],
 ) -> Result<HashMap<i64, String>, sqlx::Error> {
-    probe.enter(ids).await;
     let rows: Vec<(i64, String)> = sqlx::query_as("SELECT id, name FROM people WHERE id = ANY($1)")
         .bind(ids)
         .fetch_all(pool)
         .await?;
+    // After the read: a gated execution holds rows that a write may change meanwhile.
+    probe.enter(ids).await;
     Ok(rows.into_iter().collect())
 }
 
@@ -337,25 +348,22 @@ async fn an_element_invalidated_by_a_write_is_queried_again_alone(pool: PgPool) 
     assert_eq!(probe.runs(), [vec![1, 2, 3], vec![2]]);
 }
 
-/// An element invalidated while the batch's query runs: the value read before is returned
-/// to that caller, but not stored for the next one.
+/// An element invalidated while the batch's query runs (after its rows were read): the value
+/// read before is returned to that caller, but not stored for the next one.
 async fn invalidated_during_the_query_is_not_served_after(pool: &PgPool, cache: &Cache) {
     let (probe, mut reached) = Probe::gated();
     let first = tokio::spawn({
         let (pool, cache, probe) = (pool.clone(), cache.clone(), probe.clone());
         async move { people(&pool, &cache, &probe, &[1, 2, 3]).await.unwrap() }
     });
-    assert_eq!(reached.recv().await.unwrap(), [1, 2, 3]);
+    assert_eq!(next(&mut reached).await, [1, 2, 3]);
     let mut conn = pool.acquire().await.unwrap();
-    // The query has not read yet: it will see the new name, but the entry stored for it
-    // carries the stamps from before the invalidation.
     rename(&mut conn, cache, 2, "Bea").await.unwrap();
     probe.release(1);
-    assert_eq!(first.await.unwrap()[&2], "Bea");
-    rename(&mut conn, cache, 2, "Cy").await.unwrap();
+    assert_eq!(first.await.unwrap()[&2], "p2", "read before the write");
     probe.release(1);
     let got = people(pool, cache, &probe, &[1, 2, 3]).await.unwrap();
-    assert_eq!(got[&2], "Cy");
+    assert_eq!(got[&2], "Bea");
     assert_eq!(
         probe.runs()[1],
         [2],
@@ -377,11 +385,12 @@ async fn invalidated_during_the_query_is_not_served_after_memory(pool: PgPool) {
     invalidated_during_the_query_is_not_served_after(&pool, &cache).await;
 }
 
-/// Concurrent batches whose keys overlap: each key's query runs once; a batch waits for the
-/// keys another call is querying and queries only the rest, in one execution even when the
-/// call it waited for was cancelled.
+/// Concurrent batches whose keys overlap: a batch waits for the keys whose query another
+/// call is running and queries only the rest, once; it does not wait for a batch that is
+/// itself waiting (no chains); when the call it waited for is cancelled it queries those
+/// keys with its own, still in one execution.
 #[sqlx::test]
-async fn overlapping_batches_query_each_key_once(pool: PgPool) {
+async fn overlapping_batches_wait_only_for_queries_under_way(pool: PgPool) {
     schema(&pool).await;
     let cache = redis_cache(&redis_url(), &unique_ns("batch-flight")).await;
     let (probe, mut reached) = Probe::gated();
@@ -389,42 +398,123 @@ async fn overlapping_batches_query_each_key_once(pool: PgPool) {
         let (pool, cache, probe) = (pool.clone(), cache.clone(), probe.clone());
         tokio::spawn(async move { people(&pool, &cache, &probe, &ids).await.unwrap() })
     };
-    let a = call(vec![1, 2, 3]);
-    assert_eq!(reached.recv().await.unwrap(), [1, 2, 3]);
-    let b = call(vec![3, 4]);
-    let c = call(vec![4, 2, 5]);
-    // b waits for a's 3 before querying 4; c waits for a's 2 and b's 4.
-    common::within(std::time::Duration::from_secs(5), "b and c wait", || {
+    let waiters = |n: usize| {
         let cache = cache.clone();
-        async move { cache.shared_waiters() == 3 }
-    })
-    .await;
-    assert_eq!(probe.runs().len(), 1, "nobody queried meanwhile");
-    probe.release(1);
+        common::within(Duration::from_secs(5), "callers wait", move || {
+            let waiting = cache.shared_waiters();
+            async move { waiting == n }
+        })
+    };
+    let a = call(vec![1, 2, 3]);
+    assert_eq!(next(&mut reached).await, [1, 2, 3]);
+    // Everything a is querying: d runs no query (it waits for two keys).
+    let d = call(vec![2, 1]);
+    waiters(2).await;
+    // 3 is a's: b waits for it, then queries 4.
+    let b = call(vec![3, 4]);
+    waiters(3).await;
+    // 4 belongs to b, which is waiting: e queries it itself, at once, with 6.
+    let e = call(vec![4, 6]);
+    assert_eq!(next(&mut reached).await, [4, 6]);
+    assert_eq!(probe.runs(), [vec![1, 2, 3], vec![4, 6]]);
+    probe.release(1); // a (first in line)
     assert_eq!(a.await.unwrap(), names([1, 2, 3]));
-    assert_eq!(reached.recv().await.unwrap(), [4]);
-    probe.release(1);
+    assert_eq!(d.await.unwrap(), names([1, 2]));
+    assert_eq!(next(&mut reached).await, [4]);
+    probe.release(2);
     assert_eq!(b.await.unwrap(), names([3, 4]));
-    assert_eq!(reached.recv().await.unwrap(), [5]);
-    probe.release(1);
-    assert_eq!(c.await.unwrap(), names([4, 2, 5]));
-    assert_eq!(probe.runs(), [vec![1, 2, 3], vec![4], vec![5]]);
+    assert_eq!(e.await.unwrap(), names([4, 6]));
+    assert_eq!(probe.runs(), [vec![1, 2, 3], vec![4, 6], vec![4]]);
+    assert_eq!(counts(&cache), (3, 6), "d's 2 and b's 3 from a's query");
 
     // The call being waited for is cancelled: the waiting batch queries its keys with its
     // own, in one execution.
     let a = call(vec![10, 11]);
-    assert_eq!(reached.recv().await.unwrap(), [10, 11]);
+    assert_eq!(next(&mut reached).await, [10, 11]);
     let b = call(vec![11, 12]);
-    common::within(std::time::Duration::from_secs(5), "b waits", || {
-        let cache = cache.clone();
-        async move { cache.shared_waiters() == 1 }
-    })
-    .await;
+    waiters(1).await;
     a.abort();
-    assert_eq!(reached.recv().await.unwrap(), [11, 12]);
+    assert_eq!(next(&mut reached).await, [11, 12]);
     probe.release(1);
     assert_eq!(b.await.unwrap(), names([11, 12]));
     assert_eq!(probe.runs().len(), 5);
+}
+
+/// A batch over 2 048 keys is read in several `MGET`s: all on one connection, so a server
+/// restarted from disk between two of them (its generation replaced on the new connection)
+/// cannot pair an entry read before with a tag read after.
+#[sqlx::test]
+async fn a_restart_between_the_chunks_of_a_read_serves_nothing_stale(pool: PgPool) {
+    schema(&pool).await;
+    sqlx::query("INSERT INTO people SELECT i, i % 3, 'p' || i FROM generate_series(101, 1100) i")
+        .execute(&pool)
+        .await
+        .unwrap();
+    let mut server = RedisServer::start();
+    let proxy = common::TcpProxy::start(&server.addr()).await;
+    let cache = redis_cache(&proxy.redis_url(), "batch").await;
+    let probe = Arc::new(Probe::default());
+    people(&pool, &cache, &probe, &[1100]).await.unwrap();
+    assert_eq!(server.cli(&["SAVE"]).trim(), "OK");
+    let mut conn = pool.acquire().await.unwrap();
+    rename(&mut conn, &cache, 1100, "renamed").await.unwrap();
+
+    // 1100 entries, the generation and 1100 tags: 2201 keys, two MGETs, the tag of 1100 in
+    // the second. The first is answered by the server as it was, the second (read on a new
+    // connection, if it were sent apart) by the server restarted from the dump.
+    let mget = server.command_calls("mget");
+    proxy.hold_replies();
+    let read = tokio::spawn({
+        let (pool, cache, probe) = (pool.clone(), cache.clone(), probe.clone());
+        async move {
+            let ids: Vec<i64> = (1..=1100).collect();
+            people(&pool, &cache, &probe, &ids).await.unwrap()
+        }
+    });
+    common::within(Duration::from_secs(10), "the read reached Redis", || {
+        let sent = server.command_calls("mget") > mget;
+        async move { sent }
+    })
+    .await;
+    server.restart();
+    proxy.release_replies();
+    let got = read.await.unwrap();
+    assert_eq!(got[&1100], "renamed");
+    assert_eq!(got.len(), 1100);
+}
+
+/// A key type whose `Eq` is wider than its serialised form: "P1" and "p1" are two entries
+/// but one map key. Both entries get the value.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+struct Ci(String);
+
+impl PartialEq for Ci {
+    fn eq(&self, other: &Ci) -> bool {
+        self.0.eq_ignore_ascii_case(&other.0)
+    }
+}
+impl Eq for Ci {}
+impl std::hash::Hash for Ci {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        self.0.to_ascii_lowercase().hash(state);
+    }
+}
+
+#[cached_query(cache = cache, batch = names)]
+async fn by_name(cache: &Cache, names: &[Ci]) -> Result<HashMap<Ci, usize>, String> {
+    Ok(names.iter().map(|n| (n.clone(), n.0.len())).collect())
+}
+
+#[tokio::test]
+async fn keys_equal_by_eq_but_not_by_value_each_get_the_value() {
+    let cache = redis_cache(&redis_url(), &unique_ns("batch-eq")).await;
+    let ci = |s: &str| Ci(s.to_owned());
+    let got = by_name(&cache, &[ci("P1"), ci("p1")]).await.unwrap();
+    assert_eq!(got.len(), 1);
+    assert_eq!(got.get(&ci("p1")), Some(&2));
+    let got = by_name(&cache, &[ci("p1")]).await.unwrap();
+    assert_eq!(got.get(&ci("p1")), Some(&2), "not cached as absent");
+    assert_eq!(counts(&cache), (1, 2));
 }
 
 #[sqlx::test]

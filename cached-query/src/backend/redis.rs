@@ -280,24 +280,35 @@ impl RedisStore {
             .chain(stamps.iter().map(|s| s.key.as_str()))
             .collect();
         let seq = near.map(NearCache::seq);
-        let mut values: Vec<Option<Bytes>> = Vec::with_capacity(keys.len());
-        for chunk in keys.chunks(MAX_KEYS_PER_COMMAND) {
-            let mut mget = redis::cmd("MGET");
-            chunk.iter().for_each(|k| {
-                mget.arg(*k);
-            });
-            let mget = &mget;
-            let got: Vec<Option<Bytes>> = match near {
-                None => {
-                    self.run(until, |mut c| async move { mget.query_async(&mut c).await })
-                        .await?
-                }
-                Some(near) => near.read(mget, until, self.deadline).await?,
-            };
-            if got.len() != chunk.len() {
-                return Err(unexpected("MGET returned an unexpected number of values"));
+        let mgets: Vec<Cmd> = keys
+            .chunks(MAX_KEYS_PER_COMMAND)
+            .map(|chunk| {
+                let mut mget = redis::cmd("MGET");
+                chunk.iter().for_each(|k| {
+                    mget.arg(*k);
+                });
+                mget
+            })
+            .collect();
+        // Every chunk on one connection, so the values all come from the server that
+        // connection was checked against (a restart from disk between two chunks breaks it:
+        // the whole read is made again on a new, checked connection).
+        let (mgets, pipelined) = (&mgets[..], !self.conns.is_cluster());
+        let mut values: Vec<Option<Bytes>> = match near {
+            None => {
+                self.run(
+                    until,
+                    |c| async move { mget_all(c, mgets, pipelined).await },
+                )
+                .await?
             }
-            values.extend(got);
+            Some(near) => {
+                near.read(until, self.deadline, |c| mget_all(c, mgets, pipelined))
+                    .await?
+            }
+        };
+        if values.len() != keys.len() {
+            return Err(unexpected("MGET returned an unexpected number of values"));
         }
         if let (Some(near), Some(seq)) = (near, seq) {
             near.fill(seq, (entries, entry_ttl), stamps, &values);
@@ -458,7 +469,11 @@ impl RedisStore {
             }
             Some(near) => {
                 let seq = near.seq();
-                let values = near.read(mget, until, self.deadline).await?;
+                let values = near
+                    .read(until, self.deadline, |mut c| async move {
+                        mget.query_async(&mut c).await
+                    })
+                    .await?;
                 if values.len() == keys.len() {
                     near.fill_stamps(seq, keys, &values);
                 }
@@ -614,6 +629,33 @@ impl RedisStore {
         }
         Ok(())
     }
+}
+
+/// The values of `mgets`, in order, all read on the connection `c`: one pipeline (one round
+/// trip) when `pipelined`, else one request after another (a cluster, whose pipelines cannot
+/// span slots).
+async fn mget_all<C: redis::aio::ConnectionLike>(
+    mut c: C,
+    mgets: &[Cmd],
+    pipelined: bool,
+) -> redis::RedisResult<Vec<Option<Bytes>>> {
+    if let [one] = mgets {
+        return one.query_async(&mut c).await;
+    }
+    if pipelined {
+        let mut pipe = redis::pipe();
+        mgets.iter().for_each(|m| {
+            pipe.add_command(m.clone());
+        });
+        let parts: Vec<Vec<Option<Bytes>>> = pipe.query_async(&mut c).await?;
+        return Ok(parts.concat());
+    }
+    let mut values = Vec::new();
+    for m in mgets {
+        let part: Vec<Option<Bytes>> = m.query_async(&mut c).await?;
+        values.extend(part);
+    }
+    Ok(values)
 }
 
 /// Writes each of `keys` a token at `seq` with [`PUT`] (cluster), each followed by the

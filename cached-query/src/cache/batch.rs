@@ -7,12 +7,12 @@
 //!    in process is checked there;
 //! 2. **Redis**: one read of the other entries and of the distinct stamps they are checked
 //!    against (one `MGET` per [`MAX_KEYS_PER_COMMAND`](crate::backend::MAX_KEYS_PER_COMMAND)
-//!    keys, one script for stamps that were missing);
+//!    keys, pipelined on one connection; one script for stamps that were missing);
 //! 3. **freshness**: per element, exactly as for a single read;
-//! 4. **single-flight**: per element. Elements that another call is already querying are
-//!    waited for, before this call runs its own query: those flights were all created before
-//!    this call's (see [`Flights::join_many`](super::flights::Flights::join_many)), so waits
-//!    never form a cycle;
+//! 4. **single-flight**: per element. Elements whose query another call is running are
+//!    waited for, before this call runs its own (one) query; elements of a batch that is
+//!    itself still waiting are queried here too, so waits neither cycle nor chain (see
+//!    [`Flights::join_many`](super::flights::Flights::join_many));
 //! 5. **query**: once, for the elements still missing, deduplicated, in the caller's order;
 //! 6. **store**: one write of their entries under the stamps read in 1–2; an element the
 //!    function did not return is stored as absent (unless `cache_none = false`).
@@ -34,7 +34,7 @@ use serde::de::DeserializeOwned;
 use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
 use std::hash::{BuildHasher, Hash};
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 /// The map a batch function returns: `HashMap<K, V>` or `BTreeMap<K, V>`.
@@ -48,6 +48,8 @@ pub trait BatchMap: Default {
     type Value;
     /// Adds one element's value.
     fn put(&mut self, key: Self::Key, value: Self::Value);
+    /// One element's value.
+    fn value(&self, key: &Self::Key) -> Option<&Self::Value>;
     /// Removes and returns one element's value.
     fn take(&mut self, key: &Self::Key) -> Option<Self::Value>;
 }
@@ -57,6 +59,9 @@ impl<K: Eq + Hash, V, S: BuildHasher + Default> BatchMap for HashMap<K, V, S> {
     type Value = V;
     fn put(&mut self, key: K, value: V) {
         self.insert(key, value);
+    }
+    fn value(&self, key: &K) -> Option<&V> {
+        self.get(key)
     }
     fn take(&mut self, key: &K) -> Option<V> {
         self.remove(key)
@@ -68,6 +73,9 @@ impl<K: Ord, V> BatchMap for BTreeMap<K, V> {
     type Value = V;
     fn put(&mut self, key: K, value: V) {
         self.insert(key, value);
+    }
+    fn value(&self, key: &K) -> Option<&V> {
+        self.get(key)
     }
     fn take(&mut self, key: &K) -> Option<V> {
         self.remove(key)
@@ -372,7 +380,12 @@ impl Cache {
             .collect();
         // Without stamps, only a query that started after this caller arrived is shared.
         let started_after = failed.then_some(arrival);
-        let roles = inner.flights.join_many(flight_keys, ticket, started_after);
+        // Set while this call waits for others' flights: its own are then not followed by
+        // other batches (see `Flights::join_many`).
+        let waiting = Arc::new(AtomicBool::new(true));
+        let roles = inner
+            .flights
+            .join_many(flight_keys, ticket, started_after, &waiting);
         let mut leaders: Vec<Option<Leader<'_>>> = (0..n).map(|_| None).collect();
         let mut following = Vec::new();
         let mut query = Vec::new();
@@ -383,7 +396,11 @@ impl Cache {
                     query.push(e);
                 }
                 Role::Follower(rx) => following.push((e, rx)),
+                Role::Alone => query.push(e),
             }
+        }
+        if following.is_empty() {
+            waiting.store(false, Ordering::SeqCst);
         }
         let flights = &inner.flights;
         let followed = futures_util::future::join_all(
@@ -402,6 +419,7 @@ impl Cache {
                 None => query.push(e),
             }
         }
+        waiting.store(false, Ordering::SeqCst);
         rec.hits(hits);
         rec.near_hits(near_hits);
         calls::cache_hits(hits);
@@ -418,13 +436,13 @@ impl Cache {
             let mut writes = Vec::with_capacity(query.len());
             let mut written = vec![false; n];
             for &e in &query {
-                let value = map.take(&requested[order[e]]);
-                let payload = match encode_element(value.as_ref()) {
+                // Looked up, not taken: two elements the map's `Eq` finds equal (and their
+                // keys do not) each get the value.
+                let payload = match encode_element(map.value(&requested[order[e]])) {
                     Ok(p) => Arc::<[u8]>::from(p),
                     Err(err) => {
                         rec.error();
                         self.warn("the result could not be serialised", &err);
-                        found[e] = Some(value);
                         continue;
                     }
                 };
@@ -438,14 +456,17 @@ impl Cache {
                     writes.push((entries[e].clone(), bytes));
                     written[e] = true;
                 }
-                found[e] = Some(value);
             }
             let stored =
                 !writes.is_empty() && self.write_batch(store, &rec, writes, ttl, until).await;
-            for (e, leader) in leaders.into_iter().enumerate() {
-                if let Some(leader) = leader {
-                    leader.landed(stored && written[e]);
-                }
+            let landed = leaders
+                .into_iter()
+                .enumerate()
+                .filter_map(|(e, leader)| leader.map(|l| (l, stored && written[e])))
+                .collect();
+            inner.flights.land_all(landed);
+            for &e in &query {
+                found[e] = Some(map.take(&requested[order[e]]));
             }
         }
 

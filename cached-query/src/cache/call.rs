@@ -251,6 +251,8 @@ impl Cache {
                 }
                 None
             }
+            // Only batches are told to query apart.
+            Role::Alone => None,
         };
 
         // 5. Query.

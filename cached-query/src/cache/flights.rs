@@ -10,7 +10,7 @@
 //! holds the tag versions, so such a result is exactly the entry those callers missed.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed, Ordering::SeqCst};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::Relaxed, Ordering::SeqCst};
 use std::sync::{Arc, Mutex};
 use tokio::sync::watch;
 
@@ -28,6 +28,8 @@ struct Flight {
     id: u64,
     rx: watch::Receiver<Payload>,
     landed: Option<u64>,
+    /// A batch's flight: set while that batch waits for other flights before its query.
+    waiting: Option<Arc<AtomicBool>>,
 }
 
 #[derive(Debug, Default)]
@@ -41,6 +43,9 @@ pub(crate) struct Flights {
 pub(crate) enum Role<'a> {
     Leader(Leader<'a>),
     Follower(watch::Receiver<Payload>),
+    /// A batch's key whose flight belongs to a batch that is itself waiting: queried by this
+    /// batch too, unshared, so that waits never chain.
+    Alone,
 }
 
 /// The caller that runs the query. Dropping it without [`Leader::publish`] (error, panic,
@@ -70,22 +75,25 @@ impl Flights {
     /// query that began before an invalidation this caller has seen.
     pub(crate) fn join(&self, key: Vec<u8>, ticket: u64, started_after: Option<u64>) -> Role<'_> {
         let mut map = self.map.lock().unwrap_or_else(|e| e.into_inner());
-        self.join_locked(&mut map, key, ticket, started_after)
+        self.join_locked(&mut map, key, ticket, started_after, None)
     }
 
-    /// [`join`](Self::join) for several keys at once (a batch), all under one lock: every
-    /// flight a batch follows was created before any flight it leads. A batch waits for the
-    /// flights it follows before running its query, so waits only ever go to older flights
-    /// and cannot form a cycle.
+    /// [`join`](Self::join) for a batch's keys, all under one lock, so every flight a batch
+    /// follows was created before any flight it leads. A batch waits for the flights it
+    /// follows before running its one query for the rest, with `waiting` set meanwhile (its
+    /// flights carry it): a flight whose batch is waiting is not followed by another batch
+    /// ([`Role::Alone`]). Waits thus go only to older flights (no cycle) whose query is
+    /// running (no chain: a batch waits at most for queries already under way).
     pub(crate) fn join_many(
         &self,
         keys: Vec<Vec<u8>>,
         ticket: u64,
         started_after: Option<u64>,
+        waiting: &Arc<AtomicBool>,
     ) -> Vec<Role<'_>> {
         let mut map = self.map.lock().unwrap_or_else(|e| e.into_inner());
         keys.into_iter()
-            .map(|key| self.join_locked(&mut map, key, ticket, started_after))
+            .map(|key| self.join_locked(&mut map, key, ticket, started_after, Some(waiting)))
             .collect()
     }
 
@@ -95,12 +103,18 @@ impl Flights {
         key: Vec<u8>,
         ticket: u64,
         started_after: Option<u64>,
+        batch: Option<&Arc<AtomicBool>>,
     ) -> Role<'_> {
         let joinable = |f: &&Flight| {
             f.landed.is_none_or(|landed| ticket < landed)
                 && started_after.is_none_or(|arrived| f.id >= arrived)
         };
         if let Some(flight) = map.get(&key).filter(joinable) {
+            let chained =
+                flight.landed.is_none() && flight.waiting.as_ref().is_some_and(|w| w.load(SeqCst));
+            if batch.is_some() && chained {
+                return Role::Alone;
+            }
             return Role::Follower(flight.rx.clone());
         }
         let id = self.next_id.fetch_add(1, SeqCst);
@@ -111,6 +125,7 @@ impl Flights {
                 id,
                 rx,
                 landed: None,
+                waiting: batch.cloned(),
             },
         );
         Role::Leader(Leader {
@@ -155,17 +170,39 @@ impl Leader<'_> {
     /// `stored`: the shared result was written to the backend under this key's tag
     /// versions, so it is kept for callers whose read came before.
     pub(crate) fn landed(self, stored: bool) {
-        let size = self.tx.borrow().as_ref().map_or(usize::MAX, |p| p.len());
-        if !stored || size > KEEP_LANDED_BYTES {
+        let flights = self.flights;
+        flights.land_all(vec![(self, stored)]);
+    }
+}
+
+impl Flights {
+    /// [`Leader::landed`] for several leaders at once (a batch): one lock, one sweep.
+    pub(crate) fn land_all(&self, leaders: Vec<(Leader<'_>, bool)>) {
+        let kept: Vec<&Leader<'_>> = leaders
+            .iter()
+            .filter(|(leader, stored)| {
+                *stored
+                    && leader
+                        .tx
+                        .borrow()
+                        .as_ref()
+                        .is_some_and(|p| p.len() <= KEEP_LANDED_BYTES)
+            })
+            .map(|(leader, _)| leader)
+            .collect();
+        if kept.is_empty() {
             return;
         }
-        let mut map = self.flights.map.lock().unwrap_or_else(|e| e.into_inner());
+        let mut map = self.map.lock().unwrap_or_else(|e| e.into_inner());
         if map.len() > SWEEP_ABOVE {
             map.retain(|_, f| f.landed.is_none());
         }
-        if let Some(flight) = map.get_mut(&self.key).filter(|f| f.id == self.id) {
-            // Tickets taken from now on are >= landed; earlier ones are below it.
-            flight.landed = Some(self.flights.clock.fetch_add(1, SeqCst) + 1);
+        // Tickets taken from now on are >= landed; earlier ones are below it.
+        let landed = self.clock.fetch_add(1, SeqCst) + 1;
+        for leader in kept {
+            if let Some(flight) = map.get_mut(&leader.key).filter(|f| f.id == leader.id) {
+                flight.landed = Some(landed);
+            }
         }
     }
 }
@@ -259,6 +296,41 @@ mod tests {
             f.join(b"k".to_vec(), f.ticket(), Some(arrived)),
             Role::Follower(_)
         ));
+    }
+
+    #[test]
+    fn a_batch_lands_every_result_and_is_not_followed_while_it_waits() {
+        let f = Flights::default();
+        let waiting = Arc::new(AtomicBool::new(true));
+        let keys = |n: u32| (0..n).map(|i| i.to_le_bytes().to_vec()).collect();
+        let roles = f.join_many(keys(1000), f.ticket(), None, &waiting);
+        // Another batch meets them while this one waits: it queries them apart.
+        let other = Arc::new(AtomicBool::new(true));
+        let theirs = f.join_many(keys(3), f.ticket(), None, &other);
+        assert!(theirs.iter().all(|r| matches!(r, Role::Alone)));
+        waiting.store(false, SeqCst);
+        assert!(matches!(
+            f.join(keys(1).remove(0), f.ticket(), None),
+            Role::Follower(_)
+        ));
+        let missed_before = f.ticket();
+        let leaders = roles
+            .into_iter()
+            .map(|r| match r {
+                Role::Leader(l) => {
+                    l.share(Arc::from(&b"1"[..]));
+                    (l, true)
+                }
+                _ => panic!("a new key is led"),
+            })
+            .collect();
+        f.land_all(leaders);
+        for key in keys(1000) {
+            assert!(
+                matches!(f.join(key, missed_before, None), Role::Follower(_)),
+                "every landed result stays joinable"
+            );
+        }
     }
 
     #[tokio::test]

@@ -24,13 +24,14 @@ mod shards;
 
 use super::connect::{Source, Timeouts};
 use super::identity::{self, Guard};
-use super::link::{self, Link};
+use super::link::{self, Link, LinkConn};
 use super::{Read, StampKey, StoreError};
 use crate::keyspace::{is_entry_key, is_sequence_key};
 use bytes::Bytes;
 use futures_util::FutureExt;
-use redis::{Cmd, PushInfo, PushKind, Value};
+use redis::{PushInfo, PushKind, Value};
 use shards::Shards;
+use std::future::Future;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::SeqCst};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
@@ -236,20 +237,24 @@ impl NearCache {
         self.shared.seq.load(SeqCst)
     }
 
-    /// Sends `mget` on the tracking connection by `until` (a connection that times out is
-    /// discarded: a silent link would never fail by itself).
-    pub(crate) async fn read(
+    /// Runs `read` (reads only) on the tracking connection by `until` (a connection that
+    /// times out is discarded: a silent link would never fail by itself).
+    pub(crate) async fn read<F, Fut>(
         &self,
-        mget: &Cmd,
         until: Instant,
         deadline: Duration,
-    ) -> Result<Vec<Option<Bytes>>, StoreError> {
-        let (mut conn, _) = match tokio::time::timeout_at(until, self.link.get()).await {
+        read: F,
+    ) -> Result<Vec<Option<Bytes>>, StoreError>
+    where
+        F: FnOnce(LinkConn) -> Fut,
+        Fut: Future<Output = redis::RedisResult<Vec<Option<Bytes>>>>,
+    {
+        let (conn, _) = match tokio::time::timeout_at(until, self.link.get()).await {
             Ok(got) => got?,
             Err(_) => return Err(StoreError::Timeout(deadline)),
         };
         let sent = self.shared.now();
-        match tokio::time::timeout_at(until, mget.query_async(&mut conn)).await {
+        match tokio::time::timeout_at(until, read(conn.clone())).await {
             Ok(values) => {
                 let values = values?;
                 self.shared.ack(conn.id(), sent);
