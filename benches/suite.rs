@@ -1,5 +1,6 @@
 //! The benchmark suite: `cargo bench --bench suite` (`-- --smoke` for a short run,
-//! `-- --multi-thread` for a 2-worker runtime instead of one thread).
+//! `-- --multi-thread` for a 2-worker runtime instead of one thread, `-- --only batch` for
+//! one group of cases).
 //!
 //! One process, real local Redis (`REDIS_URL`) and PostgreSQL (`DATABASE_URL`). Every read
 //! case fetches the same 100 rows (a ~170-byte JSON user), warmed first, and reports the
@@ -1101,15 +1102,33 @@ fn main() {
             TASKS,
             ROWS
         );
-        println!("\n### Reads\n");
-        let rows = read_cases().await;
-        print_table(&rows);
-        batch_case().await;
-        protocol_case().await;
-        invalidation_case().await;
-        write_case().await;
-        stampede_case().await;
-        timed_case().await;
+        // `--only <case>`: one group of cases (reads, batch, protocol, invalidation, write,
+        // stampede, timed).
+        let only = std::env::args().skip_while(|a| a != "--only").nth(1);
+        let run = |case: &str| only.as_deref().is_none_or(|o| o == case);
+        if run("reads") {
+            println!("\n### Reads\n");
+            let rows = read_cases().await;
+            print_table(&rows);
+        }
+        if run("batch") {
+            batch_case().await;
+        }
+        if run("protocol") {
+            protocol_case().await;
+        }
+        if run("invalidation") {
+            invalidation_case().await;
+        }
+        if run("write") {
+            write_case().await;
+        }
+        if run("stampede") {
+            stampede_case().await;
+        }
+        if run("timed") {
+            timed_case().await;
+        }
         cleanup().await;
     });
 }

@@ -103,11 +103,11 @@ impl MemoryStore {
 
     /// `entries` and the tokens of `stamps` (created when missing: never reported as
     /// created, as a token made here cannot equal one an entry holds).
-    pub(crate) fn read_many(&self, entries: &[String], stamps: &[StampKey]) -> ReadMany {
+    pub(crate) fn read_many(&self, entries: &[&str], stamps: &[StampKey]) -> ReadMany {
         ReadMany {
             entries: entries
                 .iter()
-                .map(|e| self.entries.get(e).map(|s| s.bytes))
+                .map(|e| self.entries.get(*e).map(|s| s.bytes))
                 .collect(),
             stamps: stamps.iter().map(|s| self.stamp(s)).collect(),
             created: vec![false; stamps.len()],

@@ -127,7 +127,7 @@ impl Store {
     /// stamps are created.
     pub(crate) async fn read_many(
         &self,
-        entries: &[String],
+        entries: &[&str],
         entry_ttl: Duration,
         stamps: &[StampKey],
         near: Option<&NearCache>,

@@ -245,9 +245,8 @@ impl RedisStore {
         near: Option<&NearCache>,
         until: Instant,
     ) -> Result<Read, StoreError> {
-        let entries = [entry.to_owned()];
         let read = self
-            .read_many(&entries, entry_ttl, stamps, near, until)
+            .read_many(&[entry], entry_ttl, stamps, near, until)
             .await?;
         let [entry] = <[Option<Bytes>; 1]>::try_from(read.entries)
             .map_err(|_| unexpected("MGET returned an unexpected number of values"))?;
@@ -268,7 +267,7 @@ impl RedisStore {
     /// (entries `entry_ttl` at most).
     pub(crate) async fn read_many(
         &self,
-        entries: &[String],
+        entries: &[&str],
         entry_ttl: Duration,
         stamps: &[StampKey],
         near: Option<&NearCache>,
@@ -276,7 +275,7 @@ impl RedisStore {
     ) -> Result<ReadMany, StoreError> {
         let keys: Vec<&str> = entries
             .iter()
-            .map(String::as_str)
+            .copied()
             .chain(stamps.iter().map(|s| s.key.as_str()))
             .collect();
         let seq = near.map(NearCache::seq);

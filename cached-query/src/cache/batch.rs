@@ -515,18 +515,24 @@ impl Cache {
         ttl: std::time::Duration,
         until: tokio::time::Instant,
     ) -> Result<Vec<Read>, crate::backend::StoreError> {
-        // Only the stamps these entries need, each once.
+        // Only the stamps these entries need, each once: usually all of them, in order.
         let mut position = vec![usize::MAX; stamps.keys.len()];
-        let mut needed = Vec::new();
+        let mut needed = Vec::with_capacity(stamps.keys.len());
         for &e in remote {
             for &k in &stamps.of[e] {
                 if position[k] == usize::MAX {
                     position[k] = needed.len();
-                    needed.push(stamps.keys[k].clone());
+                    needed.push(k);
                 }
             }
         }
-        let asked: Vec<String> = remote.iter().map(|&e| entries[e].clone()).collect();
+        let needed: std::borrow::Cow<'_, [StampKey]> =
+            if needed.iter().copied().eq(0..stamps.keys.len()) {
+                std::borrow::Cow::Borrowed(&stamps.keys)
+            } else {
+                needed.iter().map(|&k| stamps.keys[k].clone()).collect()
+            };
+        let asked: Vec<&str> = remote.iter().map(|&e| entries[e].as_str()).collect();
         self.may_read(store, until).await?;
         let fill = self.inner.near.as_ref();
         let r = store.read_many(&asked, ttl, &needed, fill, until).await;

@@ -89,14 +89,15 @@ impl KeyBuilder {
     ) -> Result<Vec<[u8; 32]>, serde_json::Error> {
         let mut doc = self.document()?;
         doc.extend_from_slice(b",\"b\":");
-        let prefix = doc.len();
+        // The common prefix is hashed once; each element continues from its state.
+        let prefix = Sha256::new_with_prefix(&doc);
         elements
             .iter()
             .map(|element| {
-                doc.truncate(prefix);
+                doc.clear();
                 write_canonical(&mut doc, &to_key_value(element)?);
                 doc.push(b'}');
-                Ok(Sha256::digest(&doc).into())
+                Ok(prefix.clone().chain_update(&doc).finalize().into())
             })
             .collect()
     }
@@ -498,4 +499,21 @@ mod golden {
     }
 
     const GOLDEN: &str = "df55202954174c28e9ba00faa17087c497ae53c421088489f7705fbd47fd94e8";
+
+    /// A batch element's key: the same document with the element under `"b"`.
+    #[test]
+    fn batch_element_keys_are_stable() {
+        let mut k = KeyBuilder::new("app::users::by_ids", 0);
+        k.arg("eu");
+        let digests = k
+            .element_digests(&[serde_json::json!({"y": 2, "x": 1}), serde_json::json!(7)])
+            .unwrap();
+        let docs = [
+            r#"{"q":"app::users::by_ids","v":0,"t":[],"a":["eu"],"b":{"x":1,"y":2}}"#,
+            r#"{"q":"app::users::by_ids","v":0,"t":[],"a":["eu"],"b":7}"#,
+        ];
+        for (digest, doc) in digests.iter().zip(docs) {
+            assert_eq!(digest[..], Sha256::digest(doc.as_bytes())[..]);
+        }
+    }
 }

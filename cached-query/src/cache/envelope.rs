@@ -99,14 +99,30 @@ pub(crate) enum Decoded<'a> {
     Corrupt,
 }
 
-/// An entry split into its parts.
-struct Parts<'a> {
-    stamps: Vec<&'a [u8]>,
-    result: Option<Vec<ResultStamp<'a>>>,
-    payload: &'a [u8],
+/// The payload of a well-formed entry without checking its stamps (for a near-cache entry
+/// whose stamps were checked and have not changed since).
+pub(crate) fn payload(bytes: &[u8]) -> Option<&[u8]> {
+    parse::<&[u8]>(bytes, &[]).map(|(_, _, payload)| payload)
 }
 
-fn split<'a>(bytes: &'a [u8]) -> Option<Parts<'a>> {
+/// Checks `bytes` against the current stamps: the payload and the result tags still to be
+/// checked if they match.
+pub(crate) fn decode<'a, S: AsRef<[u8]>>(bytes: &'a [u8], current: &[S]) -> Decoded<'a> {
+    match parse(bytes, current) {
+        None => Decoded::Corrupt,
+        Some((true, result, payload)) => Decoded::Fresh(payload, result),
+        Some((false, ..)) => Decoded::Stale,
+    }
+}
+
+/// An entry's parts, its stamps compared with `current` while parsing (a hit allocates
+/// nothing here): whether they all match, its result tags (format 2), its payload. `None`
+/// when it is not an entry of this format.
+#[allow(clippy::type_complexity)]
+fn parse<'a, S: AsRef<[u8]>>(
+    bytes: &'a [u8],
+    current: &[S],
+) -> Option<(bool, Option<Vec<ResultStamp<'a>>>, &'a [u8])> {
     let [magic, version, n, rest @ ..] = bytes else {
         return None;
     };
@@ -114,61 +130,50 @@ fn split<'a>(bytes: &'a [u8]) -> Option<Parts<'a>> {
         return None;
     }
     let mut rest = rest;
-    let take = |rest: &mut &'a [u8], len: usize| -> Option<&'a [u8]> {
-        if rest.len() < len {
-            return None;
-        }
-        let (head, tail) = rest.split_at(len);
-        *rest = tail;
-        Some(head)
-    };
-    let mut stamps = Vec::with_capacity(usize::from(*n));
-    for _ in 0..*n {
-        let len = take(&mut rest, 1)?[0];
-        stamps.push(take(&mut rest, usize::from(len))?);
+    let mut fresh = usize::from(*n) == current.len();
+    for i in 0..usize::from(*n) {
+        let stamp = take_stamp(&mut rest)?;
+        // A current stamp that cannot be one matches nothing (an empty one must not equal an
+        // entry stored under an empty stamp by an older version: "absent = version 0").
+        fresh = fresh
+            && current
+                .get(i)
+                .is_some_and(|c| valid_stamp(c.as_ref()) && c.as_ref() == stamp);
     }
-    let mut result = None;
-    if *version == FORMAT_WITH_RESULT_TAGS {
-        let result = result.insert(Vec::new());
-        let m = take(&mut rest, 1)?[0];
-        for _ in 0..m {
-            let hash = take(&mut rest, HASH_LEN)?;
-            let len = take(&mut rest, 1)?[0];
-            let stamp = take(&mut rest, usize::from(len))?;
-            result.push(ResultStamp { hash, stamp });
-        }
-    }
-    Some(Parts {
-        stamps,
-        result,
-        payload: rest,
-    })
-}
-
-/// The payload of a well-formed entry without checking its stamps (for a near-cache entry
-/// whose stamps were checked and have not changed since).
-pub(crate) fn payload(bytes: &[u8]) -> Option<&[u8]> {
-    split(bytes).map(|p| p.payload)
-}
-
-/// Checks `bytes` against the current stamps: the payload and the result tags still to be
-/// checked if they match.
-pub(crate) fn decode<'a, S: AsRef<[u8]>>(bytes: &'a [u8], current: &[S]) -> Decoded<'a> {
-    let Some(parts) = split(bytes) else {
-        return Decoded::Corrupt;
-    };
-    // A current stamp that cannot be one matches nothing (an empty one must not equal an
-    // entry stored under an empty stamp by an older version: "absent = version 0").
-    let fresh = parts.stamps.len() == current.len()
-        && current
-            .iter()
-            .zip(&parts.stamps)
-            .all(|(c, s)| valid_stamp(c.as_ref()) && c.as_ref() == *s);
-    if fresh {
-        Decoded::Fresh(parts.payload, parts.result)
+    let result = if *version == FORMAT_WITH_RESULT_TAGS {
+        Some(result_stamps(&mut rest)?)
     } else {
-        Decoded::Stale
+        None
+    };
+    Some((fresh, result, rest))
+}
+
+/// Takes `len` bytes off the front of `rest`.
+fn take<'a>(rest: &mut &'a [u8], len: usize) -> Option<&'a [u8]> {
+    if rest.len() < len {
+        return None;
     }
+    let (head, tail) = rest.split_at(len);
+    *rest = tail;
+    Some(head)
+}
+
+/// Takes one length-prefixed stamp off the front of `rest`.
+fn take_stamp<'a>(rest: &mut &'a [u8]) -> Option<&'a [u8]> {
+    let len = take(rest, 1)?[0];
+    take(rest, usize::from(len))
+}
+
+/// Takes the result tags of a format 2 entry off the front of `rest`.
+fn result_stamps<'a>(rest: &mut &'a [u8]) -> Option<Vec<ResultStamp<'a>>> {
+    let m = take(rest, 1)?[0];
+    (0..m)
+        .map(|_| {
+            let hash = take(rest, HASH_LEN)?;
+            let stamp = take_stamp(rest)?;
+            Some(ResultStamp { hash, stamp })
+        })
+        .collect()
 }
 
 #[cfg(test)]

@@ -273,7 +273,7 @@ impl NearCache {
     pub(crate) fn fill(
         &self,
         seq: u64,
-        (entries, entry_ttl): (&[String], Duration),
+        (entries, entry_ttl): (&[&str], Duration),
         stamps: &[StampKey],
         values: &[Option<Bytes>],
     ) {
@@ -466,7 +466,7 @@ pub(crate) mod tests {
         ];
         near.fill(
             seq,
-            (&[entry.to_owned()], Duration::from_secs(60)),
+            (&[entry], Duration::from_secs(60)),
             std::slice::from_ref(tag),
             &values,
         );
