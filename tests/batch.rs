@@ -139,7 +139,7 @@ async fn all_hits_take_one_command_and_misses_one_query(pool: PgPool) {
         people(&pool, &cache, &probe, &ids).await.unwrap(),
         names(1..=100)
     );
-    assert_eq!(probe.runs(), [ids.clone()]);
+    assert_eq!(probe.runs(), std::slice::from_ref(&ids));
     assert_eq!(counts(&cache), (0, 100));
 
     let before = commands(&server);
@@ -269,6 +269,7 @@ async fn by_org(
 }
 
 #[cached_query(cache = cache, batch = ids, skip(probe))]
+#[allow(clippy::ptr_arg)] // `&Vec<K>` is a shape batches support
 async fn doubled(
     cache: &Cache,
     probe: &Probe,
@@ -641,10 +642,33 @@ async fn counted_as_one_query_and_bypassed_inside_a_transaction(pool: PgPool) {
     assert_eq!(got[&1], "uncommitted");
     tx.rollback().await.unwrap();
     assert_eq!(cache.stats().bypassed, 1);
-    let got = in_transaction(&mut *pool.acquire().await.unwrap(), &cache, &[1, 2])
+    let got = in_transaction(&mut pool.acquire().await.unwrap(), &cache, &[1, 2])
         .await
         .unwrap();
     assert_eq!(got[&1], "p1");
+}
+
+#[cached_query(cache = cache, batch = ids)]
+#[cached_query::timed(name = "batch.timed_squares")]
+async fn timed_squares(cache: &Cache, ids: &[i64]) -> Result<HashMap<i64, i64>, String> {
+    Ok(ids.iter().map(|i| (*i, i * i)).collect())
+}
+
+/// `#[timed]` inside `#[cached_query(batch)]` times each execution: one per call that queried.
+#[tokio::test]
+async fn timed_counts_one_execution_per_call_that_queried() {
+    let cache = Cache::builder().memory().build().await.unwrap();
+    let count = || {
+        cached_query::timings()
+            .into_iter()
+            .find(|t| t.name == "batch.timed_squares")
+            .map_or(0, |t| t.count)
+    };
+    timed_squares(&cache, &[1, 2, 3]).await.unwrap();
+    timed_squares(&cache, &[1, 2, 3]).await.unwrap();
+    timed_squares(&cache, &[3, 4, 5, 4]).await.unwrap();
+    assert_eq!(count(), 2);
+    assert_eq!(counts(&cache), (4, 5));
 }
 
 #[cached_query(cache = cache, batch = ids, invalidate = "person:<ids>")]

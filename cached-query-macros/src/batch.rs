@@ -112,7 +112,10 @@ impl<'a> Batch<'a> {
         };
         let requested = {
             let span = ident.span();
-            quote_spanned!(span=> #as_keys(&#ident[..]))
+            match self.kind {
+                BatchKind::Slice => quote_spanned!(span=> #as_keys(#ident)),
+                BatchKind::Vec | BatchKind::RefVec => quote_spanned!(span=> #as_keys(&#ident[..])),
+            }
         };
         let rebound = match self.kind {
             BatchKind::Slice => quote!(&__cq_keys[..]),
