@@ -441,6 +441,79 @@ async fn overlapping_batches_wait_only_for_queries_under_way(pool: PgPool) {
     assert_eq!(probe.runs().len(), 5);
 }
 
+/// An absent element is shared like any other: a batch waiting for it gets the absence.
+#[sqlx::test]
+async fn single_flight_covers_absent_keys(pool: PgPool) {
+    schema(&pool).await;
+    let cache = redis_cache(&redis_url(), &unique_ns("batch-absent")).await;
+    let (probe, mut reached) = Probe::gated();
+    let call = |ids: Vec<i64>| {
+        let (pool, cache, probe) = (pool.clone(), cache.clone(), probe.clone());
+        tokio::spawn(async move { people(&pool, &cache, &probe, &ids).await.unwrap() })
+    };
+    let a = call(vec![1, 1000]);
+    assert_eq!(next(&mut reached).await, [1, 1000]);
+    let b = call(vec![1000]);
+    common::within(Duration::from_secs(5), "b waits", || {
+        let waiting = cache.shared_waiters();
+        async move { waiting == 1 }
+    })
+    .await;
+    probe.release(1);
+    assert_eq!(a.await.unwrap(), names([1]));
+    assert!(b.await.unwrap().is_empty());
+    assert_eq!(probe.runs(), [vec![1, 1000]]);
+    assert_eq!(counts(&cache), (1, 2));
+}
+
+/// An invalidation that could not reach Redis is pending: no batch element is served from
+/// process memory (the near cache) until it is delivered, and a read delivers it first.
+#[sqlx::test]
+async fn a_pending_invalidation_is_never_skipped_by_a_batch(pool: PgPool) {
+    schema(&pool).await;
+    let server = RedisServer::start();
+    let proxy = common::TcpProxy::start(&server.addr()).await;
+    let cache = common::fail_fast(&proxy.redis_url(), "batch")
+        .near_cache(100)
+        .build()
+        .await
+        .unwrap();
+    let probe = Probe::default();
+    // Until both are served from process memory (a fill is dropped when a tracking message,
+    // such as the one for the entries just written, arrives during its read).
+    for _ in 0..20 {
+        people(&pool, &cache, &probe, &[1, 2]).await.unwrap();
+        if cache.stats().near_hits >= 2 {
+            break;
+        }
+    }
+    assert!(cache.stats().near_hits >= 2, "{:?}", cache.stats());
+    sqlx::query("UPDATE people SET name = 'Ann' WHERE id = 1")
+        .execute(&pool)
+        .await
+        .unwrap();
+    proxy.stall();
+    let pending = cache.invalidate("person:1").await;
+    assert!(
+        matches!(
+            pending,
+            Err(cached_query::Error::InvalidationPending { .. })
+        ),
+        "{pending:?}"
+    );
+    // Redis silent: the near cache holds both elements, but serves neither.
+    assert_eq!(
+        people(&pool, &cache, &probe, &[1, 2]).await.unwrap()[&1],
+        "Ann"
+    );
+    assert_eq!(probe.runs().last().unwrap(), &vec![1, 2]);
+    proxy.resume();
+    assert_eq!(
+        people(&pool, &cache, &probe, &[1, 2]).await.unwrap()[&1],
+        "Ann"
+    );
+}
+
 /// A batch over 2 048 keys is read in several `MGET`s: all on one connection, so a server
 /// restarted from disk between two of them (its generation replaced on the new connection)
 /// cannot pair an entry read before with a tag read after.

@@ -795,12 +795,14 @@ impl ClusterConn {
     /// and its values put back in the order of `keys`.
     async fn mget(&self, keys: &[&[u8]]) -> RedisResult<Value> {
         let mut groups: Vec<(u16, Vec<usize>)> = Vec::new();
+        let mut group_of: HashMap<u16, usize> = HashMap::new();
         for (i, key) in keys.iter().enumerate() {
             let slot = key_slot(key);
-            match groups.iter_mut().find(|(s, _)| *s == slot) {
-                Some((_, at)) => at.push(i),
-                None => groups.push((slot, vec![i])),
-            }
+            let g = *group_of.entry(slot).or_insert_with(|| {
+                groups.push((slot, Vec::new()));
+                groups.len() - 1
+            });
+            groups[g].1.push(i);
         }
         let replies = try_join_all(groups.iter().map(|(slot, at)| {
             let mut mget = redis::cmd("MGET");

@@ -16,8 +16,12 @@ use tokio::sync::watch;
 
 /// Landed results are kept only up to this size (they are also in the backend) …
 const KEEP_LANDED_BYTES: usize = 64 * 1024;
-/// … and dropped all at once when the map holds more keys than this.
+/// … and dropped all at once when more than this many, or more than `SWEEP_ABOVE_BYTES`, are
+/// kept. One landing (a batch's included) keeps at most this many, and at most
+/// `KEEP_LANDED_TOTAL` bytes of them.
 const SWEEP_ABOVE: usize = 256;
+const SWEEP_ABOVE_BYTES: usize = 4 * 1024 * 1024;
+const KEEP_LANDED_TOTAL: usize = 1024 * 1024;
 
 type Payload = Option<Arc<[u8]>>;
 
@@ -38,6 +42,10 @@ pub(crate) struct Flights {
     clock: AtomicU64,
     waiting: AtomicUsize,
     map: Mutex<HashMap<Vec<u8>, Flight>>,
+    /// Landed flights kept in `map`, and their bytes (at most: one replaced by a new flight
+    /// stays counted until the next sweep), changed under its lock.
+    landed: AtomicUsize,
+    landed_bytes: AtomicUsize,
 }
 
 pub(crate) enum Role<'a> {
@@ -178,30 +186,40 @@ impl Leader<'_> {
 impl Flights {
     /// [`Leader::landed`] for several leaders at once (a batch): one lock, one sweep.
     pub(crate) fn land_all(&self, leaders: Vec<(Leader<'_>, bool)>) {
+        let mut total = 0;
         let kept: Vec<&Leader<'_>> = leaders
             .iter()
-            .filter(|(leader, stored)| {
-                *stored
-                    && leader
-                        .tx
-                        .borrow()
-                        .as_ref()
-                        .is_some_and(|p| p.len() <= KEEP_LANDED_BYTES)
-            })
+            .filter(|(_, stored)| *stored)
             .map(|(leader, _)| leader)
+            .filter(|leader| {
+                let size = leader.tx.borrow().as_ref().map_or(usize::MAX, |p| p.len());
+                let keep = size <= KEEP_LANDED_BYTES && total + size <= KEEP_LANDED_TOTAL;
+                total += if keep { size } else { 0 };
+                keep
+            })
+            .take(SWEEP_ABOVE)
             .collect();
         if kept.is_empty() {
             return;
         }
         let mut map = self.map.lock().unwrap_or_else(|e| e.into_inner());
-        if map.len() > SWEEP_ABOVE {
+        // Counted, not measured by the map's size: a large batch in flight must not make
+        // every landing scan the map.
+        if self.landed.load(Relaxed) + kept.len() > SWEEP_ABOVE
+            || self.landed_bytes.load(Relaxed) + total > SWEEP_ABOVE_BYTES
+        {
             map.retain(|_, f| f.landed.is_none());
+            self.landed.store(0, Relaxed);
+            self.landed_bytes.store(0, Relaxed);
         }
         // Tickets taken from now on are >= landed; earlier ones are below it.
         let landed = self.clock.fetch_add(1, SeqCst) + 1;
         for leader in kept {
             if let Some(flight) = map.get_mut(&leader.key).filter(|f| f.id == leader.id) {
                 flight.landed = Some(landed);
+                self.landed.fetch_add(1, Relaxed);
+                let size = leader.tx.borrow().as_ref().map_or(0, |p| p.len());
+                self.landed_bytes.fetch_add(size, Relaxed);
             }
         }
     }
@@ -325,10 +343,47 @@ mod tests {
             })
             .collect();
         f.land_all(leaders);
-        for key in keys(1000) {
+        // The first 256 (of small results) are kept, for callers that read before the write.
+        for (i, key) in keys(1000).into_iter().enumerate() {
+            let joined = matches!(f.join(key, missed_before, None), Role::Follower(_));
+            assert_eq!(joined, i < SWEEP_ABOVE, "{i}");
+        }
+    }
+
+    #[test]
+    fn landed_results_stay_bounded_however_large_the_batch() {
+        let f = Flights::default();
+        let waiting = Arc::new(AtomicBool::new(false));
+        for round in 0..20u32 {
+            let keys = (0..5000u32)
+                .map(|i| (round * 5000 + i).to_le_bytes().to_vec())
+                .collect();
+            let leaders = f
+                .join_many(keys, f.ticket(), None, &waiting)
+                .into_iter()
+                .map(|r| match r {
+                    Role::Leader(l) => {
+                        l.share(Arc::from(vec![0u8; 60_000]));
+                        (l, true)
+                    }
+                    _ => panic!("a new key is led"),
+                })
+                .collect();
+            f.land_all(leaders);
+            let map = f.map.lock().unwrap();
+            let kept: usize = map
+                .values()
+                .filter(|fl| fl.landed.is_some())
+                .map(|fl| fl.rx.borrow().as_ref().map_or(0, |p| p.len()))
+                .sum();
             assert!(
-                matches!(f.join(key, missed_before, None), Role::Follower(_)),
-                "every landed result stays joinable"
+                kept <= SWEEP_ABOVE_BYTES + KEEP_LANDED_TOTAL,
+                "round {round}: {kept} bytes kept"
+            );
+            assert!(
+                map.len() <= 2 * SWEEP_ABOVE,
+                "round {round}: {} flights",
+                map.len()
             );
         }
     }

@@ -47,6 +47,16 @@ pub async fn stacked_with_timed(names: &[String]) -> Result<HashMap<String, usiz
     Ok(names.iter().map(|n| (n.clone(), n.len())).collect())
 }
 
+cached_query::tags! {
+    pub fn profile(id: i64) = "profile:{id}";
+}
+
+/// In a tag expression the batch parameter is a reference to one element.
+#[cached_query(batch = ids, invalidate = [profile(*ids), "user:<ids>"])]
+pub async fn with_a_tag_function(ids: &[i64]) -> Result<HashMap<i64, i64>, String> {
+    Ok(ids.iter().map(|&id| (id, id)).collect())
+}
+
 pub struct Repo {
     cache: Cache,
 }
