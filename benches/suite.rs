@@ -679,7 +679,7 @@ async fn invalidation_case() {
 
 /// Batch reads of the 100 rows against 100 single hits (in sequence, and concurrently), and
 /// a batch with 10 misses against the uncached `WHERE id = ANY($1)` query.
-async fn batch_case() {
+async fn batch_case(all_cases: bool) {
     let cache = cache("batch", None).await;
     let ids: Vec<i64> = (1..=ROWS).collect();
     let all: &'static [i64] = Box::leak(ids.clone().into_boxed_slice());
@@ -707,6 +707,20 @@ async fn batch_case() {
         })
         .await
     };
+    if !all_cases {
+        println!("\n### Batch hits (100 keys)\n");
+        println!("| case | p50 | p99 | keys/s |\n|---|---:|---:|---:|");
+        for (row, keys) in [(&single, 1.0), (&batch, 100.0)] {
+            println!(
+                "| {} | {:.1} µs | {:.1} µs | {:.0} |",
+                row.case,
+                us(row.p50),
+                us(row.p99),
+                row.ops_per_sec * keys
+            );
+        }
+        return;
+    }
     let sequence = {
         let cache = cache.clone();
         measure_calls("100 single hits in sequence", 20, move |_| {
@@ -1112,7 +1126,9 @@ fn main() {
             print_table(&rows);
         }
         if run("batch") {
-            batch_case().await;
+            batch_case(true).await;
+        } else if only.as_deref() == Some("batch-hits") {
+            batch_case(false).await;
         }
         if run("protocol") {
             protocol_case().await;

@@ -20,7 +20,7 @@
 //! An entry's payload is the element's value as JSON, or nothing for an absent element.
 
 use super::Cache;
-use super::call::{Check, Site, flight_key};
+use super::call::{Site, flight_key};
 use super::digest::KeyBuilder;
 use super::envelope;
 use super::flights::{Leader, Role};
@@ -48,6 +48,8 @@ pub trait BatchMap: Default {
     type Value;
     /// Adds one element's value.
     fn put(&mut self, key: Self::Key, value: Self::Value);
+    /// An empty map for about `n` elements.
+    fn with_room(n: usize) -> Self;
     /// One element's value.
     fn value(&self, key: &Self::Key) -> Option<&Self::Value>;
     /// Removes and returns one element's value.
@@ -59,6 +61,9 @@ impl<K: Eq + Hash, V, S: BuildHasher + Default> BatchMap for HashMap<K, V, S> {
     type Value = V;
     fn put(&mut self, key: K, value: V) {
         self.insert(key, value);
+    }
+    fn with_room(n: usize) -> Self {
+        HashMap::with_capacity_and_hasher(n, S::default())
     }
     fn value(&self, key: &K) -> Option<&V> {
         self.get(key)
@@ -73,6 +78,9 @@ impl<K: Ord, V> BatchMap for BTreeMap<K, V> {
     type Value = V;
     fn put(&mut self, key: K, value: V) {
         self.insert(key, value);
+    }
+    fn with_room(_: usize) -> Self {
+        BTreeMap::new()
     }
     fn value(&self, key: &K) -> Option<&V> {
         self.get(key)
@@ -218,7 +226,7 @@ where
     let order = first_occurrences(requested.len(), digests.as_deref());
     missing.set(order.iter().map(|&i| requested[i].clone()).collect());
     let mut map = calls::execute(fut).await?;
-    let mut out = M::default();
+    let mut out = M::with_room(order.len());
     for &i in &order {
         if let Some(v) = map.take(&requested[i]) {
             out.put(requested[i].clone(), v);
@@ -354,16 +362,18 @@ impl Cache {
             let Some(read) = reads[e].take() else {
                 continue;
             };
-            let check = Check {
-                own: read.stamps.len(),
-                by_result: false,
-                until,
-            };
-            let fresh = self
-                .fresh(store, &rec, &entries[e], &read, check, decode_element)
-                .await;
+            let fresh = read.entry.as_ref().and_then(|bytes| {
+                self.fresh_now(
+                    &rec,
+                    &entries[e],
+                    bytes,
+                    &read.stamps,
+                    read.near,
+                    decode_element,
+                )
+            });
             match fresh {
-                Some((value, _)) => {
+                Some(value) => {
                     found[e] = Some(value);
                     hits += 1;
                     near_hits += u64::from(read.near.is_some());
@@ -470,7 +480,7 @@ impl Cache {
             }
         }
 
-        let mut out = M::default();
+        let mut out = M::with_room(n);
         for (e, value) in found.into_iter().enumerate() {
             if let Some(Some(value)) = value {
                 out.put(requested[order[e]].clone(), value);

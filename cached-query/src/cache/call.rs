@@ -372,8 +372,14 @@ impl Cache {
         decode: impl FnOnce(&[u8]) -> Option<T>,
     ) -> Option<(T, bool)> {
         let bytes = read.entry.as_ref()?;
+        let current = read.stamps.get(..check.own)?;
+        if !check.by_result {
+            return self
+                .fresh_now(rec, entry, bytes, current, read.near, decode)
+                .map(|value| (value, false));
+        }
         let mut remote = false;
-        let payload = match envelope::decode(bytes, read.stamps.get(..check.own)?) {
+        let payload = match envelope::decode(bytes, current) {
             Decoded::Fresh(payload, result) => {
                 match result {
                     // Stored without result tags (before the site had them, or by a process
@@ -407,6 +413,39 @@ impl Cache {
             near.mark_checked(entry, bytes, seq);
         }
         Some((value, remote))
+    }
+
+    /// [`fresh`](Self::fresh) for an entry of a site without result tags, done at once (a
+    /// batch checks each element with it): the payload decoded if `bytes` was stored under
+    /// exactly `current` stamps (a corrupt entry or one that does not decode is counted); a
+    /// near-cache entry read at `near_seq` is then marked checked.
+    pub(super) fn fresh_now<T, S: AsRef<[u8]>>(
+        &self,
+        rec: &Recorder<'_>,
+        entry: &str,
+        bytes: &Bytes,
+        current: &[S],
+        near_seq: Option<u64>,
+        decode: impl FnOnce(&[u8]) -> Option<T>,
+    ) -> Option<T> {
+        let payload = match envelope::decode(bytes, current) {
+            Decoded::Fresh(payload, None) => payload,
+            Decoded::Fresh(payload, Some(result)) if result.is_empty() => payload,
+            // Result tags this site does not check: never served.
+            Decoded::Fresh(..) | Decoded::Stale => return None,
+            Decoded::Corrupt => {
+                rec.decode_error();
+                return None;
+            }
+        };
+        let Some(value) = decode(payload) else {
+            rec.decode_error();
+            return None;
+        };
+        if let (Some(seq), Some(near)) = (near_seq, &self.inner.near) {
+            near.mark_checked(entry, bytes, seq);
+        }
+        Some(value)
     }
 
     /// Whether every result tag of an entry still has the stamp stored with it, and whether
