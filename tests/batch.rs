@@ -223,9 +223,15 @@ async fn elements_are_deduplicated_and_absences_cached(pool: &PgPool, cache: &Ca
     assert_eq!(probe.runs().len(), 1, "a cached absence is a hit");
     assert_eq!(counts(cache), (2, 4));
 
+    // A cached absence carries its element's tag.
+    cache.invalidate("person:1000").await.unwrap();
+    assert!(people(pool, cache, &probe, &[1000]).await.unwrap().is_empty());
+    assert_eq!(probe.runs().last().unwrap(), &vec![1000]);
+    assert_eq!(counts(cache), (2, 5));
+
     assert!(people(pool, cache, &probe, &[]).await.unwrap().is_empty());
-    assert_eq!(probe.runs().len(), 1, "empty input runs no query");
-    assert_eq!(counts(cache), (2, 4));
+    assert_eq!(probe.runs().len(), 2, "empty input runs no query");
+    assert_eq!(counts(cache), (2, 5));
     assert_eq!(cache.stats().errors, 0);
 }
 
