@@ -225,7 +225,12 @@ async fn elements_are_deduplicated_and_absences_cached(pool: &PgPool, cache: &Ca
 
     // A cached absence carries its element's tag.
     cache.invalidate("person:1000").await.unwrap();
-    assert!(people(pool, cache, &probe, &[1000]).await.unwrap().is_empty());
+    assert!(
+        people(pool, cache, &probe, &[1000])
+            .await
+            .unwrap()
+            .is_empty()
+    );
     assert_eq!(probe.runs().last().unwrap(), &vec![1000]);
     assert_eq!(counts(cache), (2, 5));
 
@@ -801,38 +806,28 @@ async fn no_stale_reads(pool: PgPool, cache: Cache) {
 #[sqlx::test]
 async fn no_stale_reads_through_batches_redis(pool: PgPool) {
     schema(&pool).await;
-    let cache = redis_cache(&redis_url(), &unique_ns("batch-stress")).await;
+    let (cache, _cluster) = common::cache_on(common::Backend::Redis, "batch-stress").await;
     no_stale_reads(pool, cache).await;
 }
 
 #[sqlx::test]
 async fn no_stale_reads_through_batches_near_cache(pool: PgPool) {
     schema(&pool).await;
-    let cache = Cache::builder()
-        .redis(&redis_url())
-        .namespace(&unique_ns("batch-stress-near"))
-        .near_cache(100)
-        .build()
-        .await
-        .unwrap();
+    let (cache, _cluster) = common::cache_on(common::Backend::NearCache, "batch-stress-near").await;
     no_stale_reads(pool, cache).await;
 }
 
 #[sqlx::test]
 async fn no_stale_reads_through_batches_memory(pool: PgPool) {
     schema(&pool).await;
-    no_stale_reads(pool, Cache::builder().memory().build().await.unwrap()).await;
+    let (cache, _cluster) = common::cache_on(common::Backend::Memory, "batch-stress-mem").await;
+    no_stale_reads(pool, cache).await;
 }
 
 #[sqlx::test]
 async fn no_stale_reads_through_batches_cluster(pool: PgPool) {
     schema(&pool).await;
-    let cluster = common::Cluster::start();
-    let cache = Cache::builder()
-        .redis_cluster(cluster.urls())
-        .namespace("batch-stress-cluster")
-        .build()
-        .await
-        .unwrap();
+    let (cache, _cluster) =
+        common::cache_on(common::Backend::Cluster, "batch-stress-cluster").await;
     no_stale_reads(pool, cache).await;
 }

@@ -178,26 +178,21 @@ async fn no_stale_reads(pool: PgPool, cache: Cache) {
 #[sqlx::test]
 async fn no_stale_reads_under_concurrent_writes_redis(pool: PgPool) {
     schema(&pool).await;
-    let cache = redis_cache(&redis_url(), &unique_ns("pg-race")).await;
+    let (cache, _cluster) = common::cache_on(common::Backend::Redis, "pg-race").await;
     no_stale_reads(pool, cache).await;
 }
 
 #[sqlx::test]
 async fn no_stale_reads_under_concurrent_writes_memory(pool: PgPool) {
     schema(&pool).await;
-    no_stale_reads(pool, Cache::builder().memory().build().await.unwrap()).await;
+    let (cache, _cluster) = common::cache_on(common::Backend::Memory, "pg-race-mem").await;
+    no_stale_reads(pool, cache).await;
 }
 
 #[sqlx::test]
 async fn no_stale_reads_under_concurrent_writes_redis_cluster(pool: PgPool) {
     schema(&pool).await;
-    let cluster = common::Cluster::start();
-    let cache = Cache::builder()
-        .redis_cluster(cluster.urls())
-        .namespace("pg-race-cluster")
-        .build()
-        .await
-        .unwrap();
+    let (cache, _cluster) = common::cache_on(common::Backend::Cluster, "pg-race-cluster").await;
     no_stale_reads(pool, cache).await;
 }
 

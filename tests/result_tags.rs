@@ -276,39 +276,28 @@ async fn no_stale_reads(pool: PgPool, cache: Cache) {
 #[sqlx::test]
 async fn no_stale_reads_with_result_tags_redis(pool: PgPool) {
     schema(&pool).await;
-    let cache = redis_cache(&redis_url(), &unique_ns("ret-stress")).await;
+    let (cache, _cluster) = common::cache_on(common::Backend::Redis, "ret-stress").await;
     no_stale_reads(pool, cache).await;
 }
 
 #[sqlx::test]
 async fn no_stale_reads_with_result_tags_near_cache(pool: PgPool) {
     schema(&pool).await;
-    let cache = Cache::builder()
-        .redis(&redis_url())
-        .namespace(&unique_ns("ret-stress-near"))
-        .near_cache(100)
-        .build()
-        .await
-        .unwrap();
+    let (cache, _cluster) = common::cache_on(common::Backend::NearCache, "ret-stress-near").await;
     no_stale_reads(pool, cache).await;
 }
 
 #[sqlx::test]
 async fn no_stale_reads_with_result_tags_memory(pool: PgPool) {
     schema(&pool).await;
-    no_stale_reads(pool, Cache::builder().memory().build().await.unwrap()).await;
+    let (cache, _cluster) = common::cache_on(common::Backend::Memory, "ret-stress-mem").await;
+    no_stale_reads(pool, cache).await;
 }
 
 #[sqlx::test]
 async fn no_stale_reads_with_result_tags_cluster(pool: PgPool) {
     schema(&pool).await;
-    let cluster = common::Cluster::start();
-    let cache = Cache::builder()
-        .redis_cluster(cluster.urls())
-        .namespace("ret-stress-cluster")
-        .build()
-        .await
-        .unwrap();
+    let (cache, _cluster) = common::cache_on(common::Backend::Cluster, "ret-stress-cluster").await;
     no_stale_reads(pool, cache).await;
 }
 

@@ -1045,6 +1045,38 @@ impl Commits {
     }
 }
 
+/// The backends the stale-set stresses run on.
+#[derive(Clone, Copy, Debug)]
+pub enum Backend {
+    Redis,
+    NearCache,
+    Memory,
+    Cluster,
+}
+
+/// A cache on `backend`: under a namespace of its own made from `name` on the shared Redis,
+/// or under `name` on a private cluster, returned with it (it must outlive the cache).
+pub async fn cache_on(backend: Backend, name: &str) -> (Cache, Option<Cluster>) {
+    match backend {
+        Backend::Redis => (redis_cache(&redis_url(), &unique_ns(name)).await, None),
+        Backend::NearCache => {
+            let builder = Cache::builder()
+                .redis(&redis_url())
+                .namespace(&unique_ns(name))
+                .near_cache(100);
+            (redis_cache_with(builder).await, None)
+        }
+        Backend::Memory => (Cache::builder().memory().build().await.unwrap(), None),
+        Backend::Cluster => {
+            let cluster = Cluster::start();
+            let builder = Cache::builder()
+                .redis_cluster(cluster.urls())
+                .namespace(name);
+            (redis_cache_with(builder).await, Some(cluster))
+        }
+    }
+}
+
 /// The stale-set stress: 2 writers each commit 60 increments of `counters` row 1 with
 /// `commit_and_invalidate(tx, ["counter:1"])` while 4 readers read the value through
 /// `read`. No read may return a value older than the last invalidation that completed before

@@ -405,14 +405,28 @@ impl Cache {
                 return None;
             }
         };
+        let value = self.accept(rec, (entry, bytes), read.near, payload, decode)?;
+        Some((value, remote))
+    }
+
+    /// A fresh entry's `payload`, decoded (one that does not decode is counted); a
+    /// near-cache entry read at `near_seq` is then marked checked.
+    fn accept<T>(
+        &self,
+        rec: &Recorder<'_>,
+        (entry, bytes): (&str, &Bytes),
+        near_seq: Option<u64>,
+        payload: &[u8],
+        decode: impl FnOnce(&[u8]) -> Option<T>,
+    ) -> Option<T> {
         let Some(value) = decode(payload) else {
             rec.decode_error();
             return None;
         };
-        if let (Some(seq), Some(near)) = (read.near, &self.inner.near) {
+        if let (Some(seq), Some(near)) = (near_seq, &self.inner.near) {
             near.mark_checked(entry, bytes, seq);
         }
-        Some((value, remote))
+        Some(value)
     }
 
     /// [`fresh`](Self::fresh) for an entry of a site without result tags, done at once (a
@@ -438,14 +452,7 @@ impl Cache {
                 return None;
             }
         };
-        let Some(value) = decode(payload) else {
-            rec.decode_error();
-            return None;
-        };
-        if let (Some(seq), Some(near)) = (near_seq, &self.inner.near) {
-            near.mark_checked(entry, bytes, seq);
-        }
-        Some(value)
+        self.accept(rec, (entry, bytes), near_seq, payload, decode)
     }
 
     /// Whether every result tag of an entry still has the stamp stored with it, and whether
