@@ -110,12 +110,15 @@ fn counts(cache: &Cache) -> (u64, u64) {
     (s.hits, s.misses)
 }
 
-/// Every command a server ran since its start, `INFO` itself left out.
+/// Every command a server ran since its start, except those of `INFO` itself and of the
+/// connections' once-a-second identity recheck (`INFO`, `GET` of the server key, `ROLE`),
+/// which runs in the background whatever the calls do.
 fn commands(server: &RedisServer) -> u64 {
+    let background = ["cmdstat_info:", "cmdstat_get:", "cmdstat_role:"];
     server
         .cli(&["INFO", "commandstats"])
         .lines()
-        .filter(|l| l.starts_with("cmdstat_") && !l.starts_with("cmdstat_info:"))
+        .filter(|l| l.starts_with("cmdstat_") && !background.iter().any(|b| l.starts_with(b)))
         .filter_map(|l| {
             l.split("calls=")
                 .nth(1)?
@@ -704,7 +707,18 @@ async fn near_cache_and_cluster_serve_batches(pool: PgPool) {
         assert_eq!(probe.runs(), [ids.clone(), vec![7]]);
         assert_eq!(cache.stats().errors, 0);
     }
-    assert!(near.stats().near_hits >= 49, "{:?}", near.stats());
+    // Served from process memory once a fill is kept (one is dropped when a tracking message,
+    // such as one for the entries just written, arrives during its read).
+    let probe = Probe::default();
+    let ids: Vec<i64> = (1..=50).collect();
+    for _ in 0..20 {
+        people(&pool, &near, &probe, &ids).await.unwrap();
+        if near.stats().near_hits >= 50 {
+            break;
+        }
+    }
+    assert!(near.stats().near_hits >= 50, "{:?}", near.stats());
+    assert!(probe.runs().is_empty(), "all hits");
 }
 
 #[sqlx::test]

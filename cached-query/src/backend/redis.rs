@@ -279,14 +279,14 @@ impl RedisStore {
             .chain(stamps.iter().map(|s| s.key.as_str()))
             .collect();
         let seq = near.map(NearCache::seq);
-        let mgets: Vec<Cmd> = keys
+        let mgets: Vec<(Cmd, usize)> = keys
             .chunks(MAX_KEYS_PER_COMMAND)
             .map(|chunk| {
                 let mut mget = redis::cmd("MGET");
                 chunk.iter().for_each(|k| {
                     mget.arg(*k);
                 });
-                mget
+                (mget, chunk.len())
             })
             .collect();
         // Every chunk on one connection, so the values all come from the server that
@@ -630,31 +630,37 @@ impl RedisStore {
     }
 }
 
-/// The values of `mgets`, in order, all read on the connection `c`: one pipeline (one round
-/// trip) when `pipelined`, else one request after another (a cluster, whose pipelines cannot
-/// span slots).
+/// The values of `mgets` (each with the number of keys it reads), in order, all read on the
+/// connection `c`: one pipeline (one round trip) when `pipelined`, else one request after
+/// another (a cluster, whose pipelines cannot span slots). Each reply must have as many
+/// values as its request has keys, or no value could be trusted to be its key's.
 async fn mget_all<C: redis::aio::ConnectionLike>(
     mut c: C,
-    mgets: &[Cmd],
+    mgets: &[(Cmd, usize)],
     pipelined: bool,
 ) -> redis::RedisResult<Vec<Option<Bytes>>> {
-    if let [one] = mgets {
-        return one.query_async(&mut c).await;
-    }
-    if pipelined {
+    let mut parts: Vec<Vec<Option<Bytes>>> = Vec::with_capacity(mgets.len());
+    if let [(one, _)] = mgets {
+        parts.push(one.query_async(&mut c).await?);
+    } else if pipelined {
         let mut pipe = redis::pipe();
-        mgets.iter().for_each(|m| {
+        mgets.iter().for_each(|(m, _)| {
             pipe.add_command(m.clone());
         });
-        let parts: Vec<Vec<Option<Bytes>>> = pipe.query_async(&mut c).await?;
-        return Ok(parts.concat());
+        parts = pipe.query_async(&mut c).await?;
+    } else {
+        for (m, _) in mgets {
+            parts.push(m.query_async(&mut c).await?);
+        }
     }
-    let mut values = Vec::new();
-    for m in mgets {
-        let part: Vec<Option<Bytes>> = m.query_async(&mut c).await?;
-        values.extend(part);
+    let lengths = parts.iter().map(Vec::len);
+    if parts.len() != mgets.len() || !lengths.eq(mgets.iter().map(|(_, n)| *n)) {
+        return Err(redis::RedisError::from((
+            redis::ErrorKind::Parse,
+            "MGET returned an unexpected number of values",
+        )));
     }
-    Ok(values)
+    Ok(parts.concat())
 }
 
 /// Writes each of `keys` a token at `seq` with [`PUT`] (cluster), each followed by the

@@ -384,8 +384,7 @@ impl Cache {
                 match result {
                     // Stored without result tags (before the site had them, or by a process
                     // that does not know them): never checked against them.
-                    None if check.by_result => return None,
-                    None => {}
+                    None => return None,
                     Some(result) if result.is_empty() => {}
                     Some(result) => {
                         let (current, read_redis) = self

@@ -17,11 +17,12 @@ use tokio::sync::watch;
 /// Landed results are kept only up to this size (they are also in the backend) …
 const KEEP_LANDED_BYTES: usize = 64 * 1024;
 /// … and dropped all at once when more than this many, or more than `SWEEP_ABOVE_BYTES`, are
-/// kept. One landing (a batch's included) keeps at most this many, and at most
-/// `KEEP_LANDED_TOTAL` bytes of them.
+/// kept. One landing (a batch's included) keeps at most `KEEP_LANDED` of them, and at most
+/// `KEEP_LANDED_TOTAL` bytes: half, so that a batch's results outlive the next landing.
 const SWEEP_ABOVE: usize = 256;
 const SWEEP_ABOVE_BYTES: usize = 4 * 1024 * 1024;
-const KEEP_LANDED_TOTAL: usize = 1024 * 1024;
+const KEEP_LANDED: usize = SWEEP_ABOVE / 2;
+const KEEP_LANDED_TOTAL: usize = SWEEP_ABOVE_BYTES / 2;
 
 type Payload = Option<Arc<[u8]>>;
 
@@ -197,7 +198,7 @@ impl Flights {
                 total += if keep { size } else { 0 };
                 keep
             })
-            .take(SWEEP_ABOVE)
+            .take(KEEP_LANDED)
             .collect();
         if kept.is_empty() {
             return;
@@ -317,7 +318,7 @@ mod tests {
     }
 
     #[test]
-    fn a_batch_lands_every_result_and_is_not_followed_while_it_waits() {
+    fn a_batch_keeps_its_results_and_is_not_followed_while_it_waits() {
         let f = Flights::default();
         let waiting = Arc::new(AtomicBool::new(true));
         let keys = |n: u32| (0..n).map(|i| i.to_le_bytes().to_vec()).collect();
@@ -343,10 +344,16 @@ mod tests {
             })
             .collect();
         f.land_all(leaders);
-        // The first 256 (of small results) are kept, for callers that read before the write.
+        // Another landing does not sweep them.
+        let Role::Leader(other) = f.join(b"other".to_vec(), f.ticket(), None) else {
+            panic!("a new key is led")
+        };
+        other.share(Arc::from(&b"2"[..]));
+        other.landed(true);
+        // The first 128 (of small results) are kept, for callers that read before the write.
         for (i, key) in keys(1000).into_iter().enumerate() {
             let joined = matches!(f.join(key, missed_before, None), Role::Follower(_));
-            assert_eq!(joined, i < SWEEP_ABOVE, "{i}");
+            assert_eq!(joined, i < KEEP_LANDED, "{i}");
         }
     }
 
@@ -377,7 +384,7 @@ mod tests {
                 .map(|fl| fl.rx.borrow().as_ref().map_or(0, |p| p.len()))
                 .sum();
             assert!(
-                kept <= SWEEP_ABOVE_BYTES + KEEP_LANDED_TOTAL,
+                kept <= SWEEP_ABOVE_BYTES,
                 "round {round}: {kept} bytes kept"
             );
             assert!(
