@@ -27,6 +27,7 @@ mod kw {
     syn::custom_keyword!(tables);
     syn::custom_keyword!(auto);
     syn::custom_keyword!(batch);
+    syn::custom_keyword!(stale_if_error);
 }
 
 /// `tables = auto` or `tables("users", …)`: `table:<name>` tags from the SQL.
@@ -183,6 +184,9 @@ pub(crate) struct CachedArgs {
     pub(crate) tables: Option<TablesArg>,
     /// `batch = ids`: the parameter whose elements are each their own entry.
     pub(crate) batch: Option<Ident>,
+    /// `stale_if_error = 3600`: seconds an entry is kept past its TTL, returned if the query
+    /// fails; the span of the value.
+    pub(crate) stale_if_error: Option<(u64, Span)>,
     pub(crate) krate: Krate,
 }
 
@@ -200,6 +204,7 @@ impl Parse for CachedArgs {
                 || arg.value(kw::name, &mut a.name, name)?
                 || arg.value(kw::version, &mut a.version, version)?
                 || arg.value(kw::batch, &mut a.batch, Ident::parse)?
+                || arg.value(kw::stale_if_error, &mut a.stale_if_error, stale_secs)?
                 || arg.value(
                     kw::assume_no_transaction,
                     &mut a.assume_no_transaction,
@@ -299,6 +304,22 @@ fn ttl(input: ParseStream<'_>) -> syn::Result<u64> {
         ));
     }
     Ok(secs)
+}
+
+fn stale_secs(input: ParseStream<'_>) -> syn::Result<(u64, Span)> {
+    let span = input.span();
+    let secs = whole(
+        input,
+        "`stale_if_error` must be a whole number of seconds (how long past its TTL an entry \
+         is kept for when the query fails)",
+    )?;
+    if secs == 0 {
+        return Err(syn::Error::new(
+            span,
+            "`stale_if_error = 0` keeps nothing past the TTL; remove it, or give at least 1 second",
+        ));
+    }
+    Ok((secs, span))
 }
 
 fn version(input: ParseStream<'_>) -> syn::Result<u32> {

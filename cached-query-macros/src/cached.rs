@@ -142,6 +142,7 @@ pub(crate) fn block(
     let ttl = args.ttl.unwrap_or(0);
     let version = args.version.unwrap_or(0);
     let cache_none = args.cache_none.as_ref().is_none_or(|l| l.value);
+    let stale_secs = args.stale_if_error.map_or(0, |(secs, _)| secs);
     let cache = resolve_cache(krate, args.cache.as_ref());
     let mut tags: Vec<TagSpec> = args.invalidate.clone().unwrap_or_default();
     tags.extend(table_tags(args.tables.as_ref(), item, Access::Read)?);
@@ -153,12 +154,20 @@ pub(crate) fn block(
             version: #version,
             ttl_secs: #ttl,
             cache_none: #cache_none,
+            stale_secs: #stale_secs,
         };
         #cache
         let mut __cq_key = #krate::__private::key(&__CQ_SITE);
         #(#key_parts)*
     };
     if let Some(batch) = &batch {
+        if let Some((_, span)) = args.stale_if_error {
+            return Err(syn::Error::new(
+                span,
+                "`stale_if_error` is not supported with `batch` (yet): an element's expired \
+                 value cannot stand in for a failed batch query",
+            ));
+        }
         if tags.by_result.is_some() {
             return Err(syn::Error::new(
                 batch.ident.span(),

@@ -580,7 +580,7 @@ impl Cache {
             rec.oversized();
             return None;
         }
-        let bytes = envelope::encode(own, None, payload);
+        let bytes = envelope::encode(own, None, None, payload);
         if bytes.is_none() {
             rec.decode_error();
         }
@@ -599,7 +599,9 @@ impl Cache {
         if store.is_remote() && !self.inner.breaker.allow() {
             return false;
         }
-        let r = store.write_many(writes, ttl, until).await;
+        // One lifetime for the batch's entries (they were filled together anyway; the next
+        // batch that refills them draws another).
+        let r = store.write_many(writes, self.lifetime(ttl), until).await;
         self.observe(&r);
         if let Err(e) = &r {
             rec.error();

@@ -35,6 +35,7 @@ pub struct CacheBuilder {
     invalidation_replicas: Option<(usize, Duration)>,
     namespace: String,
     default_ttl: Duration,
+    ttl_jitter: f64,
     tag_ttl: Duration,
     max_value_size: usize,
     connect_timeout: Duration,
@@ -65,6 +66,7 @@ impl std::fmt::Debug for CacheBuilder {
             .field("backend", &backend)
             .field("namespace", &self.namespace)
             .field("default_ttl", &self.default_ttl)
+            .field("ttl_jitter", &self.ttl_jitter)
             .finish_non_exhaustive()
     }
 }
@@ -80,6 +82,7 @@ impl Default for CacheBuilder {
             invalidation_replicas: None,
             namespace: "cq".to_owned(),
             default_ttl: Duration::from_secs(300),
+            ttl_jitter: 0.0,
             tag_ttl: Duration::from_secs(24 * 3600),
             max_value_size: 1024 * 1024,
             connect_timeout: Duration::from_secs(1),
@@ -250,6 +253,18 @@ impl CacheBuilder {
         self
     }
 
+    /// Shortens each stored entry's lifetime by a random part of up to `fraction` of its TTL
+    /// (a lifetime drawn from `[ttl × (1 − fraction), ttl]`), so that entries filled together
+    /// (after a deploy, a `clear`, a cold start) do not all expire, and miss, together. `ttl`
+    /// stays the upper bound. `0.0`, the default, keeps every lifetime exactly the TTL;
+    /// `0.1` is a good start for hot keys. A fraction outside `0 ≤ fraction < 1` is an error
+    /// at `build()`.
+    #[must_use]
+    pub fn ttl_jitter(mut self, fraction: f64) -> Self {
+        self.ttl_jitter = fraction;
+        self
+    }
+
     /// How long an untouched tag version lives (default 24 h, and never less than the TTL
     /// of the entry that created it). An expired tag only causes misses.
     #[must_use]
@@ -343,6 +358,13 @@ impl CacheBuilder {
                 "namespace",
                 &self.namespace,
                 "1 to 64 printable ASCII characters without spaces, `*` or `?`",
+            ));
+        }
+        if !(0.0..1.0).contains(&self.ttl_jitter) {
+            return Err(Error::config(
+                "ttl_jitter",
+                &self.ttl_jitter.to_string(),
+                "a fraction from 0 up to, not including, 1",
             ));
         }
         let checks = [
@@ -508,6 +530,7 @@ impl CacheBuilder {
         Settings {
             namespace: self.namespace,
             default_ttl: self.default_ttl,
+            ttl_jitter: self.ttl_jitter,
             tag_ttl: self.tag_ttl,
             max_value_size: self.max_value_size,
             breaker_failures: self.breaker_failures,

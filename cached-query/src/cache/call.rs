@@ -48,11 +48,19 @@ pub struct Site {
     pub ttl_secs: u64,
     /// Whether `Ok(None)` is stored.
     pub cache_none: bool,
+    /// `stale_if_error = …` in seconds (0: none): how much longer than its TTL an entry is
+    /// kept, to be returned if the query fails.
+    pub stale_secs: u64,
 }
 
 impl Site {
     pub(super) fn ttl(&self) -> Option<Duration> {
         (self.ttl_secs > 0).then(|| Duration::from_secs(self.ttl_secs))
+    }
+
+    /// How much longer than its TTL an entry is kept (`stale_if_error`).
+    fn stale(&self) -> Duration {
+        Duration::from_secs(self.stale_secs)
     }
 }
 
@@ -206,10 +214,13 @@ impl Cache {
             Some(local) => Ok(local),
             None => {
                 let fill = inner.near.as_ref();
-                self.round_trip(store, &entry, ttl, &stamp_keys, fill, until)
+                let kept = ttl + site.stale();
+                self.round_trip(store, &entry, kept, &stamp_keys, fill, until)
                     .await
             }
         };
+        // An entry past its freshness that `stale_if_error` keeps: returned if the query fails.
+        let mut expired = None;
         // 3. Freshness.
         let by_result = result_tags.is_some();
         let stamps = match read {
@@ -225,6 +236,9 @@ impl Cache {
                 {
                     record_hit(&rec, read.near.is_some() && !remote);
                     return Ok(value);
+                }
+                if site.stale_secs > 0 {
+                    expired.clone_from(&read.entry);
                 }
                 Some(read.stamps)
             }
@@ -259,6 +273,22 @@ impl Cache {
         let result = calls::execute(fut).await;
         rec.miss();
         let Ok(value) = &result else {
+            if let (Some(bytes), Some(stamps)) = (&expired, &stamps)
+                && let Some(value) = self
+                    .stale_value(store, &rec, bytes, &stamps[..own], by_result)
+                    .await
+            {
+                rec.stale_served();
+                if let Some(suppressed) = inner.warnings.permit() {
+                    tracing::warn!(
+                        query = site.name,
+                        suppressed,
+                        "cached-query: the query failed; its expired value is returned \
+                         (stale_if_error)"
+                    );
+                }
+                return Ok(value);
+            }
             return result;
         };
 
@@ -398,7 +428,7 @@ impl Cache {
                 }
                 payload
             }
-            Decoded::Stale => return None,
+            Decoded::Expired(..) | Decoded::Stale => return None,
             Decoded::Corrupt => {
                 rec.decode_error();
                 return None;
@@ -445,13 +475,56 @@ impl Cache {
             Decoded::Fresh(payload, None) => payload,
             Decoded::Fresh(payload, Some(result)) if result.is_empty() => payload,
             // Result tags this site does not check: never served.
-            Decoded::Fresh(..) | Decoded::Stale => return None,
+            Decoded::Fresh(..) | Decoded::Expired(..) | Decoded::Stale => return None,
             Decoded::Corrupt => {
                 rec.decode_error();
                 return None;
             }
         };
         self.accept(rec, (entry, bytes), near_seq, payload, decode)
+    }
+
+    /// The value of an entry that `stale_if_error` kept past its freshness, if its stamps are
+    /// `own` (read before the query: it was not invalidated) and, for a site with result
+    /// tags, its result tags' stamps are still current.
+    async fn stale_value<T: DeserializeOwned>(
+        &self,
+        store: &Store,
+        rec: &Recorder<'_>,
+        bytes: &Bytes,
+        own: &[Bytes],
+        by_result: bool,
+    ) -> Option<T> {
+        let (payload, result) = match envelope::decode(bytes, own) {
+            Decoded::Expired(payload, result) | Decoded::Fresh(payload, result) => {
+                (payload, result)
+            }
+            Decoded::Stale | Decoded::Corrupt => return None,
+        };
+        match result {
+            None if by_result => return None,
+            Some(result) if !result.is_empty() => {
+                let until = store.until();
+                let (current, _) = self.result_tags_current(store, rec, &result, until).await;
+                if !current {
+                    return None;
+                }
+            }
+            _ => {}
+        }
+        serde_json::from_slice(payload).ok()
+    }
+
+    /// An entry's lifetime in the cache: `ttl`, shortened by up to the cache's `ttl_jitter`
+    /// fraction (drawn per write), so that entries written together do not expire together.
+    pub(super) fn lifetime(&self, ttl: Duration) -> Duration {
+        let jitter = self.inner.settings.ttl_jitter;
+        if jitter <= 0.0 {
+            return ttl;
+        }
+        // A uniform draw in [0, 1) from 53 random bits.
+        let draw = (getrandom::u64().unwrap_or(0) >> 11) as f64 / (1u64 << 53) as f64;
+        ttl.mul_f64(1.0 - jitter * draw)
     }
 
     /// Whether every result tag of an entry still has the stamp stored with it, and whether
@@ -598,7 +671,13 @@ impl Cache {
             rec.oversized();
             return false;
         }
-        let Some(bytes) = envelope::encode(stamps.own, stamps.result, payload) else {
+        let lifetime = self.lifetime(ttl);
+        let fresh_until = (site.stale_secs > 0).then(|| {
+            let ms = u64::try_from(lifetime.as_millis()).unwrap_or(u64::MAX);
+            envelope::now_ms().saturating_add(ms)
+        });
+        let ttl = lifetime + site.stale();
+        let Some(bytes) = envelope::encode(stamps.own, stamps.result, fresh_until, payload) else {
             // A stamp read from Redis that cannot be one (evicted mid-read, or garbage).
             rec.decode_error();
             return false;

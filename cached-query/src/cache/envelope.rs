@@ -5,6 +5,7 @@
 //! ```text
 //! format 1: [0xC9][1][n][len0][stamp0]..[len(n-1)][stamp(n-1)][json payload…]
 //! format 2: [0xC9][2][n][stamps as above][m][hash0 (16)][len][stamp]..[json payload…]
+//! format 3, 4: [0xC9][3 or 4][fresh until: u64 BE, ms since the Unix epoch] then as 1, 2
 //! ```
 //! Stamp 0 is the namespace generation, the others are the entry's tags in template order.
 //! Format 2 adds `m` result tags (tags computed from the value, `<ret…>`), each named by its
@@ -19,6 +20,10 @@ const MAGIC: u8 = 0xC9;
 pub(crate) const FORMAT_VERSION: u8 = 1;
 /// The layout with result tags.
 const FORMAT_WITH_RESULT_TAGS: u8 = 2;
+/// Formats 1 and 2 with the time the entry stops being fresh (`stale_if_error`: the entry is
+/// kept longer, as a value to fall back on when the query fails).
+const FORMAT_EXPIRING: u8 = 3;
+const FORMAT_EXPIRING_WITH_RESULT_TAGS: u8 = 4;
 /// Length of a result tag's name in an entry.
 const HASH_LEN: usize = 16;
 
@@ -36,13 +41,15 @@ pub(crate) struct ResultStamp<'a> {
     pub(crate) stamp: &'a [u8],
 }
 
-/// Encodes `payload` with the stamps the value was computed under and, for a site with
-/// result tags, its result tags' stamps (format 2); `None` when a stamp is not
+/// Encodes `payload` with the stamps the value was computed under, for a site with result
+/// tags its result tags' stamps (format 2), and for one with `stale_if_error` the time it stops
+/// being fresh, in ms since the Unix epoch (formats 3, 4); `None` when a stamp is not
 /// [valid](valid_stamp) or there are more than 255 of either kind (the value must not be
 /// stored).
 pub(crate) fn encode<S: AsRef<[u8]>>(
     stamps: &[S],
     result: Option<&[ResultStamp<'_>]>,
+    fresh_until: Option<u64>,
     payload: &[u8],
 ) -> Option<Vec<u8>> {
     let n = u8::try_from(stamps.len()).ok()?;
@@ -62,13 +69,17 @@ pub(crate) fn encode<S: AsRef<[u8]>>(
             .iter()
             .map(|r| HASH_LEN + 1 + r.stamp.len())
             .sum::<usize>();
-    let mut out = Vec::with_capacity(header + payload.len());
+    let mut out = Vec::with_capacity(header + 8 + payload.len());
     out.push(MAGIC);
-    out.push(if with_result {
-        FORMAT_WITH_RESULT_TAGS
-    } else {
-        FORMAT_VERSION
+    out.push(match (with_result, fresh_until.is_some()) {
+        (false, false) => FORMAT_VERSION,
+        (true, false) => FORMAT_WITH_RESULT_TAGS,
+        (false, true) => FORMAT_EXPIRING,
+        (true, true) => FORMAT_EXPIRING_WITH_RESULT_TAGS,
     });
+    if let Some(until) = fresh_until {
+        out.extend_from_slice(&until.to_be_bytes());
+    }
     out.push(n);
     for s in stamps {
         let s = s.as_ref();
@@ -93,16 +104,20 @@ pub(crate) enum Decoded<'a> {
     /// Well-formed and computed under exactly the current stamps: the payload, and (format
     /// 2) the result tags whose stamps must still be checked.
     Fresh(&'a [u8], Option<Vec<ResultStamp<'a>>>),
+    /// Computed under exactly the current stamps, but past the time it stops being fresh
+    /// (`stale_if_error`): not served, only fallen back on when the query fails.
+    Expired(&'a [u8], Option<Vec<ResultStamp<'a>>>),
     /// Well-formed but computed under other stamps (an invalidation or `clear` happened since).
     Stale,
     /// Not an entry of this format: corrupt, truncated or written by another format version.
     Corrupt,
 }
 
-/// The payload of a well-formed entry without checking its stamps (for a near-cache entry
-/// whose stamps were checked and have not changed since).
+/// The payload of a well-formed entry that is not past its freshness, without checking its
+/// stamps (for a near-cache entry whose stamps were checked and have not changed since).
 pub(crate) fn payload(bytes: &[u8]) -> Option<&[u8]> {
-    parse::<&[u8]>(bytes, &[]).map(|(_, _, payload)| payload)
+    let parts = parse::<&[u8]>(bytes, &[])?;
+    (!parts.expired()).then_some(parts.payload)
 }
 
 /// Checks `bytes` against the current stamps: the payload and the result tags still to be
@@ -110,26 +125,60 @@ pub(crate) fn payload(bytes: &[u8]) -> Option<&[u8]> {
 pub(crate) fn decode<'a, S: AsRef<[u8]>>(bytes: &'a [u8], current: &[S]) -> Decoded<'a> {
     match parse(bytes, current) {
         None => Decoded::Corrupt,
-        Some((true, result, payload)) => Decoded::Fresh(payload, result),
-        Some((false, ..)) => Decoded::Stale,
+        Some(parts) if !parts.fresh => Decoded::Stale,
+        Some(parts) if parts.expired() => Decoded::Expired(parts.payload, parts.result),
+        Some(parts) => Decoded::Fresh(parts.payload, parts.result),
     }
 }
 
+/// An entry's parts (see [`parse`]).
+struct Parts<'a> {
+    /// Its stamps are the current ones.
+    fresh: bool,
+    result: Option<Vec<ResultStamp<'a>>>,
+    fresh_until: Option<u64>,
+    payload: &'a [u8],
+}
+
+impl Parts<'_> {
+    /// Past the time it stops being fresh (by this machine's clock).
+    fn expired(&self) -> bool {
+        self.fresh_until.is_some_and(|until| now_ms() > until)
+    }
+}
+
+/// Milliseconds since the Unix epoch.
+pub(crate) fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
 /// An entry's parts, its stamps compared with `current` while parsing (a hit allocates
-/// nothing here): whether they all match, its result tags (format 2), its payload. `None`
-/// when it is not an entry of this format.
-#[allow(clippy::type_complexity)]
-fn parse<'a, S: AsRef<[u8]>>(
-    bytes: &'a [u8],
-    current: &[S],
-) -> Option<(bool, Option<Vec<ResultStamp<'a>>>, &'a [u8])> {
-    let [magic, version, n, rest @ ..] = bytes else {
+/// nothing here). `None` when it is not an entry of this format.
+fn parse<'a, S: AsRef<[u8]>>(bytes: &'a [u8], current: &[S]) -> Option<Parts<'a>> {
+    let [magic, version, rest @ ..] = bytes else {
         return None;
     };
-    if *magic != MAGIC || !(*version == FORMAT_VERSION || *version == FORMAT_WITH_RESULT_TAGS) {
+    let (with_result, expiring) = match *version {
+        FORMAT_VERSION => (false, false),
+        FORMAT_WITH_RESULT_TAGS => (true, false),
+        FORMAT_EXPIRING => (false, true),
+        FORMAT_EXPIRING_WITH_RESULT_TAGS => (true, true),
+        _ => return None,
+    };
+    if *magic != MAGIC {
         return None;
     }
     let mut rest = rest;
+    let fresh_until = if expiring {
+        let until: [u8; 8] = take(&mut rest, 8)?.try_into().ok()?;
+        Some(u64::from_be_bytes(until))
+    } else {
+        None
+    };
+    let (n, tail) = rest.split_first()?;
+    let mut rest = tail;
     let mut fresh = usize::from(*n) == current.len();
     for i in 0..usize::from(*n) {
         let stamp = take_stamp(&mut rest)?;
@@ -140,12 +189,17 @@ fn parse<'a, S: AsRef<[u8]>>(
                 .get(i)
                 .is_some_and(|c| valid_stamp(c.as_ref()) && c.as_ref() == stamp);
     }
-    let result = if *version == FORMAT_WITH_RESULT_TAGS {
+    let result = if with_result {
         Some(result_stamps(&mut rest)?)
     } else {
         None
     };
-    Some((fresh, result, rest))
+    Some(Parts {
+        fresh,
+        result,
+        fresh_until,
+        payload: rest,
+    })
 }
 
 /// Takes `len` bytes off the front of `rest`.
@@ -187,7 +241,10 @@ mod tests {
     #[test]
     fn stamps_that_cannot_be_stamps_are_never_stored_nor_matched() {
         for bad in [vec![], vec![7u8; 256], vec![7u8; 1000]] {
-            assert_eq!(encode(&[vec![1u8; 16], bad.clone()], None, b"1"), None);
+            assert_eq!(
+                encode(&[vec![1u8; 16], bad.clone()], None, None, b"1"),
+                None
+            );
             // An entry stored (by hand, or an older version) under that stamp is not fresh.
             let mut forged = vec![MAGIC, FORMAT_VERSION, 1, 0];
             forged.extend_from_slice(b"1");
@@ -197,13 +254,13 @@ mod tests {
             );
         }
         let too_many: Vec<Vec<u8>> = (0..256).map(|_| vec![1u8; 16]).collect();
-        assert_eq!(encode(&too_many, None, b"1"), None);
-        assert!(encode(&[vec![1u8; 255]], None, b"1").is_some());
+        assert_eq!(encode(&too_many, None, None, b"1"), None);
+        assert!(encode(&[vec![1u8; 255]], None, None, b"1").is_some());
     }
 
     #[test]
     fn round_trip() {
-        let bytes = encode(&stamps(), None, b"{\"a\":1}").unwrap();
+        let bytes = encode(&stamps(), None, None, b"{\"a\":1}").unwrap();
         assert_eq!(
             decode(&bytes, &stamps()),
             Decoded::Fresh(b"{\"a\":1}", None)
@@ -219,7 +276,7 @@ mod tests {
             hash: &hash,
             stamp: b"token",
         }];
-        let bytes = encode(&stamps(), Some(&result), b"[1]").unwrap();
+        let bytes = encode(&stamps(), Some(&result), None, b"[1]").unwrap();
         assert_eq!(bytes[1], FORMAT_WITH_RESULT_TAGS);
         assert_eq!(
             decode(&bytes, &stamps()),
@@ -227,12 +284,15 @@ mod tests {
         );
         assert_eq!(payload(&bytes), Some(&b"[1]"[..]));
         // A site with result tags and a value that has none (`None`) still writes format 2.
-        let empty = encode(&stamps(), Some(&[]), b"null").unwrap();
+        let empty = encode(&stamps(), Some(&[]), None, b"null").unwrap();
         assert_eq!(
             decode(&empty, &stamps()),
             Decoded::Fresh(b"null", Some(vec![]))
         );
-        assert_eq!(encode(&stamps(), None, b"1").unwrap()[1], FORMAT_VERSION);
+        assert_eq!(
+            encode(&stamps(), None, None, b"1").unwrap()[1],
+            FORMAT_VERSION
+        );
         for cut in 0..bytes.len() - 3 {
             assert!(payload(&bytes[..cut]).is_none_or(|p| p.len() < 3), "{cut}");
         }
@@ -240,12 +300,49 @@ mod tests {
             hash: &hash[..3],
             stamp: b"token",
         }];
-        assert_eq!(encode(&stamps(), Some(&bad), b"1"), None);
+        assert_eq!(encode(&stamps(), Some(&bad), None, b"1"), None);
+    }
+
+    #[test]
+    fn an_expiring_entry_is_fresh_then_expired_never_stale_by_time() {
+        let later = now_ms() + 60_000;
+        let bytes = encode(&stamps(), None, Some(later), b"7").unwrap();
+        assert_eq!(bytes[1], FORMAT_EXPIRING);
+        assert_eq!(decode(&bytes, &stamps()), Decoded::Fresh(b"7", None));
+        assert_eq!(payload(&bytes), Some(&b"7"[..]));
+        let past = encode(&stamps(), None, Some(now_ms() - 1), b"7").unwrap();
+        assert_eq!(decode(&past, &stamps()), Decoded::Expired(b"7", None));
+        assert_eq!(
+            payload(&past),
+            None,
+            "never served from the near cache once expired"
+        );
+        let mut other = stamps();
+        other[0][0] = 0;
+        assert_eq!(
+            decode(&past, &other),
+            Decoded::Stale,
+            "invalidated: not even a fallback"
+        );
+        let hash = [3u8; 16];
+        let result = [ResultStamp {
+            hash: &hash,
+            stamp: b"t",
+        }];
+        let tagged = encode(&stamps(), Some(&result), Some(later), b"[]").unwrap();
+        assert_eq!(tagged[1], FORMAT_EXPIRING_WITH_RESULT_TAGS);
+        assert_eq!(
+            decode(&tagged, &stamps()),
+            Decoded::Fresh(b"[]", Some(result.to_vec()))
+        );
+        for cut in 0..10 {
+            assert_eq!(decode(&bytes[..cut], &stamps()), Decoded::Corrupt, "{cut}");
+        }
     }
 
     #[test]
     fn other_stamps_are_stale() {
-        let bytes = encode(&stamps(), None, b"1").unwrap();
+        let bytes = encode(&stamps(), None, None, b"1").unwrap();
         let mut now = stamps();
         now[1][0] = 9;
         assert_eq!(decode(&bytes, &now), Decoded::Stale);
@@ -254,7 +351,7 @@ mod tests {
 
     #[test]
     fn garbage_and_truncation_are_corrupt_never_panics() {
-        let bytes = encode(&stamps(), None, b"1").unwrap();
+        let bytes = encode(&stamps(), None, None, b"1").unwrap();
         for cut in 0..bytes.len() - 1 {
             let d = decode(&bytes[..cut], &stamps());
             assert!(matches!(d, Decoded::Corrupt | Decoded::Fresh(..)), "{cut}");
@@ -299,7 +396,13 @@ mod fuzz {
     fn decoding_garbage_never_panics() {
         let mut rng = Rng(0x9E37_79B9_7F4A_7C15);
         let stamps = vec![vec![7u8; 16], vec![9u8; 16], vec![1u8; 3]];
-        let valid = encode(&stamps, None, br#"{"id":1,"name":"x","tags":[1,null]}"#).unwrap();
+        let valid = encode(
+            &stamps,
+            None,
+            None,
+            br#"{"id":1,"name":"x","tags":[1,null]}"#,
+        )
+        .unwrap();
         let (mut fresh, mut stale, mut corrupt) = (0, 0, 0);
         for round in 0..200_000 {
             let mut bytes = if round % 2 == 0 {
@@ -334,7 +437,7 @@ mod fuzz {
                 }
             }
             match decode(&bytes, &stamps) {
-                Decoded::Fresh(payload, _) => {
+                Decoded::Fresh(payload, _) | Decoded::Expired(payload, _) => {
                     fresh += 1;
                     let _ = serde_json::from_slice::<Typed>(payload);
                 }

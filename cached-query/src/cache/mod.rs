@@ -37,6 +37,8 @@ pub struct Cache {
 pub(crate) struct Settings {
     pub(crate) namespace: String,
     pub(crate) default_ttl: Duration,
+    /// See [`CacheBuilder::ttl_jitter`].
+    pub(crate) ttl_jitter: f64,
     pub(crate) tag_ttl: Duration,
     pub(crate) max_value_size: usize,
     pub(crate) breaker_failures: u32,

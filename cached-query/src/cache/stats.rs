@@ -33,6 +33,9 @@ pub struct CacheStats {
     /// Calls that ran their query without the cache because their connection argument was
     /// inside a transaction: nothing read from or written to the cache, not a hit or a miss.
     pub bypassed: u64,
+    /// Calls whose query failed and that returned the entry `stale_if_error` kept past its
+    /// freshness instead of the error (also counted as misses: the query ran).
+    pub stale_served: u64,
     /// `#[invalidates]` calls that ran inside a transaction on a cache without an outbox, so
     /// their invalidation was sent before the commit (each also logged as an error).
     pub invalidations_before_commit: u64,
@@ -64,6 +67,8 @@ pub struct QueryStats {
     pub oversized: u64,
     /// See [`CacheStats::bypassed`].
     pub bypassed: u64,
+    /// See [`CacheStats::stale_served`].
+    pub stale_served: u64,
 }
 
 #[derive(Debug, Default)]
@@ -75,6 +80,7 @@ pub(crate) struct Counters {
     decode_errors: AtomicU64,
     oversized: AtomicU64,
     bypassed: AtomicU64,
+    stale_served: AtomicU64,
 }
 
 impl Counters {
@@ -87,6 +93,7 @@ impl Counters {
             decode_errors: self.decode_errors.load(Relaxed),
             oversized: self.oversized.load(Relaxed),
             bypassed: self.bypassed.load(Relaxed),
+            stale_served: self.stale_served.load(Relaxed),
         }
     }
 }
@@ -131,6 +138,7 @@ impl Recorder<'_> {
         decode_error => decode_errors, None;
         oversized => oversized, None;
         bypassed => bypassed, Some("cached_query_cache_bypassed_total");
+        stale_served => stale_served, Some("cached_query_stale_served_total");
     }
 
     /// Adds `n` to a counter of the cache's total and of this query's, and to its metric.
@@ -198,6 +206,7 @@ impl Stats {
             decode_errors: total.decode_errors,
             oversized: total.oversized,
             bypassed: total.bypassed,
+            stale_served: total.stale_served,
             invalidations_before_commit: self.before_commit.load(Relaxed),
             server_changes,
             queries,
