@@ -29,19 +29,21 @@ async fn item(cache: &Cache, src: &Source, id: i64) -> Result<i64, String> {
     Ok(src.value.load(SeqCst) + id)
 }
 
-/// The entries' TTL in these tests.
-const TTL: Duration = Duration::from_millis(300);
+/// The entries' TTL in these tests. Tag tokens are given a shorter one (`tag_ttl`): they
+/// must still outlive the entries kept for `stale_if_error`.
+const TTL: Duration = Duration::from_secs(1);
+const TAG_TTL: Duration = Duration::from_millis(500);
 
-/// Waits out the TTL of an entry written at `written`: the only thing that ends freshness.
-async fn past_ttl(written: Instant) {
-    tokio::time::sleep_until(written + TTL + Duration::from_millis(50)).await;
+/// Waits out the TTL of an entry stored before `stored`: the only thing that ends freshness.
+async fn past_ttl(stored: Instant) {
+    tokio::time::sleep_until(stored + TTL + Duration::from_millis(50)).await;
 }
 
 async fn served_after_errors(cache: Cache) {
     let src = Source::default();
     src.value.store(10, SeqCst);
-    let written = Instant::now();
     assert_eq!(item(&cache, &src, 1).await, Ok(11));
+    let written = Instant::now();
     // Down while fresh: a hit, the query does not run.
     src.down.store(true, SeqCst);
     assert_eq!(item(&cache, &src, 1).await, Ok(11));
@@ -63,8 +65,8 @@ async fn served_after_errors(cache: Cache) {
     // Expired and up: not served, the query runs.
     src.down.store(false, SeqCst);
     src.value.store(20, SeqCst);
-    let written = Instant::now();
     assert_eq!(item(&cache, &src, 1).await, Ok(21));
+    let written = Instant::now();
     assert_eq!(src.calls.load(SeqCst), 4);
 
     // Invalidated, then down: the error, never the invalidated value.
@@ -84,7 +86,8 @@ async fn an_expired_value_stands_in_for_a_failed_query_redis() {
     let builder = Cache::builder()
         .redis(&redis_url())
         .namespace(&unique_ns("stale"))
-        .default_ttl(TTL);
+        .default_ttl(TTL)
+        .tag_ttl(TAG_TTL);
     served_after_errors(redis_cache_with(builder).await).await;
 }
 
@@ -94,13 +97,19 @@ async fn an_expired_value_stands_in_for_a_failed_query_near_cache() {
         .redis(&redis_url())
         .namespace(&unique_ns("stale-near"))
         .near_cache(100)
-        .default_ttl(TTL);
+        .default_ttl(TTL)
+        .tag_ttl(TAG_TTL);
     served_after_errors(redis_cache_with(builder).await).await;
 }
 
 #[tokio::test]
 async fn an_expired_value_stands_in_for_a_failed_query_memory() {
-    let cache = Cache::builder().memory().default_ttl(TTL).build().await;
+    let cache = Cache::builder()
+        .memory()
+        .default_ttl(TTL)
+        .tag_ttl(TAG_TTL)
+        .build()
+        .await;
     served_after_errors(cache.unwrap()).await;
 }
 
@@ -110,7 +119,8 @@ async fn an_expired_value_stands_in_for_a_failed_query_cluster() {
     let builder = Cache::builder()
         .redis_cluster(cluster.urls())
         .namespace("stale-cluster")
-        .default_ttl(TTL);
+        .default_ttl(TTL)
+        .tag_ttl(TAG_TTL);
     let cache = redis_cache_with(builder).await;
     // Each master's first connection clears the namespace once: done before the test.
     let warm: Vec<String> = (0..64).map(|i| format!("warm:{i}")).collect();
@@ -167,7 +177,7 @@ async fn lifetimes_in_redis_follow_the_ttl_the_jitter_and_the_extra_time() {
     item(&kept, &src, 1).await.unwrap();
     let key = server.cli(&["--scan", "--pattern", "kept:e:*"]);
     let ms: i64 = server.cli(&["PTTL", key.trim()]).trim().parse().unwrap();
-    assert!((59_000..=60_300).contains(&ms), "TTL plus 60 s: {ms}");
+    assert!((60_000..=61_000).contains(&ms), "TTL plus 60 s: {ms}");
 }
 
 #[tokio::test]
@@ -195,4 +205,38 @@ async fn a_jitter_outside_zero_to_one_is_refused_by_name() {
         .build()
         .await
         .unwrap();
+}
+
+/// A newer result that is not stored (here `None` with `cache_none = false`) ends the
+/// fallback: a later failure returns its error, never the older value.
+#[cached_query(cache = cache, stale_if_error = 60, cache_none = false, skip(src))]
+async fn maybe(cache: &Cache, src: &Source, id: i64) -> Result<Option<i64>, String> {
+    src.calls.fetch_add(1, SeqCst);
+    if src.down.load(SeqCst) {
+        return Err("database down".to_owned());
+    }
+    Ok((src.value.load(SeqCst) > 0).then_some(id))
+}
+
+#[tokio::test]
+async fn a_newer_unstored_result_ends_the_fallback() {
+    let builder = Cache::builder()
+        .redis(&redis_url())
+        .namespace(&unique_ns("stale-none"))
+        .default_ttl(TTL);
+    let cache = redis_cache_with(builder).await;
+    let src = Source::default();
+    src.value.store(1, SeqCst);
+    assert_eq!(maybe(&cache, &src, 5).await, Ok(Some(5)));
+    let written = Instant::now();
+    past_ttl(written).await;
+    // The row is gone: `None`, not stored.
+    src.value.store(0, SeqCst);
+    assert_eq!(maybe(&cache, &src, 5).await, Ok(None));
+    src.down.store(true, SeqCst);
+    assert_eq!(
+        maybe(&cache, &src, 5).await,
+        Err("database down".to_owned())
+    );
+    assert_eq!(cache.stats().stale_served, 0);
 }

@@ -140,6 +140,10 @@ impl MemoryStore {
         );
     }
 
+    pub(crate) fn delete(&self, entry: &str) {
+        self.entries.invalidate(entry);
+    }
+
     /// Advances the sequence, then gives every key a token written at the new point, under
     /// the sequence's lock: two bumps write in the order of their counts.
     pub(crate) fn bump(&self, keys: &[StampKey]) {

@@ -201,6 +201,17 @@ impl Store {
         }
     }
 
+    /// Removes an entry, by `until`.
+    pub(crate) async fn delete(&self, entry: &str, until: Instant) -> Result<(), StoreError> {
+        match self {
+            Store::Redis(r) => r.delete(entry, until).await,
+            Store::Memory(m) => {
+                m.delete(entry);
+                Ok(())
+            }
+        }
+    }
+
     /// Gives every key a fresh random token (invalidation, `clear`), by `until`.
     pub(crate) async fn bump(&self, keys: &[StampKey], until: Instant) -> Result<(), StoreError> {
         match self {

@@ -523,6 +523,14 @@ impl RedisStore {
         .await
     }
 
+    /// `DEL` of one entry, by `until`.
+    pub(crate) async fn delete(&self, entry: &str, until: Instant) -> Result<(), StoreError> {
+        self.run(until, |mut c| async move {
+            redis::cmd("DEL").arg(entry).query_async::<()>(&mut c).await
+        })
+        .await
+    }
+
     /// Stores `entries` by `until`: one pipeline of `SET … PX` per [`MAX_KEYS_PER_COMMAND`]
     /// entries on a single node; on a cluster, whose pipelines cannot cross slots, one `SET`
     /// per entry, sent concurrently.

@@ -189,9 +189,12 @@ impl Cache {
             return Ok(value);
         }
         let ttl = site.ttl().unwrap_or(inner.settings.default_ttl);
+        // How long the entry is kept: its tags' tokens live at least as long, or an entry
+        // kept for `stale_if_error` would lose them (and be a miss) before it is needed.
+        let kept = ttl.saturating_add(site.stale());
         let mut stamp_keys = Vec::with_capacity(tags.len() + 2);
         stamp_keys.push(self.generation_stamp());
-        stamp_keys.extend(tags.iter().map(|t| self.tag_stamp(t, Some(ttl))));
+        stamp_keys.extend(tags.iter().map(|t| self.tag_stamp(t, Some(kept))));
         // The entry's own stamps come first; a result-tagged site reads the sequence last.
         let own = stamp_keys.len();
         if result_tags.is_some() {
@@ -214,7 +217,6 @@ impl Cache {
             Some(local) => Ok(local),
             None => {
                 let fill = inner.near.as_ref();
-                let kept = ttl + site.stale();
                 self.round_trip(store, &entry, kept, &stamp_keys, fill, until)
                     .await
             }
@@ -314,7 +316,7 @@ impl Cache {
                 let settled = match (result_tags, sequence.first()) {
                     (Some(render), Some(before)) => {
                         let tags = render(value);
-                        self.settle_result_tags(store, &rec, tags, ttl, before, until)
+                        self.settle_result_tags(store, &rec, tags, kept, before, until)
                             .await
                             .map(Some)
                     }
@@ -343,6 +345,16 @@ impl Cache {
         };
         if let Some(leader) = leader {
             leader.landed(stored);
+        }
+        // A newer result that was not stored (`None` with `cache_none = false`, oversized,
+        // refused): the expired entry must not stand in for a later failure.
+        if !stored && expired.is_some() {
+            let r = store.delete(&entry, store.until()).await;
+            self.observe(&r);
+            if let Err(e) = r {
+                rec.error();
+                self.warn("Redis delete failed", &e);
+            }
         }
         result
     }
@@ -503,6 +515,8 @@ impl Cache {
         };
         match result {
             None if by_result => return None,
+            // Result tags this site does not check: never served (as in `fresh_now`).
+            Some(result) if !result.is_empty() && !by_result => return None,
             Some(result) if !result.is_empty() => {
                 let until = store.until();
                 let (current, _) = self.result_tags_current(store, rec, &result, until).await;
@@ -524,7 +538,7 @@ impl Cache {
         }
         // A uniform draw in [0, 1) from 53 random bits.
         let draw = (getrandom::u64().unwrap_or(0) >> 11) as f64 / (1u64 << 53) as f64;
-        ttl.mul_f64(1.0 - jitter * draw)
+        Duration::try_from_secs_f64(ttl.as_secs_f64() * (1.0 - jitter * draw)).unwrap_or(ttl)
     }
 
     /// Whether every result tag of an entry still has the stamp stored with it, and whether
@@ -676,7 +690,7 @@ impl Cache {
             let ms = u64::try_from(lifetime.as_millis()).unwrap_or(u64::MAX);
             envelope::now_ms().saturating_add(ms)
         });
-        let ttl = lifetime + site.stale();
+        let ttl = lifetime.saturating_add(site.stale());
         let Some(bytes) = envelope::encode(stamps.own, stamps.result, fresh_until, payload) else {
             // A stamp read from Redis that cannot be one (evicted mid-read, or garbage).
             rec.decode_error();
