@@ -1,6 +1,7 @@
 //! The benchmark suite: `cargo bench --bench suite` (`-- --smoke` for a short run,
 //! `-- --multi-thread` for a 2-worker runtime instead of one thread, `-- --only batch` for
-//! one group of cases).
+//! one group of cases: reads, batch, batch-hits, protocol, stale, invalidation, write,
+//! stampede, timed).
 //!
 //! One process, real local Redis (`REDIS_URL`) and PostgreSQL (`DATABASE_URL`). Every read
 //! case fetches the same 100 rows (a ~170-byte JSON user), warmed first, and reports the
@@ -128,6 +129,12 @@ async fn select_users(pool: &PgPool, ids: &[i64]) -> Result<HashMap<i64, User>, 
             .fetch_all(pool)
             .await?;
     Ok(rows.into_iter().map(|u| (u.id, u)).collect())
+}
+
+/// The same read kept an hour past its TTL, returned when the query fails.
+#[cached_query(cache = cache, stale_if_error = 3600, invalidate = "user:<id>", skip(pool))]
+async fn cq_stale_user(cache: &Cache, pool: &PgPool, id: i64) -> Result<User, sqlx::Error> {
+    select_user(pool, id).await
 }
 
 /// Entries that all carry one tag, for the invalidation cost.
@@ -1001,6 +1008,61 @@ async fn protocol_case() {
     }
 }
 
+/// PostgreSQL unreachable (a pool on a port nothing listens on: connections refused), with
+/// `stale_if_error`: how many calls still succeed for keys cached before (their entries
+/// expired), and what never-cached keys get.
+async fn stale_case() {
+    const TTL: Duration = Duration::from_secs(1);
+    let keys: i64 = if SETTINGS.smoke { 10 } else { ROWS };
+    let cache = Cache::builder()
+        .redis(&SETTINGS.redis_url)
+        .namespace(&format!("{}:stale", SETTINGS.prefix))
+        .default_ttl(TTL)
+        .build()
+        .await
+        .unwrap();
+    let mut rows = HashMap::new();
+    for id in 1..=keys {
+        rows.insert(id, cq_stale_user(&cache, pool(), id).await.unwrap());
+    }
+    // Past every entry's freshness: each call now runs its query.
+    tokio::time::sleep(TTL + Duration::from_millis(100)).await;
+    let down = sqlx::postgres::PgPoolOptions::new()
+        .acquire_timeout(Duration::from_millis(100))
+        .connect_lazy("postgres://postgres@127.0.0.1:1/postgres")
+        .unwrap();
+    let (mut served, mut lat) = (0, Vec::new());
+    for id in 1..=keys {
+        let start = Instant::now();
+        let got = cq_stale_user(&cache, &down, id).await;
+        lat.push(start.elapsed());
+        if got.as_ref().ok() == rows.get(&id) {
+            served += 1;
+        }
+    }
+    lat.sort();
+    let (mut never_ok, mut own_errors) = (0, 0);
+    for id in 1_001..=1_000 + keys {
+        match cq_stale_user(&cache, &down, id).await {
+            Ok(_) => never_ok += 1,
+            // The pool's own error: the connection is refused until its acquire timeout.
+            Err(sqlx::Error::Io(_) | sqlx::Error::PoolTimedOut) => own_errors += 1,
+            Err(_) => {}
+        }
+    }
+    let stats = cache.stats();
+    assert_eq!(stats.stale_served, served);
+    println!("\n### PostgreSQL unreachable, `stale_if_error` ({keys} keys of each kind)\n");
+    println!("| keys | calls that succeed | calls that fail with the pool's own error | p50 |");
+    println!("|---|---:|---:|---:|");
+    println!(
+        "| cached before, expired | {served} / {keys} | {} | {:.1} ms |",
+        keys as u64 - served,
+        us(percentile(&lat, 0.5)) / 1e3
+    );
+    println!("| never cached | {never_ok} / {keys} | {own_errors} | |");
+}
+
 fn us(d: Duration) -> f64 {
     d.as_secs_f64() * 1e6
 }
@@ -1116,8 +1178,7 @@ fn main() {
             TASKS,
             ROWS
         );
-        // `--only <case>`: one group of cases (reads, batch, protocol, invalidation, write,
-        // stampede, timed).
+        // `--only <case>`: one group of cases (see the module documentation).
         let only = std::env::args().skip_while(|a| a != "--only").nth(1);
         let run = |case: &str| only.as_deref().is_none_or(|o| o == case);
         if run("reads") {
@@ -1132,6 +1193,9 @@ fn main() {
         }
         if run("protocol") {
             protocol_case().await;
+        }
+        if run("stale") {
+            stale_case().await;
         }
         if run("invalidation") {
             invalidation_case().await;
