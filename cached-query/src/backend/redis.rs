@@ -647,10 +647,23 @@ async fn mget_all<C: redis::aio::ConnectionLike>(
     mgets: &[(Cmd, usize)],
     pipelined: bool,
 ) -> redis::RedisResult<Vec<Option<Bytes>>> {
+    let unexpected = || {
+        redis::RedisError::from((
+            redis::ErrorKind::Parse,
+            "MGET returned an unexpected number of values",
+        ))
+    };
+    // One chunk (every single read, most batches): its reply is the values, not copied.
+    if let [(one, n)] = mgets {
+        let values: Vec<Option<Bytes>> = one.query_async(&mut c).await?;
+        return if values.len() == *n {
+            Ok(values)
+        } else {
+            Err(unexpected())
+        };
+    }
     let mut parts: Vec<Vec<Option<Bytes>>> = Vec::with_capacity(mgets.len());
-    if let [(one, _)] = mgets {
-        parts.push(one.query_async(&mut c).await?);
-    } else if pipelined {
+    if pipelined {
         let mut pipe = redis::pipe();
         mgets.iter().for_each(|(m, _)| {
             pipe.add_command(m.clone());
@@ -663,10 +676,7 @@ async fn mget_all<C: redis::aio::ConnectionLike>(
     }
     let lengths = parts.iter().map(Vec::len);
     if parts.len() != mgets.len() || !lengths.eq(mgets.iter().map(|(_, n)| *n)) {
-        return Err(redis::RedisError::from((
-            redis::ErrorKind::Parse,
-            "MGET returned an unexpected number of values",
-        )));
+        return Err(unexpected());
     }
     Ok(parts.concat())
 }
