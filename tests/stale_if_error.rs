@@ -240,3 +240,28 @@ async fn a_newer_unstored_result_ends_the_fallback() {
     );
     assert_eq!(cache.stats().stale_served, 0);
 }
+
+/// Redis killed: there is no entry to fall back on, so a failing query returns its own error
+/// at once (fail-open as always), neither a stale value nor a wait.
+#[tokio::test]
+async fn with_redis_down_a_failing_query_returns_its_error() {
+    let mut server = RedisServer::start();
+    let cache = redis_cache_with(common::fail_fast(&server.url(), "stale").default_ttl(TTL)).await;
+    let src = Source::default();
+    src.value.store(10, SeqCst);
+    assert_eq!(item(&cache, &src, 1).await, Ok(11));
+    let written = Instant::now();
+    past_ttl(written).await;
+    server.kill();
+    src.down.store(true, SeqCst);
+    assert_eq!(
+        item(&cache, &src, 1).await,
+        Err("database down (item 1)".to_owned())
+    );
+    // The database up again (Redis still down): the query's value; nothing served stale.
+    src.down.store(false, SeqCst);
+    assert_eq!(item(&cache, &src, 1).await, Ok(11));
+    let stats = cache.stats();
+    assert_eq!(stats.stale_served, 0, "{stats:?}");
+    assert!(stats.errors >= 1, "{stats:?}");
+}
