@@ -93,6 +93,10 @@ async fn bad_values_name_the_variable_and_value() {
             "CACHE_ENABLED=\"maybe\": expected true or false",
         ),
         (
+            ("CACHE_LEASES", "sometimes"),
+            "CACHE_LEASES=\"sometimes\": expected true or false",
+        ),
+        (
             ("REDIS_RESPONSE_TIMEOUT_MS", "fast"),
             "REDIS_RESPONSE_TIMEOUT_MS=\"fast\": expected a whole number ≥ 1",
         ),

@@ -28,6 +28,8 @@ mod kw {
     syn::custom_keyword!(auto);
     syn::custom_keyword!(batch);
     syn::custom_keyword!(stale_if_error);
+    syn::custom_keyword!(lease);
+    syn::custom_keyword!(refresh_ahead);
 }
 
 /// `tables = auto` or `tables("users", …)`: `table:<name>` tags from the SQL.
@@ -187,6 +189,11 @@ pub(crate) struct CachedArgs {
     /// `stale_if_error = 3600`: seconds an entry is kept past its TTL, returned if the query
     /// fails; the span of the value.
     pub(crate) stale_if_error: Option<(u64, Span)>,
+    /// `lease = false`: this query's misses take no lease.
+    pub(crate) lease: Option<LitBool>,
+    /// `refresh_ahead = 30`: seconds before expiry during which a hit may refresh the
+    /// entry; the span of the value.
+    pub(crate) refresh_ahead: Option<(u64, Span)>,
     pub(crate) krate: Krate,
 }
 
@@ -205,6 +212,8 @@ impl Parse for CachedArgs {
                 || arg.value(kw::version, &mut a.version, version)?
                 || arg.value(kw::batch, &mut a.batch, Ident::parse)?
                 || arg.value(kw::stale_if_error, &mut a.stale_if_error, stale_secs)?
+                || arg.value(kw::lease, &mut a.lease, LitBool::parse)?
+                || arg.value(kw::refresh_ahead, &mut a.refresh_ahead, refresh_secs)?
                 || arg.value(
                     kw::assume_no_transaction,
                     &mut a.assume_no_transaction,
@@ -317,6 +326,22 @@ fn stale_secs(input: ParseStream<'_>) -> syn::Result<(u64, Span)> {
         return Err(syn::Error::new(
             span,
             "`stale_if_error = 0` keeps nothing past the TTL; remove it, or give at least 1 second",
+        ));
+    }
+    Ok((secs, span))
+}
+
+fn refresh_secs(input: ParseStream<'_>) -> syn::Result<(u64, Span)> {
+    let span = input.span();
+    let secs = whole(
+        input,
+        "`refresh_ahead` must be a whole number of seconds (the end of an entry's life during \
+         which a hit may refresh it)",
+    )?;
+    if secs == 0 {
+        return Err(syn::Error::new(
+            span,
+            "`refresh_ahead = 0` never refreshes; remove it, or give at least 1 second",
         ));
     }
     Ok((secs, span))

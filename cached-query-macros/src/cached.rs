@@ -143,6 +143,19 @@ pub(crate) fn block(
     let version = args.version.unwrap_or(0);
     let cache_none = args.cache_none.as_ref().is_none_or(|l| l.value);
     let stale_secs = args.stale_if_error.map_or(0, |(secs, _)| secs);
+    let lease = args.lease.as_ref().is_none_or(|l| l.value);
+    let refresh_secs = args.refresh_ahead.map_or(0, |(secs, _)| secs);
+    if let (Some((refresh, span)), Some(ttl)) = (args.refresh_ahead, args.ttl)
+        && refresh >= ttl
+    {
+        return Err(syn::Error::new(
+            span,
+            format!(
+                "`refresh_ahead = {refresh}` must be shorter than `ttl = {ttl}`: it is the end \
+                 of an entry's life during which a hit may refresh it"
+            ),
+        ));
+    }
     let cache = resolve_cache(krate, args.cache.as_ref());
     let mut tags: Vec<TagSpec> = args.invalidate.clone().unwrap_or_default();
     tags.extend(table_tags(args.tables.as_ref(), item, Access::Read)?);
@@ -155,6 +168,8 @@ pub(crate) fn block(
             ttl_secs: #ttl,
             cache_none: #cache_none,
             stale_secs: #stale_secs,
+            lease: #lease,
+            refresh_secs: #refresh_secs,
         };
         #cache
         let mut __cq_key = #krate::__private::key(&__CQ_SITE);
@@ -166,6 +181,19 @@ pub(crate) fn block(
                 span,
                 "`stale_if_error` is not supported with `batch` (yet): an element's expired \
                  value cannot stand in for a failed batch query",
+            ));
+        }
+        if let Some((_, span)) = args.refresh_ahead {
+            return Err(syn::Error::new(
+                span,
+                "`refresh_ahead` is not supported with `batch` (yet): a batch's hits are not \
+                 refreshed one by one",
+            ));
+        }
+        if let Some(lease) = &args.lease {
+            return Err(syn::Error::new_spanned(
+                lease,
+                "`lease` has no effect with `batch`: batch reads take no leases (yet)",
             ));
         }
         if tags.by_result.is_some() {

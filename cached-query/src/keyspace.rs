@@ -8,6 +8,7 @@
 //! {ns}:s:{n}        the same, per Redis Cluster master (`n` picks a slot the node serves)
 //! {ns}:t:{32 hex}   tag version token (first 16 bytes of sha256(tag))
 //! {ns}:e:{64 hex}   cached entry (sha256 of the call's canonical key document)
+//! {ns}:l:{32 hex}   lease on computing an entry under given stamps (sha256 of both)
 //! {ns}:session:{64 hex}   tower-sessions record (sha256 of the session id)
 //! ```
 //!
@@ -176,6 +177,21 @@ pub(crate) fn is_entry_key(key: &str) -> bool {
 
 const ENTRY_MARKER: &str = ":e:";
 
+/// The key of the lease on computing `entry` under `stamps` (the tokens a miss read): a
+/// caller that read other stamps (an invalidation in between) has another lease key, so it
+/// never waits for a query that began before an invalidation it has seen.
+pub(crate) fn lease_key<S: AsRef<[u8]>>(namespace: &str, entry: &str, stamps: &[S]) -> String {
+    let mut hasher = Sha256::new();
+    hasher.update(entry.as_bytes());
+    for stamp in stamps {
+        let stamp = stamp.as_ref();
+        hasher.update(u32::try_from(stamp.len()).unwrap_or(u32::MAX).to_le_bytes());
+        hasher.update(stamp);
+    }
+    let hash: [u8; 32] = hasher.finalize().into();
+    hashed_key(namespace, ":l:", &hash[..16])
+}
+
 /// The key of a session record. The id is a bearer secret: only its hash is in the name.
 #[cfg(feature = "sessions")]
 pub(crate) fn session_key(namespace: &str, session_id: &str) -> String {
@@ -260,6 +276,25 @@ mod tests {
             "a random token has no sequence"
         );
         assert_eq!(Seq::parse(b"short"), None);
+    }
+
+    #[test]
+    fn lease_keys_depend_on_entry_and_every_stamp() {
+        let entry = entry_key("ns", &[7; 32]);
+        let k = lease_key("ns", &entry, &[b"a".as_slice(), b"b"]);
+        assert!(k.starts_with("ns:l:") && k.len() == "ns:l:".len() + 32);
+        assert_eq!(k, lease_key("ns", &entry, &[b"a".as_slice(), b"b"]));
+        assert_ne!(k, lease_key("ns", &entry, &[b"a".as_slice(), b"c"]));
+        assert_ne!(
+            k,
+            lease_key("ns", &entry, &[b"ab".as_slice()]),
+            "stamps are delimited"
+        );
+        assert_ne!(
+            k,
+            lease_key("ns", &entry_key("ns", &[8; 32]), &[b"a".as_slice(), b"b"])
+        );
+        assert!(!is_entry_key(&k) && !is_sequence_key(&k));
     }
 
     #[test]

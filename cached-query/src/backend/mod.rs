@@ -201,6 +201,53 @@ impl Store {
         }
     }
 
+    /// [`write`](Self::write), releasing the lease `(key, token)` in the same round trip.
+    pub(crate) async fn write_released(
+        &self,
+        entry: &str,
+        bytes: Vec<u8>,
+        ttl: Duration,
+        lease: (&str, &[u8]),
+        until: Instant,
+    ) -> Result<(), StoreError> {
+        match self {
+            Store::Redis(r) => r.write_released(entry, bytes, ttl, lease, until).await,
+            Store::Memory(m) => {
+                m.write(entry, bytes, ttl);
+                Ok(())
+            }
+        }
+    }
+
+    /// Takes the lease `key` with `token` for `ttl` unless another caller holds it, by
+    /// `until`: whether it was taken. Only a Redis backend has leases (in process, flights
+    /// do the same): the in-memory one always grants them.
+    pub(crate) async fn lease(
+        &self,
+        key: &str,
+        token: &[u8],
+        ttl: Duration,
+        until: Instant,
+    ) -> Result<bool, StoreError> {
+        match self {
+            Store::Redis(r) => r.lease(key, token, ttl, until).await,
+            Store::Memory(_) => Ok(true),
+        }
+    }
+
+    /// Releases the lease `key` if it still holds `token`, by `until`.
+    pub(crate) async fn release(
+        &self,
+        key: &str,
+        token: &[u8],
+        until: Instant,
+    ) -> Result<(), StoreError> {
+        match self {
+            Store::Redis(r) => r.release(key, token, until).await,
+            Store::Memory(_) => Ok(()),
+        }
+    }
+
     /// Removes an entry, by `until`.
     pub(crate) async fn delete(&self, entry: &str, until: Instant) -> Result<(), StoreError> {
         match self {

@@ -122,6 +122,18 @@ if redis.call('GET', KEYS[1]) == ARGV[1] then put(KEYS[1], ARGV[2], tonumber(ARG
 return redis.call('GET', KEYS[1])
 ";
 
+/// `KEYS = [lease]`, `ARGV = [token]`: deletes the lease if it still holds `token`.
+const RELEASE: &str = r"
+if redis.call('GET', KEYS[1]) == ARGV[1] then redis.call('DEL', KEYS[1]) end
+return 0
+";
+
+fn release_cmd(lease: &str, token: &[u8]) -> Cmd {
+    let mut cmd = redis::cmd("EVAL");
+    cmd.arg(RELEASE).arg(1).arg(lease).arg(token);
+    cmd
+}
+
 /// [`PUT`] of `token` into `stamp`.
 fn put_cmd(stamp: &StampKey, token: &[u8]) -> Cmd {
     let mut cmd = redis::cmd("EVAL");
@@ -520,6 +532,80 @@ impl RedisStore {
             until,
             |mut c| async move { set.query_async::<()>(&mut c).await },
         )
+        .await
+    }
+
+    /// [`write`](Self::write), then the lease held on computing the entry released, in one
+    /// round trip (a pipeline; two concurrent requests on a cluster, where the keys' slots
+    /// differ).
+    pub(crate) async fn write_released(
+        &self,
+        entry: &str,
+        bytes: Vec<u8>,
+        ttl: Duration,
+        (lease, token): (&str, &[u8]),
+        until: Instant,
+    ) -> Result<(), StoreError> {
+        let mut set = redis::cmd("SET");
+        set.arg(entry).arg(bytes).arg("PX").arg(millis(ttl));
+        let release = release_cmd(lease, token);
+        let (set, release) = (&set, &release);
+        if self.conns.is_cluster() {
+            return self
+                .run(until, |c| async move {
+                    let (mut a, mut b) = (c.clone(), c);
+                    tokio::try_join!(
+                        set.query_async::<()>(&mut a),
+                        release.query_async::<()>(&mut b)
+                    )
+                    .map(drop)
+                })
+                .await;
+        }
+        self.run(until, |mut c| async move {
+            let mut pipe = redis::pipe();
+            pipe.add_command(set.clone())
+                .ignore()
+                .add_command(release.clone())
+                .ignore();
+            pipe.query_async::<()>(&mut c).await
+        })
+        .await
+    }
+
+    /// `SET lease token NX PX ttl` by `until`: whether this call now holds the lease.
+    pub(crate) async fn lease(
+        &self,
+        lease: &str,
+        token: &[u8],
+        ttl: Duration,
+        until: Instant,
+    ) -> Result<bool, StoreError> {
+        let mut set = redis::cmd("SET");
+        set.arg(lease)
+            .arg(token)
+            .arg("NX")
+            .arg("PX")
+            .arg(millis(ttl));
+        let set = &set;
+        let taken: Option<String> = self
+            .run(until, |mut c| async move { set.query_async(&mut c).await })
+            .await?;
+        Ok(taken.is_some())
+    }
+
+    /// Deletes `lease` if it still holds `token` (a lease that expired may have been taken
+    /// by another caller since), by `until`.
+    pub(crate) async fn release(
+        &self,
+        lease: &str,
+        token: &[u8],
+        until: Instant,
+    ) -> Result<(), StoreError> {
+        let release = &release_cmd(lease, token);
+        self.run(until, |mut c| async move {
+            release.query_async::<()>(&mut c).await
+        })
         .await
     }
 

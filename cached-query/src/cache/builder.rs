@@ -13,6 +13,10 @@ use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
 use std::time::Duration;
 
+/// Whether leases are on unless configured (see the README's "Leases" for the measurement
+/// behind it).
+const DEFAULT_LEASES: bool = false;
+
 #[derive(Debug, Clone)]
 enum Backend {
     Memory,
@@ -36,6 +40,8 @@ pub struct CacheBuilder {
     namespace: String,
     default_ttl: Duration,
     ttl_jitter: f64,
+    leases: bool,
+    lease_ttl: Duration,
     tag_ttl: Duration,
     max_value_size: usize,
     connect_timeout: Duration,
@@ -67,6 +73,8 @@ impl std::fmt::Debug for CacheBuilder {
             .field("namespace", &self.namespace)
             .field("default_ttl", &self.default_ttl)
             .field("ttl_jitter", &self.ttl_jitter)
+            .field("leases", &self.leases)
+            .field("lease_ttl", &self.lease_ttl)
             .finish_non_exhaustive()
     }
 }
@@ -83,6 +91,8 @@ impl Default for CacheBuilder {
             namespace: "cq".to_owned(),
             default_ttl: Duration::from_secs(300),
             ttl_jitter: 0.0,
+            leases: DEFAULT_LEASES,
+            lease_ttl: Duration::from_secs(5),
             tag_ttl: Duration::from_secs(24 * 3600),
             max_value_size: 1024 * 1024,
             connect_timeout: Duration::from_secs(1),
@@ -265,6 +275,28 @@ impl CacheBuilder {
         self
     }
 
+    /// Fleet-wide single-flight (Redis and Redis Cluster backends): a call that misses takes
+    /// a lease on computing that entry under the tag versions it read (one `SET NX PX`);
+    /// calls in other processes that miss the same entry under the same versions wait for
+    /// the holder's result instead of running the query, for at most
+    /// [`lease_ttl`](Self::lease_ttl). See the README's "Leases" for the guarantees and the
+    /// measured cost; `#[cached_query(lease = false)]` opts a query out. Off by default.
+    #[must_use]
+    pub fn leases(mut self, on: bool) -> Self {
+        self.leases = on;
+        self
+    }
+
+    /// How long a lease holds (default 5 s): no caller waits for another process's query
+    /// longer than this; a holder that dies or hangs delays waiters at most this long. Give
+    /// it more than your slow queries take, or their waiters run them too. Zero is an error
+    /// at `build()`.
+    #[must_use]
+    pub fn lease_ttl(mut self, ttl: Duration) -> Self {
+        self.lease_ttl = ttl;
+        self
+    }
+
     /// How long an untouched tag version lives (default 24 h, and never less than the TTL
     /// of the entry that created it). An expired tag only causes misses.
     #[must_use]
@@ -369,6 +401,7 @@ impl CacheBuilder {
         }
         let checks = [
             ("default_ttl", self.default_ttl),
+            ("lease_ttl", self.lease_ttl),
             ("tag_ttl", self.tag_ttl),
             ("connect_timeout", self.connect_timeout),
             ("response_timeout", self.response_timeout),
@@ -531,6 +564,8 @@ impl CacheBuilder {
             namespace: self.namespace,
             default_ttl: self.default_ttl,
             ttl_jitter: self.ttl_jitter,
+            leases: self.leases,
+            lease_ttl: self.lease_ttl,
             tag_ttl: self.tag_ttl,
             max_value_size: self.max_value_size,
             breaker_failures: self.breaker_failures,
@@ -564,7 +599,8 @@ impl CacheBuilder {
     }
 
     /// A builder from environment variables: [`RedisConfig::from_lookup`]'s, plus
-    /// `CACHE_NAMESPACE`, `CACHE_DEFAULT_TTL`, `CACHE_NEAR_CAPACITY` and `CACHE_ENABLED`.
+    /// `CACHE_NAMESPACE`, `CACHE_DEFAULT_TTL`, `CACHE_NEAR_CAPACITY`, `CACHE_LEASES` and
+    /// `CACHE_ENABLED`.
     pub(crate) fn from_lookup<F>(lookup: F) -> Result<CacheBuilder, Error>
     where
         F: Fn(&str) -> Option<String>,
@@ -584,6 +620,9 @@ impl CacheBuilder {
         };
         if !enabled {
             return Ok(builder.disabled());
+        }
+        if let Some(v) = get("CACHE_LEASES") {
+            builder = builder.leases(parse_bool("CACHE_LEASES", &v)?);
         }
         if redis.url.is_none() && redis.cluster_urls.is_empty() && redis.sentinel_urls.is_empty() {
             tracing::info!("REDIS_URL is not set: cached-query uses its in-process memory backend");

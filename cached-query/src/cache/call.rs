@@ -24,6 +24,7 @@ use super::Cache;
 use super::digest::KeyBuilder;
 use super::envelope::{self, Decoded, ResultStamp};
 use super::flights::Role;
+use super::lease::{Lease, Leased, Miss};
 use super::stats::Recorder;
 use crate::backend::near::NearCache;
 use crate::backend::{Read, Settled, StampKey, Store, StoreError};
@@ -51,6 +52,11 @@ pub struct Site {
     /// `stale_if_error = …` in seconds (0: none): how much longer than its TTL an entry is
     /// kept, to be returned if the query fails.
     pub stale_secs: u64,
+    /// `lease = false` opts out of the cache's leases.
+    pub lease: bool,
+    /// `refresh_ahead = …` in seconds (0: none): the end of an entry's life during which a
+    /// hit may refresh it.
+    pub refresh_secs: u64,
 }
 
 impl Site {
@@ -271,6 +277,38 @@ impl Cache {
             Role::Alone => None,
         };
 
+        // 4b. Fleet-wide single-flight: a lease, or another process's result.
+        let mut stamps = stamps;
+        let mut lease = None;
+        if leader.is_some()
+            && self.leasing(site.lease)
+            && let Some(read) = stamps.take()
+        {
+            let miss = Miss {
+                entry: &entry,
+                stamp_keys: &stamp_keys,
+                kept,
+                own,
+                by_result,
+            };
+            let decode = |p: &[u8]| serde_json::from_slice::<T>(p).ok();
+            match self.lease_or_wait(store, &rec, miss, read, decode).await {
+                Leased::Hit(value, payload) => {
+                    rec.hit();
+                    calls::cache_hit();
+                    if let Some(leader) = leader {
+                        leader.share(payload);
+                        leader.landed(true);
+                    }
+                    return Ok(value);
+                }
+                Leased::Query(read, taken) => {
+                    stamps = Some(read);
+                    lease = taken;
+                }
+            }
+        }
+
         // 5. Query.
         let result = calls::execute(fut).await;
         rec.miss();
@@ -335,7 +373,7 @@ impl Cache {
                             result: result.as_deref(),
                         };
                         let to = (entry.as_str(), until);
-                        self.store_payload(store, &rec, site, to, stamps, &payload, ttl)
+                        self.store_payload(store, &rec, site, to, stamps, &payload, ttl, lease)
                             .await
                     }
                     None => false,
@@ -677,6 +715,7 @@ impl Cache {
         stamps: Stamps<'_>,
         payload: &[u8],
         ttl: Duration,
+        lease: Option<Lease>,
     ) -> bool {
         if !site.cache_none && payload == b"null" {
             return false;
@@ -699,7 +738,20 @@ impl Cache {
         if store.is_remote() && !self.inner.breaker.allow() {
             return false;
         }
-        let r = store.write(entry, bytes, ttl, until).await;
+        // A held lease is released with the write: waiters find the entry, or, should the
+        // write fail, no lease (and query).
+        let r = match lease {
+            Some(lease) => {
+                let r = store
+                    .write_released(entry, bytes, ttl, lease.id(), until)
+                    .await;
+                if r.is_ok() {
+                    lease.released();
+                }
+                r
+            }
+            None => store.write(entry, bytes, ttl, until).await,
+        };
         self.observe(&r);
         if let Err(e) = &r {
             rec.error();

@@ -12,6 +12,7 @@ pub(crate) mod envelope;
 pub(crate) mod flights;
 pub(crate) mod global;
 pub(crate) mod invalidate;
+pub(crate) mod lease;
 pub(crate) mod pending;
 pub(crate) mod stats;
 
@@ -39,6 +40,10 @@ pub(crate) struct Settings {
     pub(crate) default_ttl: Duration,
     /// See [`CacheBuilder::ttl_jitter`].
     pub(crate) ttl_jitter: f64,
+    /// See [`CacheBuilder::leases`] (only a Redis backend takes leases).
+    pub(crate) leases: bool,
+    /// See [`CacheBuilder::lease_ttl`].
+    pub(crate) lease_ttl: Duration,
     pub(crate) tag_ttl: Duration,
     pub(crate) max_value_size: usize,
     pub(crate) breaker_failures: u32,

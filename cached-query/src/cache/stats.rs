@@ -36,6 +36,10 @@ pub struct CacheStats {
     /// Calls whose query failed and that returned the entry `stale_if_error` kept past its
     /// freshness instead of the error (also counted as misses: the query ran).
     pub stale_served: u64,
+    /// Misses that found another process's lease on their entry and waited for its result
+    /// (see [`CacheBuilder::leases`](crate::CacheBuilder::leases)); those that got it are
+    /// also counted as hits, the others (holder failed, lease expired) as misses.
+    pub lease_waits: u64,
     /// `#[invalidates]` calls that ran inside a transaction on a cache without an outbox, so
     /// their invalidation was sent before the commit (each also logged as an error).
     pub invalidations_before_commit: u64,
@@ -69,6 +73,8 @@ pub struct QueryStats {
     pub bypassed: u64,
     /// See [`CacheStats::stale_served`].
     pub stale_served: u64,
+    /// See [`CacheStats::lease_waits`].
+    pub lease_waits: u64,
 }
 
 #[derive(Debug, Default)]
@@ -81,6 +87,7 @@ pub(crate) struct Counters {
     oversized: AtomicU64,
     bypassed: AtomicU64,
     stale_served: AtomicU64,
+    lease_waits: AtomicU64,
 }
 
 impl Counters {
@@ -94,6 +101,7 @@ impl Counters {
             oversized: self.oversized.load(Relaxed),
             bypassed: self.bypassed.load(Relaxed),
             stale_served: self.stale_served.load(Relaxed),
+            lease_waits: self.lease_waits.load(Relaxed),
         }
     }
 }
@@ -139,6 +147,7 @@ impl Recorder<'_> {
         oversized => oversized, None;
         bypassed => bypassed, Some("cached_query_cache_bypassed_total");
         stale_served => stale_served, Some("cached_query_stale_served_total");
+        lease_wait => lease_waits, Some("cached_query_lease_waits_total");
     }
 
     /// Adds `n` to a counter of the cache's total and of this query's, and to its metric.
@@ -207,6 +216,7 @@ impl Stats {
             oversized: total.oversized,
             bypassed: total.bypassed,
             stale_served: total.stale_served,
+            lease_waits: total.lease_waits,
             invalidations_before_commit: self.before_commit.load(Relaxed),
             server_changes,
             queries,
