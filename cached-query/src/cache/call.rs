@@ -25,6 +25,7 @@ use super::digest::KeyBuilder;
 use super::envelope::{self, Decoded, ResultStamp};
 use super::flights::Role;
 use super::lease::{Lease, Leased, Miss};
+use super::refresh;
 use super::stats::Recorder;
 use crate::backend::near::NearCache;
 use crate::backend::{Read, Settled, StampKey, Store, StoreError};
@@ -186,13 +187,18 @@ impl Cache {
         };
         let entry = entry_key(&inner.settings.namespace, &digest);
 
-        // 1. Near layer, checked entry: nothing to compare.
+        // 1. Near layer, checked entry: nothing to compare. A hit chosen to refresh its
+        // entry goes on to read its stamps.
         let near = self.near_layer();
+        let mut refresh = false;
         if let Some(bytes) = near.and_then(|n| n.checked(&entry))
             && let Some(Ok(value)) = envelope::payload(&bytes).map(serde_json::from_slice::<T>)
         {
-            record_hit(&rec, true);
-            return Ok(value);
+            refresh = refresh::due(site, &rec, &bytes);
+            if !refresh {
+                record_hit(&rec, true);
+                return Ok(value);
+            }
         }
         let ttl = site.ttl().unwrap_or(inner.settings.default_ttl);
         // How long the entry is kept: its tags' tokens live at least as long, or an entry
@@ -243,7 +249,25 @@ impl Cache {
                     self.fresh(store, &rec, &entry, &read, check, decode).await
                 {
                     record_hit(&rec, read.near.is_some() && !remote);
-                    return Ok(value);
+                    let chosen = || {
+                        read.entry
+                            .as_ref()
+                            .is_some_and(|b| refresh::due(site, &rec, b))
+                    };
+                    if !(refresh || chosen()) {
+                        return Ok(value);
+                    }
+                    let target = Target {
+                        site,
+                        entry: &entry,
+                        own,
+                        kept,
+                        ttl,
+                        result_tags,
+                    };
+                    return self
+                        .refresh(store, &rec, &target, value, read.stamps, fut)
+                        .await;
                 }
                 if site.stale_secs > 0 {
                     expired.clone_from(&read.entry);
@@ -309,8 +333,12 @@ impl Cache {
             }
         }
 
-        // 5. Query.
+        // 5. Query (timed for `refresh_ahead`, which weighs by it).
+        let started = (site.refresh_secs > 0).then(std::time::Instant::now);
         let result = calls::execute(fut).await;
+        if let Some(started) = started {
+            rec.query_took(started.elapsed());
+        }
         rec.miss();
         let Ok(value) = &result else {
             if let (Some(bytes), Some(stamps)) = (&expired, &stamps)
@@ -346,38 +374,18 @@ impl Cache {
         if let Some(leader) = &leader {
             leader.share(payload.clone());
         }
-        // One budget for everything after it: the response timeout.
-        let until = store.until();
-        let stored = match stamps {
+        let target = Target {
+            site,
+            entry: &entry,
+            own,
+            kept,
+            ttl,
+            result_tags,
+        };
+        let stored = match &stamps {
             Some(stamps) => {
-                let (own_stamps, sequence) = stamps.split_at(own);
-                let settled = match (result_tags, sequence.first()) {
-                    (Some(render), Some(before)) => {
-                        let tags = render(value);
-                        self.settle_result_tags(store, &rec, tags, kept, before, until)
-                            .await
-                            .map(Some)
-                    }
-                    (Some(_), None) => None,
-                    (None, _) => Some(None),
-                };
-                match settled {
-                    Some(settled) => {
-                        let result: Option<Vec<ResultStamp<'_>>> = settled.as_ref().map(|r| {
-                            r.iter()
-                                .map(|(hash, stamp)| ResultStamp { hash, stamp })
-                                .collect()
-                        });
-                        let stamps = Stamps {
-                            own: own_stamps,
-                            result: result.as_deref(),
-                        };
-                        let to = (entry.as_str(), until);
-                        self.store_payload(store, &rec, site, to, stamps, &payload, ttl, lease)
-                            .await
-                    }
-                    None => false,
-                }
+                self.store_result(store, &rec, &target, stamps, value, &payload, lease)
+                    .await
             }
             None => false,
         };
@@ -395,6 +403,59 @@ impl Cache {
             }
         }
         result
+    }
+
+    /// Stores `value` (serialised: `payload`) in `target` with the `stamps` read before its
+    /// query (for result tags, only if none was bumped since: see `settle_result_tags`),
+    /// releasing `lease` with the write; whether it was stored. One budget for it all: the
+    /// response timeout.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) async fn store_result<T>(
+        &self,
+        store: &Store,
+        rec: &Recorder<'_>,
+        target: &Target<'_, T>,
+        stamps: &[Bytes],
+        value: &T,
+        payload: &[u8],
+        lease: Option<Lease>,
+    ) -> bool {
+        let until = store.until();
+        let (own_stamps, sequence) = stamps.split_at(target.own.min(stamps.len()));
+        let settled = match (target.result_tags, sequence.first()) {
+            (Some(render), Some(before)) => {
+                let tags = render(value);
+                self.settle_result_tags(store, rec, tags, target.kept, before, until)
+                    .await
+                    .map(Some)
+            }
+            (Some(_), None) => None,
+            (None, _) => Some(None),
+        };
+        let Some(settled) = settled else {
+            return false;
+        };
+        let result: Option<Vec<ResultStamp<'_>>> = settled.as_ref().map(|r| {
+            r.iter()
+                .map(|(hash, stamp)| ResultStamp { hash, stamp })
+                .collect()
+        });
+        let stamps = Stamps {
+            own: own_stamps,
+            result: result.as_deref(),
+        };
+        let to = (target.entry, until);
+        self.store_payload(
+            store,
+            rec,
+            target.site,
+            to,
+            stamps,
+            payload,
+            target.ttl,
+            lease,
+        )
+        .await
     }
 
     /// The near cache, unless invalidations are pending: then nothing is served from
@@ -725,7 +786,7 @@ impl Cache {
             return false;
         }
         let lifetime = self.lifetime(ttl);
-        let fresh_until = (site.stale_secs > 0).then(|| {
+        let fresh_until = (site.stale_secs > 0 || site.refresh_secs > 0).then(|| {
             let ms = u64::try_from(lifetime.as_millis()).unwrap_or(u64::MAX);
             envelope::now_ms().saturating_add(ms)
         });
@@ -759,6 +820,18 @@ impl Cache {
         }
         r.is_ok()
     }
+}
+
+/// Where and how a call's result is stored: its site, its entry key, how many of the stamps
+/// read are its own (a result-tagged site's sequence follows), how long the entry is kept and
+/// fresh, and the result tags' renderer.
+pub(super) struct Target<'a, T> {
+    pub(super) site: &'static Site,
+    pub(super) entry: &'a str,
+    pub(super) own: usize,
+    pub(super) kept: Duration,
+    pub(super) ttl: Duration,
+    pub(super) result_tags: Option<ResultTags<'a, T>>,
 }
 
 /// What an entry is stored with: its own stamps, read before the query, and for a site with

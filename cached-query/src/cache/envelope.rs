@@ -21,7 +21,8 @@ pub(crate) const FORMAT_VERSION: u8 = 1;
 /// The layout with result tags.
 const FORMAT_WITH_RESULT_TAGS: u8 = 2;
 /// Formats 1 and 2 with the time the entry stops being fresh (`stale_if_error`: the entry is
-/// kept longer, as a value to fall back on when the query fails).
+/// kept longer, as a value to fall back on when the query fails; `refresh_ahead`: a hit near
+/// that time may refresh it).
 const FORMAT_EXPIRING: u8 = 3;
 const FORMAT_EXPIRING_WITH_RESULT_TAGS: u8 = 4;
 /// Length of a result tag's name in an entry.
@@ -118,6 +119,18 @@ pub(crate) enum Decoded<'a> {
 pub(crate) fn payload(bytes: &[u8]) -> Option<&[u8]> {
     let parts = parse::<&[u8]>(bytes, &[])?;
     (!parts.expired()).then_some(parts.payload)
+}
+
+/// When a well-formed entry of format 3 or 4 stops being fresh (ms since the Unix epoch).
+pub(crate) fn fresh_until(bytes: &[u8]) -> Option<u64> {
+    match bytes {
+        [
+            MAGIC,
+            FORMAT_EXPIRING | FORMAT_EXPIRING_WITH_RESULT_TAGS,
+            until @ ..,
+        ] => Some(u64::from_be_bytes(until.get(..8)?.try_into().ok()?)),
+        _ => None,
+    }
 }
 
 /// Checks `bytes` against the current stamps: the payload and the result tags still to be

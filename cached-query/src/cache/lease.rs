@@ -40,6 +40,16 @@ pub(super) struct Lease {
 }
 
 impl Lease {
+    /// The lease `key`, just taken with `token`.
+    pub(super) fn new(cache: &Cache, key: String, token: Vec<u8>) -> Lease {
+        Lease {
+            cache: cache.clone(),
+            key,
+            token,
+            held: true,
+        }
+    }
+
     /// The lease key and this holder's token (to release it along with the write).
     pub(super) fn id(&self) -> (&str, &[u8]) {
         (&self.key, &self.token)
@@ -123,15 +133,9 @@ impl Cache {
         loop {
             let key = lease_key(namespace, miss.entry, &stamps);
             let token = new_token();
-            match self.take_lease(store, &key, &token, lease_ttl).await {
+            match self.take_lease(store, &key, &token).await {
                 Ok(true) => {
-                    let lease = Lease {
-                        cache: self.clone(),
-                        key,
-                        token,
-                        held: true,
-                    };
-                    return Leased::Query(stamps, Some(lease));
+                    return Leased::Query(stamps, Some(Lease::new(self, key, token)));
                 }
                 Ok(false) => {}
                 Err(e) => {
@@ -184,17 +188,17 @@ impl Cache {
         }
     }
 
-    /// `SET NX PX` of the lease, while the breaker lets calls through.
-    async fn take_lease(
+    /// `SET NX PX` of the lease for `lease_ttl`, while the breaker lets calls through.
+    pub(super) async fn take_lease(
         &self,
         store: &Store,
         key: &str,
         token: &[u8],
-        ttl: Duration,
     ) -> Result<bool, StoreError> {
         if !self.inner.breaker.allow() {
             return Err(StoreError::CircuitOpen);
         }
+        let ttl = self.inner.settings.lease_ttl;
         let r = store.lease(key, token, ttl, store.until()).await;
         self.observe(&r);
         r

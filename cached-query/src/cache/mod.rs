@@ -14,6 +14,7 @@ pub(crate) mod global;
 pub(crate) mod invalidate;
 pub(crate) mod lease;
 pub(crate) mod pending;
+pub(crate) mod refresh;
 pub(crate) mod stats;
 
 use crate::backend::near::NearCache;
@@ -63,6 +64,8 @@ struct Inner {
     sequence_key: String,
     stats: Stats,
     flights: Flights,
+    /// Entries this process is refreshing (`refresh_ahead`).
+    refreshing: refresh::Refreshing,
     breaker: Breaker,
     warnings: WarnLimiter,
     pending: Pending,
@@ -142,6 +145,7 @@ impl Cache {
                 settings,
                 stats: Stats::default(),
                 flights: Flights::default(),
+                refreshing: refresh::Refreshing::default(),
                 warnings: WarnLimiter::new(Duration::from_secs(10)),
                 pending: Pending::default(),
                 epoch: AtomicU64::new(0),

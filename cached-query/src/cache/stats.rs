@@ -40,6 +40,9 @@ pub struct CacheStats {
     /// (see [`CacheBuilder::leases`](crate::CacheBuilder::leases)); those that got it are
     /// also counted as hits, the others (holder failed, lease expired) as misses.
     pub lease_waits: u64,
+    /// Hits chosen by `refresh_ahead` to run their query and store a fresh entry before it
+    /// expires (also counted as hits: the cached value stood in had the refresh failed).
+    pub refreshes: u64,
     /// `#[invalidates]` calls that ran inside a transaction on a cache without an outbox, so
     /// their invalidation was sent before the commit (each also logged as an error).
     pub invalidations_before_commit: u64,
@@ -75,6 +78,8 @@ pub struct QueryStats {
     pub stale_served: u64,
     /// See [`CacheStats::lease_waits`].
     pub lease_waits: u64,
+    /// See [`CacheStats::refreshes`].
+    pub refreshes: u64,
 }
 
 #[derive(Debug, Default)]
@@ -88,6 +93,9 @@ pub(crate) struct Counters {
     bypassed: AtomicU64,
     stale_served: AtomicU64,
     lease_waits: AtomicU64,
+    refreshes: AtomicU64,
+    /// The query's execution time, µs, a moving average (`refresh_ahead` weighs by it).
+    query_micros: AtomicU64,
 }
 
 impl Counters {
@@ -102,6 +110,7 @@ impl Counters {
             bypassed: self.bypassed.load(Relaxed),
             stale_served: self.stale_served.load(Relaxed),
             lease_waits: self.lease_waits.load(Relaxed),
+            refreshes: self.refreshes.load(Relaxed),
         }
     }
 }
@@ -148,6 +157,27 @@ impl Recorder<'_> {
         bypassed => bypassed, Some("cached_query_cache_bypassed_total");
         stale_served => stale_served, Some("cached_query_stale_served_total");
         lease_wait => lease_waits, Some("cached_query_lease_waits_total");
+        refresh => refreshes, Some("cached_query_refreshes_total");
+    }
+
+    /// Folds one execution time of the query into its moving average (weight 1/8).
+    pub(crate) fn query_took(&self, took: std::time::Duration) {
+        let micros = u64::try_from(took.as_micros()).unwrap_or(u64::MAX);
+        let _ = self
+            .query
+            .query_micros
+            .fetch_update(Relaxed, Relaxed, |avg| {
+                Some(if avg == 0 {
+                    micros
+                } else {
+                    avg - avg / 8 + micros / 8
+                })
+            });
+    }
+
+    /// The query's average execution time (zero before it ran in this process).
+    pub(crate) fn query_time(&self) -> std::time::Duration {
+        std::time::Duration::from_micros(self.query.query_micros.load(Relaxed))
     }
 
     /// Adds `n` to a counter of the cache's total and of this query's, and to its metric.
@@ -217,6 +247,7 @@ impl Stats {
             bypassed: total.bypassed,
             stale_served: total.stale_served,
             lease_waits: total.lease_waits,
+            refreshes: total.refreshes,
             invalidations_before_commit: self.before_commit.load(Relaxed),
             server_changes,
             queries,
