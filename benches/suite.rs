@@ -1,7 +1,8 @@
 //! The benchmark suite: `cargo bench --bench suite` (`-- --smoke` for a short run,
 //! `-- --multi-thread` for a 2-worker runtime instead of one thread, `-- --only batch` for
 //! one group of cases: reads, batch, batch-hits, protocol, stale, invalidation, write,
-//! stampede, timed).
+//! stampede, fleet, timed).
+
 //!
 //! One process, real local Redis (`REDIS_URL`) and PostgreSQL (`DATABASE_URL`). Every read
 //! case fetches the same 100 rows (a ~170-byte JSON user), warmed first, and reports the
@@ -9,6 +10,9 @@
 //! to the floor: a raw redis-rs `GET` plus `serde_json` decode of the same value.
 //! Then: a miss, invalidation of a tag over 1 vs 100 000 entries, a 1 000-caller stampede
 //! and the cost of `#[timed]`. The results go to stdout as Markdown; nothing fails on timing.
+
+#[path = "suite/fleet.rs"]
+mod fleet;
 
 use cached::AsyncRedisCache;
 use cached::macros::concurrent_cached;
@@ -1161,6 +1165,18 @@ fn main() {
             .build()
     }
     .unwrap();
+    let args: Vec<String> = std::env::args().collect();
+    if let Some(at) = args.iter().position(|a| a == "--fleet-child") {
+        return rt.block_on(async {
+            let pool = sqlx::postgres::PgPoolOptions::new()
+                .max_connections(4)
+                .connect(&SETTINGS.database_url)
+                .await
+                .expect("PostgreSQL is reachable at DATABASE_URL");
+            POOL.set(pool).unwrap();
+            fleet::child(&args[at + 1..]).await;
+        });
+    }
     rt.block_on(async {
         POOL.set(setup_database().await).unwrap();
         println!(
@@ -1205,6 +1221,9 @@ fn main() {
         }
         if run("stampede") {
             stampede_case().await;
+        }
+        if run("fleet") {
+            fleet::fleet_case().await;
         }
         if run("timed") {
             timed_case().await;

@@ -179,7 +179,7 @@ async fn a_second_process_waits_for_the_lease_holder_cluster() {
 }
 
 #[tokio::test]
-async fn the_write_releases_the_lease_and_a_miss_costs_one_command_more() {
+async fn the_write_releases_the_lease_and_a_miss_costs_one_request_more() {
     let server = RedisServer::start();
     let ns = unique_ns("lease-cost");
     let cache = leased(
@@ -200,8 +200,9 @@ async fn the_write_releases_the_lease_and_a_miss_costs_one_command_more() {
     let after = (count("mget"), count("set"), count("eval"));
     assert_eq!(
         (after.0 - before.0, after.1 - before.1, after.2 - before.2),
-        (1, 2, 1),
-        "a miss: its read, the lease's SET NX, the entry's SET and the release"
+        (1, 2, 2),
+        "a miss: its read, the lease (an EVAL whose SET NX is counted), the entry's SET and \
+         the release (an EVAL)"
     );
     let keys = common::keys_under(&server.url(), &ns).await;
     assert!(
@@ -457,12 +458,19 @@ async fn no_stale_reads_with_leases(pool: PgPool) {
     ]);
     let turn = Arc::new(AtomicU32::new(0));
     let writer = caches[0].clone();
+    let readers = caches.clone();
     common::no_stale_reads(pool, writer, move |pool, cache| {
         let n = turn.fetch_add(1, SeqCst) as usize % 3;
-        let cache = if n == 0 { cache } else { caches[n].clone() };
+        let cache = if n == 0 { cache } else { readers[n].clone() };
         async move { counter(&pool, &cache).await.unwrap() }
     })
     .await;
+    let stats: Vec<_> = caches.iter().map(Cache::stats).collect();
+    assert!(
+        stats.iter().map(|s| s.lease_waits).sum::<u64>() > 0,
+        "leases were waited on: {stats:?}"
+    );
+    assert!(stats.iter().all(|s| s.errors == 0), "{stats:?}");
 }
 
 #[cached_query(cache = cache, ttl = 60, invalidate = "counter:1")]
@@ -551,4 +559,63 @@ async fn a_zero_lease_ttl_is_refused_by_name() {
         .unwrap_err()
         .to_string();
     assert!(err.contains("lease_ttl"), "{err}");
+}
+
+/// A waiter gives up at its own `lease_ttl` (1 s) even when the holder's lease is longer
+/// (60 s) and its query still runs: it queries itself.
+#[tokio::test]
+async fn a_waiter_queries_at_its_own_lease_ttl() {
+    let ns = unique_ns("lease-own-ttl");
+    let builder = |ttl| leased(Cache::builder().redis(&redis_url()), ttl).namespace(&ns);
+    let a = builder(Duration::from_secs(60)).build().await.unwrap();
+    let b = builder(Duration::from_secs(1)).build().await.unwrap();
+    let src = Source::new(1100, 1);
+    let holder = tokio::spawn({
+        let (a, src) = (a.clone(), src.clone());
+        async move { item(&a, &src, 1).await }
+    });
+    src.entered.notified().await;
+    let started = std::time::Instant::now();
+    assert_eq!(soon(item(&b, &src, 1)).await, Ok(1101));
+    let waited = started.elapsed();
+    assert!(
+        waited >= Duration::from_secs(1) && waited <= Duration::from_millis(1500),
+        "waited {waited:?}: its lease_ttl, then its own query"
+    );
+    assert_eq!(b.stats().lease_waits, 1);
+    assert_eq!(src.calls.load(SeqCst), 2);
+    src.go.add_permits(1);
+    assert_eq!(holder.await.unwrap(), Ok(1101));
+}
+
+#[cached_query(cache = cache, ttl = 60, invalidate = "items", skip(src))]
+async fn listed(cache: &Cache, src: &Source, id: i64) -> Result<i64, String> {
+    item_body(src, id).await
+}
+
+/// Redis killed after a miss was decided from the near cache alone (entry and stamps held
+/// in process): the lease's `SET NX` fails and the query runs at once, counted as an error.
+#[tokio::test]
+async fn a_lease_that_cannot_be_taken_is_skipped() {
+    let mut server = RedisServer::start();
+    let ns = unique_ns("lease-near-down");
+    let cache = leased(
+        common::fail_fast(&server.url(), &ns),
+        Duration::from_secs(60),
+    )
+    .near_cache(100)
+    .build()
+    .await
+    .unwrap();
+    let src = Source::new(1200, 0);
+    assert_eq!(listed(&cache, &src, 1).await, Ok(1201));
+    cache.invalidate("items").await.unwrap();
+    // The tag's new token, held by the near cache along with item 1's old entry.
+    assert_eq!(listed(&cache, &src, 2).await, Ok(1202));
+    server.kill();
+    let errors = cache.stats().errors;
+    assert_eq!(soon(listed(&cache, &src, 1)).await, Ok(1201));
+    let stats = cache.stats();
+    assert_eq!(stats.errors, errors + 1, "only the lease failed: {stats:?}");
+    assert_eq!((stats.misses, stats.lease_waits), (3, 0));
 }

@@ -122,6 +122,14 @@ if redis.call('GET', KEYS[1]) == ARGV[1] then put(KEYS[1], ARGV[2], tonumber(ARG
 return redis.call('GET', KEYS[1])
 ";
 
+/// `KEYS = [lease]`, `ARGV = [token, ttl ms]`: `SET NX PX` of the token; 1 when it was set or
+/// the lease already holds this token, else 0.
+const TAKE: &str = r"
+if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then return 1 end
+if redis.call('GET', KEYS[1]) == ARGV[1] then return 1 end
+return 0
+";
+
 /// `KEYS = [lease]`, `ARGV = [token]`: deletes the lease if it still holds `token`.
 const RELEASE: &str = r"
 if redis.call('GET', KEYS[1]) == ARGV[1] then redis.call('DEL', KEYS[1]) end
@@ -535,9 +543,10 @@ impl RedisStore {
         .await
     }
 
-    /// [`write`](Self::write), then the lease held on computing the entry released, in one
-    /// round trip (a pipeline; two concurrent requests on a cluster, where the keys' slots
-    /// differ).
+    /// [`write`](Self::write), then the lease held on computing the entry released: in one
+    /// round trip on a single node (a pipeline, in that order); on a cluster, where the keys'
+    /// slots differ, the release is sent once the write succeeded. A failed release is not
+    /// a failed write: the lease expires.
     pub(crate) async fn write_released(
         &self,
         entry: &str,
@@ -551,16 +560,17 @@ impl RedisStore {
         let release = release_cmd(lease, token);
         let (set, release) = (&set, &release);
         if self.conns.is_cluster() {
-            return self
-                .run(until, |c| async move {
-                    let (mut a, mut b) = (c.clone(), c);
-                    tokio::try_join!(
-                        set.query_async::<()>(&mut a),
-                        release.query_async::<()>(&mut b)
-                    )
-                    .map(drop)
+            self.run(
+                until,
+                |mut c| async move { set.query_async::<()>(&mut c).await },
+            )
+            .await?;
+            let _ = self
+                .run(until, |mut c| async move {
+                    release.query_async::<()>(&mut c).await
                 })
                 .await;
+            return Ok(());
         }
         self.run(until, |mut c| async move {
             let mut pipe = redis::pipe();
@@ -573,7 +583,9 @@ impl RedisStore {
         .await
     }
 
-    /// `SET lease token NX PX ttl` by `until`: whether this call now holds the lease.
+    /// Takes `lease` with `token` for `ttl` unless another token holds it (`SET NX PX`, in a
+    /// script that also answers "taken" when `token` already holds it: a request run again
+    /// on a new connection must not find its own lease taken), by `until`.
     pub(crate) async fn lease(
         &self,
         lease: &str,
@@ -581,17 +593,13 @@ impl RedisStore {
         ttl: Duration,
         until: Instant,
     ) -> Result<bool, StoreError> {
-        let mut set = redis::cmd("SET");
-        set.arg(lease)
-            .arg(token)
-            .arg("NX")
-            .arg("PX")
-            .arg(millis(ttl));
-        let set = &set;
-        let taken: Option<String> = self
-            .run(until, |mut c| async move { set.query_async(&mut c).await })
+        let mut take = redis::cmd("EVAL");
+        take.arg(TAKE).arg(1).arg(lease).arg(token).arg(millis(ttl));
+        let take = &take;
+        let taken: i64 = self
+            .run(until, |mut c| async move { take.query_async(&mut c).await })
             .await?;
-        Ok(taken.is_some())
+        Ok(taken == 1)
     }
 
     /// Deletes `lease` if it still holds `token` (a lease that expired may have been taken
@@ -888,6 +896,59 @@ mod tests {
             key,
             ttl: Some(Duration::from_secs(60)),
         }
+    }
+
+    /// Taking a lease is idempotent for its holder (a request sent again after a broken
+    /// connection must not find the lease "held by another"), and releasing it deletes only
+    /// the holder's own token.
+    #[tokio::test]
+    async fn a_lease_is_taken_again_by_its_holder_only_and_released_by_it_only() {
+        let mut c = conn().await;
+        let lease = stamp(":l").key;
+        let (mine, theirs) = (new_token(), new_token());
+        let take = |token: &[u8]| {
+            let mut cmd = redis::cmd("EVAL");
+            cmd.arg(TAKE).arg(1).arg(&lease).arg(token).arg(60_000);
+            cmd
+        };
+        let took = |cmd: Cmd, c: &mut redis::aio::MultiplexedConnection| {
+            let mut c = c.clone();
+            async move { cmd.query_async::<i64>(&mut c).await.unwrap() }
+        };
+        assert_eq!(took(take(&mine), &mut c).await, 1);
+        assert_eq!(took(take(&mine), &mut c).await, 1, "the same token again");
+        assert_eq!(took(take(&theirs), &mut c).await, 0);
+        release_cmd(&lease, &theirs)
+            .query_async::<()>(&mut c)
+            .await
+            .unwrap();
+        let held: Vec<u8> = redis::cmd("GET")
+            .arg(&lease)
+            .query_async(&mut c)
+            .await
+            .unwrap();
+        assert_eq!(held, mine, "another token's release leaves it");
+        let ttl: i64 = redis::cmd("PTTL")
+            .arg(&lease)
+            .query_async(&mut c)
+            .await
+            .unwrap();
+        assert!((1..=60_000).contains(&ttl), "{ttl}");
+        release_cmd(&lease, &mine)
+            .query_async::<()>(&mut c)
+            .await
+            .unwrap();
+        let exists: i64 = redis::cmd("EXISTS")
+            .arg(&lease)
+            .query_async(&mut c)
+            .await
+            .unwrap();
+        assert_eq!(exists, 0);
+        assert_eq!(took(take(&theirs), &mut c).await, 1, "free again");
+        release_cmd(&lease, &theirs)
+            .query_async::<()>(&mut c)
+            .await
+            .unwrap();
     }
 
     #[tokio::test]

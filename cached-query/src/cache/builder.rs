@@ -406,6 +406,7 @@ impl CacheBuilder {
             ("connect_timeout", self.connect_timeout),
             ("response_timeout", self.response_timeout),
             ("near_cache_lease", self.near_lease),
+            ("lease_ttl", self.lease_ttl),
             (
                 "invalidation_replicas",
                 self.invalidation_replicas
@@ -423,6 +424,7 @@ impl CacheBuilder {
             ("connect_timeout", self.connect_timeout),
             ("response_timeout", self.response_timeout),
             ("near_cache_lease", self.near_lease),
+            ("lease_ttl", self.lease_ttl),
             (
                 "invalidation_replicas",
                 self.invalidation_replicas

@@ -314,6 +314,7 @@ impl Cache {
                 kept,
                 own,
                 by_result,
+                until,
             };
             let decode = |p: &[u8]| serde_json::from_slice::<T>(p).ok();
             match self.lease_or_wait(store, &rec, miss, read, decode).await {

@@ -6,11 +6,16 @@
 //! - **Scoped to stamps.** The lease key hashes the entry with every stamp the miss read: a
 //!   caller that saw an invalidation reads other stamps, so it never waits for a query that
 //!   began before it.
-//! - **Bounded.** A waiter polls (one `MGET` of the entry, the lease and the stamps) at
-//!   growing intervals, 2 ms up to 50 ms, and queries itself when the lease is gone without
-//!   an entry (the holder failed, was cancelled, or its result was not stored: it releases
-//!   the lease then), when the stamps changed (then it takes the new scope's lease first),
-//!   or at `lease_ttl` after it began waiting, whatever happens.
+//! - **Idempotent.** Taking a lease is a `SET NX PX` in a script that also answers "taken"
+//!   when this caller's token already holds it: a request run again on a new connection
+//!   must not lock its own sender out. The guard exists before the request is sent, so a
+//!   caller cancelled or timed out meanwhile releases what it may have taken.
+//! - **Bounded.** A waiter polls (one read of the entry, the lease and the stamps: an `MGET`,
+//!   split per slot on a cluster) at growing intervals, 2 ms up to 50 ms, and queries
+//!   itself when the lease is gone without an entry (the holder failed, was cancelled, or
+//!   its result was not stored: it releases the lease then), when the stamps changed (then
+//!   it takes the new scope's lease first), or at `lease_ttl` after it began waiting,
+//!   whatever happens: every Redis request of the wait ends by then too.
 //! - **Served as a read.** A waiter returns only an entry its poll found fresh, exactly as a
 //!   read at that moment would.
 //! - **Fail-open.** A Redis error, timeout or open breaker skips the lease: the caller
@@ -30,8 +35,9 @@ use tokio::time::Instant;
 const FIRST_POLL: Duration = Duration::from_millis(2);
 const LAST_POLL: Duration = Duration::from_millis(50);
 
-/// A lease this caller holds; released when dropped (in a task of its own), unless the
-/// entry's write released it.
+/// A lease this caller holds, or may hold (its request was sent); released when dropped (in a
+/// task of its own, once, whatever the breaker says: other processes may be waiting on it),
+/// unless the entry's write released it.
 pub(super) struct Lease {
     cache: Cache,
     key: String,
@@ -75,14 +81,10 @@ impl Drop for Lease {
             std::mem::take(&mut self.token),
         );
         runtime.spawn(async move {
-            let Some(store) = &cache.inner.store else {
-                return;
-            };
-            if !cache.inner.breaker.allow() {
-                return; // It expires.
+            if let Some(store) = &cache.inner.store {
+                // Not fed to the breaker: a release must not take its one probe.
+                let _ = store.release(&key, &token, store.until()).await;
             }
-            let r = store.release(&key, &token, store.until()).await;
-            cache.observe(&r);
         });
     }
 }
@@ -101,10 +103,22 @@ pub(super) enum Leased<T> {
 pub(super) struct Miss<'a> {
     pub(super) entry: &'a str,
     pub(super) stamp_keys: &'a [StampKey],
-    /// How long the entry is kept (what a read over the near cache needs).
+    /// How long the entry is kept (the expiry of stamps a poll creates follows it).
     pub(super) kept: Duration,
     pub(super) own: usize,
     pub(super) by_result: bool,
+    /// The end of the call's budget before its query: the first `SET NX` ends by then.
+    pub(super) until: Instant,
+}
+
+/// What a `SET NX PX` of a lease found.
+pub(super) enum Taken {
+    Held(Lease),
+    /// Another caller's token holds it.
+    Busy,
+    /// Not known: the request failed or timed out (or the breaker kept it from being sent);
+    /// the guard of what it may have taken, to release.
+    Failed(StoreError, Option<Lease>),
 }
 
 impl Cache {
@@ -126,22 +140,19 @@ impl Cache {
         decode: impl Fn(&[u8]) -> Option<T>,
     ) -> Leased<T> {
         let namespace = &self.inner.settings.namespace;
-        let lease_ttl = self.inner.settings.lease_ttl;
-        let deadline = Instant::now() + lease_ttl;
+        let deadline = Instant::now() + self.inner.settings.lease_ttl;
+        let mut until = miss.until.min(deadline);
         let mut waited = false;
         let mut delay = FIRST_POLL;
         loop {
             let key = lease_key(namespace, miss.entry, &stamps);
-            let token = new_token();
-            match self.take_lease(store, &key, &token).await {
-                Ok(true) => {
-                    return Leased::Query(stamps, Some(Lease::new(self, key, token)));
-                }
-                Ok(false) => {}
-                Err(e) => {
+            match self.take_lease(store, key.clone(), until).await {
+                Taken::Held(lease) => return Leased::Query(stamps, Some(lease)),
+                Taken::Busy => {}
+                Taken::Failed(e, lease) => {
                     rec.error();
                     self.warn("taking a lease failed", &e);
-                    return Leased::Query(stamps, None);
+                    return Leased::Query(stamps, lease);
                 }
             }
             if !waited {
@@ -156,7 +167,8 @@ impl Cache {
                 }
                 tokio::time::sleep_until((now + delay).min(deadline)).await;
                 delay = (delay * 3 / 2).min(LAST_POLL);
-                let (read, held) = match self.poll(store, &miss, &key).await {
+                until = store.until().min(deadline);
+                let (read, held) = match self.poll(store, &miss, &key, until).await {
                     Ok(polled) => polled,
                     Err(e) => {
                         rec.error();
@@ -167,7 +179,7 @@ impl Cache {
                 let check = Check {
                     own: miss.own,
                     by_result: miss.by_result,
-                    until: store.until(),
+                    until,
                 };
                 let kept = |p: &[u8]| decode(p).map(|value| (value, Arc::<[u8]>::from(p)));
                 if let Some(((value, payload), _)) =
@@ -188,20 +200,25 @@ impl Cache {
         }
     }
 
-    /// `SET NX PX` of the lease for `lease_ttl`, while the breaker lets calls through.
-    pub(super) async fn take_lease(
-        &self,
-        store: &Store,
-        key: &str,
-        token: &[u8],
-    ) -> Result<bool, StoreError> {
+    /// `SET NX PX` of the lease `key` for `lease_ttl` by `until`, while the breaker lets
+    /// calls through.
+    pub(super) async fn take_lease(&self, store: &Store, key: String, until: Instant) -> Taken {
         if !self.inner.breaker.allow() {
-            return Err(StoreError::CircuitOpen);
+            return Taken::Failed(StoreError::CircuitOpen, None);
         }
         let ttl = self.inner.settings.lease_ttl;
-        let r = store.lease(key, token, ttl, store.until()).await;
+        // Before the request: a caller dropped while it is under way releases it.
+        let mut lease = Lease::new(self, key, new_token());
+        let r = store.lease(&lease.key, &lease.token, ttl, until).await;
         self.observe(&r);
-        r
+        match r {
+            Ok(true) => Taken::Held(lease),
+            Ok(false) => {
+                lease.held = false;
+                Taken::Busy
+            }
+            Err(e) => Taken::Failed(e, Some(lease)),
+        }
     }
 
     /// One read of the entry, its stamps and the lease (pending invalidations delivered
@@ -211,8 +228,8 @@ impl Cache {
         store: &Store,
         miss: &Miss<'_>,
         lease: &str,
+        until: Instant,
     ) -> Result<(Read, bool), StoreError> {
-        let until = store.until();
         self.may_read(store, until).await?;
         let r = store
             .read_many(

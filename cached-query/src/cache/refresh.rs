@@ -19,10 +19,10 @@
 use super::Cache;
 use super::call::{Site, Target};
 use super::envelope;
-use super::lease::Lease;
+use super::lease::Taken;
 use super::stats::Recorder;
 use crate::backend::Store;
-use crate::keyspace::{lease_key, new_token};
+use crate::keyspace::lease_key;
 use crate::timing::calls;
 use bytes::Bytes;
 use serde::Serialize;
@@ -100,11 +100,10 @@ impl Cache {
         let mut lease = None;
         if self.leasing(target.site.lease) {
             let key = lease_key(&self.inner.settings.namespace, target.entry, &stamps);
-            let token = new_token();
-            match self.take_lease(store, &key, &token).await {
-                Ok(true) => lease = Some(Lease::new(self, key, token)),
-                Ok(false) => return Ok(hit),
-                Err(e) => {
+            match self.take_lease(store, key, store.until()).await {
+                Taken::Held(held) => lease = Some(held),
+                Taken::Busy => return Ok(hit),
+                Taken::Failed(e, _) => {
                     rec.error();
                     self.warn("taking a refresh lease failed", &e);
                     return Ok(hit);
