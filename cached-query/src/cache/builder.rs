@@ -13,8 +13,8 @@ use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
 use std::time::Duration;
 
-/// Whether leases are on unless configured (see the README's "Leases" for the measurement
-/// behind it).
+/// Whether leases are on unless configured: off, as every miss would pay one more round trip
+/// (BENCHMARKS.md, "Fleet").
 const DEFAULT_LEASES: bool = false;
 
 #[derive(Debug, Clone)]
@@ -279,8 +279,9 @@ impl CacheBuilder {
     /// a lease on computing that entry under the tag versions it read (one `SET NX PX`);
     /// calls in other processes that miss the same entry under the same versions wait for
     /// the holder's result instead of running the query, for at most
-    /// [`lease_ttl`](Self::lease_ttl). See the README's "Leases" for the guarantees and the
-    /// measured cost; `#[cached_query(lease = false)]` opts a query out. Off by default.
+    /// [`lease_ttl`](Self::lease_ttl). One more Redis round trip per miss (measured +36 to
+    /// +45 % on a local 0.3 ms miss), so off by default; see the README's "Leases" for the
+    /// guarantees and figures. `#[cached_query(lease = false)]` opts a query out.
     #[must_use]
     pub fn leases(mut self, on: bool) -> Self {
         self.leases = on;

@@ -321,6 +321,8 @@ impl Cache {
                 Leased::Hit(value, payload) => {
                     rec.hit();
                     calls::cache_hit();
+                    // Stored by the holder, possibly under stamps newer than this flight's
+                    // key: still fresh for every caller that joins it.
                     if let Some(leader) = leader {
                         leader.share(payload);
                         leader.landed(true);

@@ -115,7 +115,7 @@ impl Cache {
     /// Builds a cache from any variable source, with the rules of [`Cache::from_env`]:
     /// [`RedisConfig`](crate::RedisConfig)'s variables (`REDIS_URL`, `REDIS_CLUSTER_URLS`,
     /// `REDIS_PASSWORD`, timeouts, `REDIS_CA_CERT`), `CACHE_NAMESPACE`, `CACHE_DEFAULT_TTL`
-    /// (whole seconds), `CACHE_NEAR_CAPACITY` and `CACHE_ENABLED` (`false` gives a
+    /// (whole seconds), `CACHE_NEAR_CAPACITY`, `CACHE_LEASES` and `CACHE_ENABLED` (`false` gives a
     /// pass-through cache). Without a Redis URL the in-memory backend is used.
     pub async fn from_lookup<F>(lookup: F) -> Result<Cache, Error>
     where
