@@ -559,6 +559,20 @@ async fn a_zero_lease_ttl_is_refused_by_name() {
         .unwrap_err()
         .to_string();
     assert!(err.contains("lease_ttl"), "{err}");
+    // No longer than one response timeout: no poll could be sent in it.
+    let err = Cache::builder()
+        .redis(&redis_url())
+        .leases(true)
+        .lease_ttl(Duration::from_millis(200))
+        .response_timeout(Duration::from_millis(250))
+        .build()
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("lease_ttl") && err.contains("response_timeout"),
+        "{err}"
+    );
 }
 
 /// A waiter gives up at its own `lease_ttl` (1 s) even when the holder's lease is longer
@@ -578,11 +592,13 @@ async fn a_waiter_queries_at_its_own_lease_ttl() {
     let started = std::time::Instant::now();
     assert_eq!(soon(item(&b, &src, 1)).await, Ok(1101));
     let waited = started.elapsed();
+    // Its last poll goes one response timeout (250 ms) before its lease_ttl.
     assert!(
-        waited >= Duration::from_secs(1) && waited <= Duration::from_millis(1500),
+        waited >= Duration::from_millis(750) && waited <= Duration::from_millis(1500),
         "waited {waited:?}: its lease_ttl, then its own query"
     );
-    assert_eq!(b.stats().lease_waits, 1);
+    let stats = b.stats();
+    assert_eq!((stats.lease_waits, stats.errors), (1, 0), "{stats:?}");
     assert_eq!(src.calls.load(SeqCst), 2);
     src.go.add_permits(1);
     assert_eq!(holder.await.unwrap(), Ok(1101));

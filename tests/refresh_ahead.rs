@@ -17,6 +17,7 @@ struct Source {
     holds: AtomicU32,
     entered: Notify,
     go: Semaphore,
+    fail: std::sync::atomic::AtomicBool,
 }
 
 impl Source {
@@ -27,6 +28,7 @@ impl Source {
             holds: AtomicU32::new(0),
             entered: Notify::new(),
             go: Semaphore::new(0),
+            fail: std::sync::atomic::AtomicBool::new(false),
         })
     }
 }
@@ -43,6 +45,9 @@ async fn item(cache: &Cache, src: &Source, id: i64) -> Result<i64, String> {
     {
         src.entered.notify_one();
         src.go.acquire().await.unwrap().forget();
+    }
+    if src.fail.load(SeqCst) {
+        return Err(format!("query of item {id} failed"));
     }
     Ok(value)
 }
@@ -149,6 +154,8 @@ async fn a_refresh_never_serves_a_value_older_than_an_invalidation() {
     assert_eq!(item(&cache, &src, 1).await, Ok(101));
     let stored = std::time::Instant::now();
     tokio::time::sleep_until((stored + (TTL - WINDOW)).into()).await;
+    // What the refresh will read: not yet visible to anyone else.
+    src.value.store(150, SeqCst);
     let refreshing = hold_a_refresh(&cache, &src).await;
     assert_eq!(cache.stats().refreshes, 1);
     // Nobody waits on the refresh.
@@ -168,7 +175,11 @@ async fn a_refresh_never_serves_a_value_older_than_an_invalidation() {
         "after the invalidation"
     );
     src.go.add_permits(1);
-    assert_eq!(refreshing.await.unwrap(), Ok(101), "began before it");
+    assert_eq!(
+        refreshing.await.unwrap(),
+        Ok(151),
+        "the refreshing caller returns its own result, which began before the invalidation"
+    );
     for _ in 0..3 {
         assert_eq!(item(&cache, &src, 1).await, Ok(201));
     }
@@ -209,4 +220,31 @@ async fn with_leases_one_refresh_runs_per_entry_across_processes() {
     assert_eq!(b.stats().refreshes, 0);
     src.go.add_permits(1);
     assert_eq!(refreshing.await.unwrap(), Ok(301));
+}
+
+/// A refresh whose query fails: the chosen caller gets its hit, and that version of the entry
+/// is not refreshed again by this process (one failed query per version, not one per chosen
+/// hit).
+#[tokio::test]
+async fn a_failed_refresh_returns_the_hit_and_is_not_retried() {
+    let cache = Cache::builder()
+        .redis(&redis_url())
+        .namespace(&unique_ns("refresh-fail"))
+        .build()
+        .await
+        .unwrap();
+    let src = Source::new(40);
+    assert_eq!(item(&cache, &src, 1).await, Ok(41));
+    let stored = std::time::Instant::now();
+    src.fail.store(true, SeqCst);
+    read_until_refreshed(&cache, &src, stored).await;
+    assert_eq!(src.calls.load(SeqCst), 2, "the refresh ran, and failed");
+    // The rest of the window: hits only.
+    while stored.elapsed() < TTL - Duration::from_millis(100) {
+        assert_eq!(item(&cache, &src, 1).await, Ok(41));
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let stats = cache.stats();
+    assert_eq!((stats.refreshes, stats.misses, stats.errors), (1, 1, 0));
+    assert_eq!(src.calls.load(SeqCst), 2);
 }

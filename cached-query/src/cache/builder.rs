@@ -407,7 +407,6 @@ impl CacheBuilder {
             ("connect_timeout", self.connect_timeout),
             ("response_timeout", self.response_timeout),
             ("near_cache_lease", self.near_lease),
-            ("lease_ttl", self.lease_ttl),
             (
                 "invalidation_replicas",
                 self.invalidation_replicas
@@ -436,6 +435,18 @@ impl CacheBuilder {
             if d > Duration::from_secs(3600) {
                 return Err(Error::config(name, &format!("{d:?}"), "at most one hour"));
             }
+        }
+        // A waiter sends its last poll one response timeout before its lease_ttl, so that
+        // none outlives it: a lease_ttl shorter than that would never be waited on.
+        if self.leases && self.lease_ttl <= self.response_timeout {
+            return Err(Error::config(
+                "lease_ttl",
+                &format!("{:?}", self.lease_ttl),
+                &format!(
+                    "longer than response_timeout ({:?}) with leases on",
+                    self.response_timeout
+                ),
+            ));
         }
         if self.outbox_sweep_interval > Duration::from_secs(300) {
             return Err(Error::config(

@@ -187,20 +187,23 @@ impl Cache {
         };
         let entry = entry_key(&inner.settings.namespace, &digest);
 
+        let ttl = site.ttl().unwrap_or(inner.settings.default_ttl);
         // 1. Near layer, checked entry: nothing to compare. A hit chosen to refresh its
-        // entry goes on to read its stamps.
+        // entry goes on to read its stamps (not while the breaker is open), keeping its value
+        // in case that read fails.
         let near = self.near_layer();
-        let mut refresh = false;
+        let mut near_hit = None;
         if let Some(bytes) = near.and_then(|n| n.checked(&entry))
             && let Some(Ok(value)) = envelope::payload(&bytes).map(serde_json::from_slice::<T>)
         {
-            refresh = refresh::due(site, &rec, &bytes);
-            if !refresh {
+            let chosen = !inner.breaker.is_open()
+                && refresh::due(self, (site, ttl), &rec, &entry, &bytes).is_some();
+            if !chosen {
                 record_hit(&rec, true);
                 return Ok(value);
             }
+            near_hit = Some(value);
         }
-        let ttl = site.ttl().unwrap_or(inner.settings.default_ttl);
         // How long the entry is kept: its tags' tokens live at least as long, or an entry
         // kept for `stale_if_error` would lose them (and be a miss) before it is needed.
         let kept = ttl.saturating_add(site.stale());
@@ -249,14 +252,14 @@ impl Cache {
                     self.fresh(store, &rec, &entry, &read, check, decode).await
                 {
                     record_hit(&rec, read.near.is_some() && !remote);
-                    let chosen = || {
-                        read.entry
-                            .as_ref()
-                            .is_some_and(|b| refresh::due(site, &rec, b))
-                    };
-                    if !(refresh || chosen()) {
+                    // The version to refresh, if chosen (in step 1, or now).
+                    let version = read.entry.as_ref().and_then(|b| match near_hit {
+                        Some(_) => envelope::fresh_until(b),
+                        None => refresh::due(self, (site, ttl), &rec, &entry, b),
+                    });
+                    let Some(version) = version else {
                         return Ok(value);
-                    }
+                    };
                     let target = Target {
                         site,
                         entry: &entry,
@@ -266,7 +269,7 @@ impl Cache {
                         result_tags,
                     };
                     return self
-                        .refresh(store, &rec, &target, value, read.stamps, fut)
+                        .refresh(store, &rec, &target, value, read.stamps, version, fut)
                         .await;
                 }
                 if site.stale_secs > 0 {
@@ -277,6 +280,11 @@ impl Cache {
             Err(e) => {
                 rec.error();
                 self.warn("Redis read failed", &e);
+                // A near-cache hit chosen to refresh: served as it would have been.
+                if let Some(value) = near_hit {
+                    record_hit(&rec, true);
+                    return Ok(value);
+                }
                 None
             }
         };
@@ -789,10 +797,15 @@ impl Cache {
             return false;
         }
         let lifetime = self.lifetime(ttl);
-        let fresh_until = (site.stale_secs > 0 || site.refresh_secs > 0).then(|| {
-            let ms = u64::try_from(lifetime.as_millis()).unwrap_or(u64::MAX);
-            envelope::now_ms().saturating_add(ms)
-        });
+        let ms = u64::try_from(lifetime.as_millis()).unwrap_or(u64::MAX);
+        let at = envelope::now_ms().saturating_add(ms);
+        let fresh_until = if site.stale_secs > 0 {
+            Some(envelope::Until::Enforced(at))
+        } else if site.refresh_secs > 0 {
+            Some(envelope::Until::Advisory(at))
+        } else {
+            None
+        };
         let ttl = lifetime.saturating_add(site.stale());
         let Some(bytes) = envelope::encode(stamps.own, stamps.result, fresh_until, payload) else {
             // A stamp read from Redis that cannot be one (evicted mid-read, or garbage).

@@ -6,6 +6,7 @@
 //! format 1: [0xC9][1][n][len0][stamp0]..[len(n-1)][stamp(n-1)][json payload…]
 //! format 2: [0xC9][2][n][stamps as above][m][hash0 (16)][len][stamp]..[json payload…]
 //! format 3, 4: [0xC9][3 or 4][fresh until: u64 BE, ms since the Unix epoch] then as 1, 2
+//! format 5, 6: as 3, 4, the time only what `refresh_ahead` measures from (not enforced)
 //! ```
 //! Stamp 0 is the namespace generation, the others are the entry's tags in template order.
 //! Format 2 adds `m` result tags (tags computed from the value, `<ret…>`), each named by its
@@ -25,6 +26,19 @@ const FORMAT_WITH_RESULT_TAGS: u8 = 2;
 /// that time may refresh it).
 const FORMAT_EXPIRING: u8 = 3;
 const FORMAT_EXPIRING_WITH_RESULT_TAGS: u8 = 4;
+/// Formats 3 and 4 whose time is not enforced (`refresh_ahead` without `stale_if_error`): Redis's
+/// expiry ends such an entry, so clocks that disagree between hosts cannot end it early.
+const FORMAT_REFRESHING: u8 = 5;
+const FORMAT_REFRESHING_WITH_RESULT_TAGS: u8 = 6;
+
+/// The time an entry stops being fresh, ms since the Unix epoch, as stored in it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Until {
+    /// Not served past it (`stale_if_error` keeps it longer, to fall back on).
+    Enforced(u64),
+    /// Only what `refresh_ahead` measures from; the entry's expiry in the store ends it.
+    Advisory(u64),
+}
 /// Length of a result tag's name in an entry.
 const HASH_LEN: usize = 16;
 
@@ -43,14 +57,14 @@ pub(crate) struct ResultStamp<'a> {
 }
 
 /// Encodes `payload` with the stamps the value was computed under, for a site with result
-/// tags its result tags' stamps (format 2), and for one with `stale_if_error` the time it stops
-/// being fresh, in ms since the Unix epoch (formats 3, 4); `None` when a stamp is not
+/// tags its result tags' stamps (format 2), and the time it stops being fresh (formats 3, 4
+/// with `stale_if_error`, 5, 6 for `refresh_ahead` alone); `None` when a stamp is not
 /// [valid](valid_stamp) or there are more than 255 of either kind (the value must not be
 /// stored).
 pub(crate) fn encode<S: AsRef<[u8]>>(
     stamps: &[S],
     result: Option<&[ResultStamp<'_>]>,
-    fresh_until: Option<u64>,
+    fresh_until: Option<Until>,
     payload: &[u8],
 ) -> Option<Vec<u8>> {
     let n = u8::try_from(stamps.len()).ok()?;
@@ -72,13 +86,15 @@ pub(crate) fn encode<S: AsRef<[u8]>>(
             .sum::<usize>();
     let mut out = Vec::with_capacity(header + 8 + payload.len());
     out.push(MAGIC);
-    out.push(match (with_result, fresh_until.is_some()) {
-        (false, false) => FORMAT_VERSION,
-        (true, false) => FORMAT_WITH_RESULT_TAGS,
-        (false, true) => FORMAT_EXPIRING,
-        (true, true) => FORMAT_EXPIRING_WITH_RESULT_TAGS,
+    out.push(match (with_result, fresh_until) {
+        (false, None) => FORMAT_VERSION,
+        (true, None) => FORMAT_WITH_RESULT_TAGS,
+        (false, Some(Until::Enforced(_))) => FORMAT_EXPIRING,
+        (true, Some(Until::Enforced(_))) => FORMAT_EXPIRING_WITH_RESULT_TAGS,
+        (false, Some(Until::Advisory(_))) => FORMAT_REFRESHING,
+        (true, Some(Until::Advisory(_))) => FORMAT_REFRESHING_WITH_RESULT_TAGS,
     });
-    if let Some(until) = fresh_until {
+    if let Some(Until::Enforced(until) | Until::Advisory(until)) = fresh_until {
         out.extend_from_slice(&until.to_be_bytes());
     }
     out.push(n);
@@ -121,12 +137,12 @@ pub(crate) fn payload(bytes: &[u8]) -> Option<&[u8]> {
     (!parts.expired()).then_some(parts.payload)
 }
 
-/// When a well-formed entry of format 3 or 4 stops being fresh (ms since the Unix epoch).
+/// When an entry of format 3 to 6 stops being fresh (ms since the Unix epoch).
 pub(crate) fn fresh_until(bytes: &[u8]) -> Option<u64> {
     match bytes {
         [
             MAGIC,
-            FORMAT_EXPIRING | FORMAT_EXPIRING_WITH_RESULT_TAGS,
+            FORMAT_EXPIRING..=FORMAT_REFRESHING_WITH_RESULT_TAGS,
             until @ ..,
         ] => Some(u64::from_be_bytes(until.get(..8)?.try_into().ok()?)),
         _ => None,
@@ -173,11 +189,13 @@ fn parse<'a, S: AsRef<[u8]>>(bytes: &'a [u8], current: &[S]) -> Option<Parts<'a>
     let [magic, version, rest @ ..] = bytes else {
         return None;
     };
-    let (with_result, expiring) = match *version {
-        FORMAT_VERSION => (false, false),
-        FORMAT_WITH_RESULT_TAGS => (true, false),
-        FORMAT_EXPIRING => (false, true),
-        FORMAT_EXPIRING_WITH_RESULT_TAGS => (true, true),
+    let (with_result, expiring, enforced) = match *version {
+        FORMAT_VERSION => (false, false, false),
+        FORMAT_WITH_RESULT_TAGS => (true, false, false),
+        FORMAT_EXPIRING => (false, true, true),
+        FORMAT_EXPIRING_WITH_RESULT_TAGS => (true, true, true),
+        FORMAT_REFRESHING => (false, true, false),
+        FORMAT_REFRESHING_WITH_RESULT_TAGS => (true, true, false),
         _ => return None,
     };
     if *magic != MAGIC {
@@ -186,7 +204,7 @@ fn parse<'a, S: AsRef<[u8]>>(bytes: &'a [u8], current: &[S]) -> Option<Parts<'a>
     let mut rest = rest;
     let fresh_until = if expiring {
         let until: [u8; 8] = take(&mut rest, 8)?.try_into().ok()?;
-        Some(u64::from_be_bytes(until))
+        Some(u64::from_be_bytes(until)).filter(|_| enforced)
     } else {
         None
     };
@@ -319,11 +337,11 @@ mod tests {
     #[test]
     fn an_expiring_entry_is_fresh_then_expired_never_stale_by_time() {
         let later = now_ms() + 60_000;
-        let bytes = encode(&stamps(), None, Some(later), b"7").unwrap();
+        let bytes = encode(&stamps(), None, Some(Until::Enforced(later)), b"7").unwrap();
         assert_eq!(bytes[1], FORMAT_EXPIRING);
         assert_eq!(decode(&bytes, &stamps()), Decoded::Fresh(b"7", None));
         assert_eq!(payload(&bytes), Some(&b"7"[..]));
-        let past = encode(&stamps(), None, Some(now_ms() - 1), b"7").unwrap();
+        let past = encode(&stamps(), None, Some(Until::Enforced(now_ms() - 1)), b"7").unwrap();
         assert_eq!(decode(&past, &stamps()), Decoded::Expired(b"7", None));
         assert_eq!(
             payload(&past),
@@ -342,7 +360,13 @@ mod tests {
             hash: &hash,
             stamp: b"t",
         }];
-        let tagged = encode(&stamps(), Some(&result), Some(later), b"[]").unwrap();
+        let tagged = encode(
+            &stamps(),
+            Some(&result),
+            Some(Until::Enforced(later)),
+            b"[]",
+        )
+        .unwrap();
         assert_eq!(tagged[1], FORMAT_EXPIRING_WITH_RESULT_TAGS);
         assert_eq!(
             decode(&tagged, &stamps()),
@@ -351,6 +375,30 @@ mod tests {
         for cut in 0..10 {
             assert_eq!(decode(&bytes[..cut], &stamps()), Decoded::Corrupt, "{cut}");
         }
+    }
+
+    /// `refresh_ahead` alone: the time is kept (for `fresh_until`) but never ends freshness.
+    #[test]
+    fn an_advisory_time_is_read_but_not_enforced() {
+        let past = now_ms() - 1;
+        let bytes = encode(&stamps(), None, Some(Until::Advisory(past)), b"7").unwrap();
+        assert_eq!(bytes[1], FORMAT_REFRESHING);
+        assert_eq!(fresh_until(&bytes), Some(past));
+        assert_eq!(decode(&bytes, &stamps()), Decoded::Fresh(b"7", None));
+        assert_eq!(payload(&bytes), Some(&b"7"[..]));
+        let enforced = encode(&stamps(), Some(&[]), Some(Until::Enforced(past)), b"7").unwrap();
+        assert_eq!(fresh_until(&enforced), Some(past));
+        let tagged = encode(&stamps(), Some(&[]), Some(Until::Advisory(past)), b"7").unwrap();
+        assert_eq!(tagged[1], FORMAT_REFRESHING_WITH_RESULT_TAGS);
+        assert_eq!(
+            decode(&tagged, &stamps()),
+            Decoded::Fresh(b"7", Some(vec![]))
+        );
+        assert_eq!(
+            fresh_until(&encode(&stamps(), None, None, b"7").unwrap()),
+            None
+        );
+        assert_eq!(fresh_until(&bytes[..5]), None);
     }
 
     #[test]

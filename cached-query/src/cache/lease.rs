@@ -15,7 +15,8 @@
 //!   itself when the lease is gone without an entry (the holder failed, was cancelled, or
 //!   its result was not stored: it releases the lease then), when the stamps changed (then
 //!   it takes the new scope's lease first), or at `lease_ttl` after it began waiting,
-//!   whatever happens: every Redis request of the wait ends by then too.
+//!   whatever happens: no request of the wait starts later than one response timeout before
+//!   that, so each ends by then too (and none is cut short by it).
 //! - **Served as a read.** A waiter returns only an entry its poll found fresh, exactly as a
 //!   read at that moment would.
 //! - **Fail-open.** A Redis error, timeout or open breaker skips the lease: the caller
@@ -140,8 +141,14 @@ impl Cache {
         decode: impl Fn(&[u8]) -> Option<T>,
     ) -> Leased<T> {
         let namespace = &self.inner.settings.namespace;
-        let deadline = Instant::now() + self.inner.settings.lease_ttl;
-        let mut until = miss.until.min(deadline);
+        let start = Instant::now();
+        // No request of the wait starts later than one response timeout before its end, so
+        // each ends by then (the builder makes lease_ttl longer than that timeout).
+        let last = (start + self.inner.settings.lease_ttl)
+            .checked_sub(store.deadline().unwrap_or_default())
+            .unwrap_or(start);
+        // The first take: within the call's budget before its query.
+        let mut until = miss.until;
         let mut waited = false;
         let mut delay = FIRST_POLL;
         loop {
@@ -162,12 +169,12 @@ impl Cache {
             // Held elsewhere: poll until its entry comes, it goes, or the stamps change.
             loop {
                 let now = Instant::now();
-                if now >= deadline {
+                if now >= last {
                     return Leased::Query(stamps, None);
                 }
-                tokio::time::sleep_until((now + delay).min(deadline)).await;
+                tokio::time::sleep_until((now + delay).min(last)).await;
                 delay = (delay * 3 / 2).min(LAST_POLL);
-                until = store.until().min(deadline);
+                until = store.until();
                 let (read, held) = match self.poll(store, &miss, &key, until).await {
                     Ok(polled) => polled,
                     Err(e) => {
@@ -197,6 +204,10 @@ impl Cache {
                     break; // Released or expired without an entry: take it.
                 }
             }
+            if Instant::now() >= last {
+                return Leased::Query(stamps, None);
+            }
+            until = store.until();
         }
     }
 

@@ -5,82 +5,98 @@
 //! - **Who.** Each hit in the window is chosen with the XFetch rule (Vattani et al., VLDB
 //!   2015): chosen when `τ · −ln(u) ≥ remaining`, `u` uniform in (0, 1], `remaining` the
 //!   time the entry stays fresh. `τ` is the query's measured average execution time plus a
-//!   tenth of the window, so a refresh is likely well before expiry under steady traffic
-//!   (about `τ · ln(rate · τ)` before it) and slower queries refresh earlier. Nothing is
-//!   chosen outside the window.
-//! - **At most one.** One refresh per entry runs in a process; with leases on, one per entry
-//!   across the fleet (the refresh takes the entry's lease under the stamps it read; a
-//!   caller that finds it held returns its hit). Nobody waits on a refresh: a caller chosen
-//!   while one runs gets the hit.
+//!   tenth of the window (the window capped at the TTL), so a refresh is likely well before
+//!   expiry under steady traffic (about `τ · ln(rate · τ)` before it) and slower queries
+//!   refresh earlier. Nothing is chosen outside the window.
+//! - **At most one.** Each version of an entry (its `fresh_until`) is refreshed at most once
+//!   per process; with leases on, once across the fleet: the refresh takes a lease of its
+//!   own on that version under the entry's own stamps, kept until the version expires (a
+//!   miss never waits on it). A caller chosen while it is held returns its hit. Nobody waits
+//!   on a refresh. A refresh that failed is not tried again for that version.
 //! - **Coherent.** The refresh stores its result with the stamps read before its query, as
-//!   a miss does: an invalidation during the refresh leaves its entry stale, never served.
-//!   The chosen caller returns the new value, or its hit if the query fails.
+//!   a miss does: an invalidation during the refresh leaves its entry stale, never served. A
+//!   result that is not stored deletes the entry it would have replaced. The chosen caller
+//!   returns the new value, or its hit if the query fails.
 
 use super::Cache;
 use super::call::{Site, Target};
 use super::envelope;
-use super::lease::Taken;
 use super::stats::Recorder;
-use crate::backend::Store;
-use crate::keyspace::lease_key;
+use crate::backend::{Store, StoreError};
+use crate::keyspace::{lease_key, new_token};
 use crate::timing::calls;
 use bytes::Bytes;
 use serde::Serialize;
-use std::collections::HashSet;
+use std::collections::HashMap;
 use std::future::Future;
 use std::sync::Mutex;
+use std::time::Duration;
 
-/// The entries being refreshed by this process.
+/// The entry versions (their `fresh_until`) this process refreshed or is refreshing: a
+/// version is refreshed at most once here, whatever the outcome (a failed refresh is not
+/// tried again before that version expires: a failing database is not hammered once per
+/// chosen hit).
 #[derive(Debug, Default)]
-pub(crate) struct Refreshing(Mutex<HashSet<String>>);
+pub(crate) struct Refreshing(Mutex<HashMap<String, u64>>);
 
-/// One entry's refresh in this process; ends when dropped.
-struct Claim<'a> {
-    set: &'a Refreshing,
-    entry: String,
-}
+/// Versions kept before the expired ones are dropped.
+const SWEEP_ABOVE: usize = 1024;
 
 impl Refreshing {
-    fn claim(&self, entry: &str) -> Option<Claim<'_>> {
-        let mut set = self.0.lock().unwrap_or_else(|e| e.into_inner());
-        set.insert(entry.to_owned()).then(|| Claim {
-            set: self,
-            entry: entry.to_owned(),
-        })
+    /// Whether this process already took `version` of `entry`.
+    fn taken(&self, entry: &str, version: u64) -> bool {
+        let map = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        map.get(entry) == Some(&version)
+    }
+
+    /// Takes `version` of `entry`, unless taken.
+    fn claim(&self, entry: &str, version: u64) -> bool {
+        let mut map = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        if map.get(entry) == Some(&version) {
+            return false;
+        }
+        if map.len() >= SWEEP_ABOVE {
+            let now = envelope::now_ms();
+            map.retain(|_, v| *v > now);
+        }
+        map.insert(entry.to_owned(), version);
+        true
     }
 }
 
-impl Drop for Claim<'_> {
-    fn drop(&mut self) {
-        let mut set = self.set.0.lock().unwrap_or_else(|e| e.into_inner());
-        set.remove(&self.entry);
-    }
-}
-
-/// Whether a hit on `bytes` (an entry of `site`) is chosen to refresh it.
-pub(super) fn due(site: &Site, rec: &Recorder<'_>, bytes: &[u8]) -> bool {
+/// The version (`fresh_until`) of the entry `bytes` if a hit on it is chosen to refresh it:
+/// an entry of `site` fresh for `ttl`, whose version this process has not refreshed yet.
+pub(super) fn due(
+    cache: &Cache,
+    (site, ttl): (&Site, Duration),
+    rec: &Recorder<'_>,
+    entry: &str,
+    bytes: &[u8],
+) -> Option<u64> {
     if site.refresh_secs == 0 {
-        return false;
+        return None;
     }
-    let Some(until) = envelope::fresh_until(bytes) else {
-        return false;
-    };
-    let remaining = until.saturating_sub(envelope::now_ms()) as f64 / 1000.0;
-    let window = site.refresh_secs as f64;
+    let version = envelope::fresh_until(bytes)?;
+    let remaining = version.saturating_sub(envelope::now_ms()) as f64 / 1000.0;
+    // A window as long as the TTL (the cache's default may be shorter than the attribute's
+    // window) covers the whole life.
+    let window = (site.refresh_secs as f64).min(ttl.as_secs_f64());
     if remaining <= 0.0 || remaining > window {
-        return false;
+        return None;
     }
     let tau = rec.query_time().as_secs_f64() + window / 10.0;
-    // u in (0, 1] from 53 random bits.
-    let u = ((getrandom::u64().unwrap_or(0) >> 11) + 1) as f64 / (1u64 << 53) as f64;
-    tau * -u.ln() >= remaining
+    // u in (0, 1] from 53 random bits; no random bits, no refresh.
+    let u = ((getrandom::u64().ok()? >> 11) + 1) as f64 / (1u64 << 53) as f64;
+    let chosen = tau * -u.ln() >= remaining;
+    (chosen && !cache.inner.refreshing.taken(entry, version)).then_some(version)
 }
 
 impl Cache {
-    /// Refreshes `target`'s entry, read fresh under `stamps` as `hit`: runs `fut` and stores
-    /// its result, unless another refresh of it runs (in this process, or under the lease
-    /// elsewhere); returns the new value, or `hit` when not refreshed or when the query
-    /// failed.
+    /// Refreshes `target`'s entry, read fresh under `stamps` as `hit` at `version`: runs
+    /// `fut` and stores its result, unless that version was refreshed already (in this
+    /// process, or under its refresh lease elsewhere); returns the new value, or `hit` when
+    /// not refreshed or when the query failed.
+    #[allow(clippy::too_many_arguments)]
     pub(super) async fn refresh<T, E, F>(
         &self,
         store: &Store,
@@ -88,22 +104,21 @@ impl Cache {
         target: &Target<'_, T>,
         hit: T,
         stamps: Vec<Bytes>,
+        version: u64,
         fut: F,
     ) -> Result<T, E>
     where
         T: Serialize,
         F: Future<Output = Result<T, E>>,
     {
-        let Some(_claim) = self.inner.refreshing.claim(target.entry) else {
+        if !self.inner.refreshing.claim(target.entry, version) {
             return Ok(hit);
-        };
-        let mut lease = None;
+        }
         if self.leasing(target.site.lease) {
-            let key = lease_key(&self.inner.settings.namespace, target.entry, &stamps);
-            match self.take_lease(store, key, store.until()).await {
-                Taken::Held(held) => lease = Some(held),
-                Taken::Busy => return Ok(hit),
-                Taken::Failed(e, _) => {
+            match self.refresh_lease(store, target, &stamps, version).await {
+                Ok(true) => {}
+                Ok(false) => return Ok(hit),
+                Err(e) => {
                     rec.error();
                     self.warn("taking a refresh lease failed", &e);
                     return Ok(hit);
@@ -124,16 +139,53 @@ impl Cache {
             }
             return Ok(hit);
         };
-        match serde_json::to_vec(&value) {
+        let stored = match serde_json::to_vec(&value) {
             Ok(payload) => {
-                self.store_result(store, rec, target, &stamps, &value, &payload, lease)
-                    .await;
+                self.store_result(store, rec, target, &stamps, &value, &payload, None)
+                    .await
             }
             Err(e) => {
                 rec.error();
                 self.warn("the result could not be serialised", &e);
+                false
+            }
+        };
+        // A newer result that was not stored (`None` with `cache_none = false`, oversized,
+        // refused): the older entry must not go on being served.
+        if !stored {
+            let r = store.delete(target.entry, store.until()).await;
+            self.observe(&r);
+            if let Err(e) = r {
+                rec.error();
+                self.warn("Redis delete failed", &e);
             }
         }
         Ok(value)
+    }
+
+    /// Takes the fleet-wide refresh lease of `version` of the entry under its own `stamps`
+    /// (not a result-tagged site's sequence: an unrelated invalidation must not make two
+    /// processes refresh it), kept until that version expires whatever the outcome.
+    async fn refresh_lease<T>(
+        &self,
+        store: &Store,
+        target: &Target<'_, T>,
+        stamps: &[Bytes],
+        version: u64,
+    ) -> Result<bool, StoreError> {
+        if !self.inner.breaker.allow() {
+            return Err(StoreError::CircuitOpen);
+        }
+        let version_bytes = version.to_be_bytes();
+        let scope: Vec<&[u8]> = stamps[..target.own.min(stamps.len())]
+            .iter()
+            .map(|s| &s[..])
+            .chain([&version_bytes[..]])
+            .collect();
+        let key = lease_key(&self.inner.settings.namespace, target.entry, &scope);
+        let left = Duration::from_millis(version.saturating_sub(envelope::now_ms()).max(1));
+        let r = store.lease(&key, &new_token(), left, store.until()).await;
+        self.observe(&r);
+        r
     }
 }
