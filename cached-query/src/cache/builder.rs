@@ -280,7 +280,7 @@ impl CacheBuilder {
     /// calls in other processes that miss the same entry under the same versions wait for
     /// the holder's result instead of running the query, for at most
     /// [`lease_ttl`](Self::lease_ttl). One more Redis round trip per miss (measured +36 to
-    /// +45 % on a local 0.3 ms miss), so off by default; see the README's "Leases" for the
+    /// +49 % on a local 0.35 ms miss), so off by default; see the README's "Leases" for the
     /// guarantees and figures. `#[cached_query(lease = false)]` opts a query out.
     #[must_use]
     pub fn leases(mut self, on: bool) -> Self {
