@@ -41,6 +41,16 @@ impl Source {
 
 #[cached_query(cache = cache, ttl = 60, invalidate = "item:<id>", skip(src))]
 async fn item(cache: &Cache, src: &Source, id: i64) -> Result<i64, String> {
+    item_body(src, id).await
+}
+
+#[cached_query(cache = cache, ttl = 60, invalidate = "item:<id>", skip(src), lease = false)]
+async fn item_unleased(cache: &Cache, src: &Source, id: i64) -> Result<i64, String> {
+    item_body(src, id).await
+}
+
+/// Reads the value, then holds if asked (and fails once released if `fail_held`).
+async fn item_body(src: &Source, id: i64) -> Result<i64, String> {
     let value = src.value.load(SeqCst) + id;
     src.calls.fetch_add(1, SeqCst);
     if src
@@ -57,23 +67,10 @@ async fn item(cache: &Cache, src: &Source, id: i64) -> Result<i64, String> {
     Ok(value)
 }
 
-#[cached_query(cache = cache, ttl = 60, invalidate = "item:<id>", skip(src), lease = false)]
-async fn item_unleased(cache: &Cache, src: &Source, id: i64) -> Result<i64, String> {
-    item_body(src, id).await
-}
-
-async fn item_body(src: &Source, id: i64) -> Result<i64, String> {
-    let value = src.value.load(SeqCst) + id;
-    src.calls.fetch_add(1, SeqCst);
-    if src
-        .holds
-        .fetch_update(SeqCst, SeqCst, |n| n.checked_sub(1))
-        .is_ok()
-    {
-        src.entered.notify_one();
-        src.go.acquire().await.unwrap().forget();
-    }
-    Ok(value)
+/// `item(cache, src, id)` in a task of its own.
+fn call(cache: &Cache, src: &Arc<Source>, id: i64) -> tokio::task::JoinHandle<Result<i64, String>> {
+    let (cache, src) = (cache.clone(), src.clone());
+    tokio::spawn(async move { item(&cache, &src, id).await })
 }
 
 fn leased(builder: CacheBuilder, lease_ttl: Duration) -> CacheBuilder {
@@ -144,15 +141,9 @@ async fn soon<F: std::future::Future>(f: F) -> F::Output {
 async fn waits_for_the_holder(backend: Backend, name: &str) {
     let (a, b, _, _cluster) = two_caches(backend, name).await;
     let src = Source::new(100, 1);
-    let holder = tokio::spawn({
-        let (a, src) = (a.clone(), src.clone());
-        async move { item(&a, &src, 1).await }
-    });
+    let holder = call(&a, &src, 1);
     src.entered.notified().await;
-    let waiter = tokio::spawn({
-        let (b, src) = (b.clone(), src.clone());
-        async move { item(&b, &src, 1).await }
-    });
+    let waiter = call(&b, &src, 1);
     waiting(&b, 1).await;
     src.go.add_permits(1);
     assert_eq!(holder.await.unwrap(), Ok(101));
@@ -227,15 +218,9 @@ async fn a_failed_holder_releases_its_lease_to_the_waiters() {
     let (a, b, _, _) = two_caches(Backend::Redis, "lease-fail").await;
     let src = Source::new(200, 1);
     src.fail_held.store(true, SeqCst);
-    let holder = tokio::spawn({
-        let (a, src) = (a.clone(), src.clone());
-        async move { item(&a, &src, 1).await }
-    });
+    let holder = call(&a, &src, 1);
     src.entered.notified().await;
-    let waiter = tokio::spawn({
-        let (b, src) = (b.clone(), src.clone());
-        async move { item(&b, &src, 1).await }
-    });
+    let waiter = call(&b, &src, 1);
     waiting(&b, 1).await;
     src.go.add_permits(1);
     assert_eq!(
@@ -252,15 +237,9 @@ async fn a_failed_holder_releases_its_lease_to_the_waiters() {
 async fn a_cancelled_holder_releases_its_lease_to_the_waiters() {
     let (a, b, _, _) = two_caches(Backend::Redis, "lease-cancel").await;
     let src = Source::new(300, 1);
-    let holder = tokio::spawn({
-        let (a, src) = (a.clone(), src.clone());
-        async move { item(&a, &src, 1).await }
-    });
+    let holder = call(&a, &src, 1);
     src.entered.notified().await;
-    let waiter = tokio::spawn({
-        let (b, src) = (b.clone(), src.clone());
-        async move { item(&b, &src, 1).await }
-    });
+    let waiter = call(&b, &src, 1);
     waiting(&b, 1).await;
     holder.abort();
     assert!(holder.await.unwrap_err().is_cancelled());
@@ -275,15 +254,9 @@ async fn a_cancelled_holder_releases_its_lease_to_the_waiters() {
 async fn an_invalidation_ends_the_wait() {
     let (a, b, ns, _) = two_caches(Backend::Redis, "lease-invalidated").await;
     let src = Source::new(400, 1);
-    let holder = tokio::spawn({
-        let (a, src) = (a.clone(), src.clone());
-        async move { item(&a, &src, 1).await }
-    });
+    let holder = call(&a, &src, 1);
     src.entered.notified().await;
-    let waiter = tokio::spawn({
-        let (b, src) = (b.clone(), src.clone());
-        async move { item(&b, &src, 1).await }
-    });
+    let waiter = call(&b, &src, 1);
     waiting(&b, 1).await;
     src.value.store(500, SeqCst);
     a.invalidate("item:1").await.unwrap();
@@ -309,10 +282,7 @@ async fn an_invalidation_ends_the_wait() {
 async fn a_caller_after_an_invalidation_does_not_wait_for_an_older_lease() {
     let (a, b, _, _) = two_caches(Backend::Redis, "lease-after").await;
     let src = Source::new(600, 1);
-    let holder = tokio::spawn({
-        let (a, src) = (a.clone(), src.clone());
-        async move { item(&a, &src, 1).await }
-    });
+    let holder = call(&a, &src, 1);
     src.entered.notified().await;
     src.value.store(700, SeqCst);
     b.invalidate("item:1").await.unwrap();
@@ -344,15 +314,9 @@ async fn a_waiter_queries_when_redis_stalls() {
     .await
     .unwrap();
     let src = Source::new(800, 1);
-    let holder = tokio::spawn({
-        let (a, src) = (a.clone(), src.clone());
-        async move { item(&a, &src, 1).await }
-    });
+    let holder = call(&a, &src, 1);
     src.entered.notified().await;
-    let waiter = tokio::spawn({
-        let (b, src) = (b.clone(), src.clone());
-        async move { item(&b, &src, 1).await }
-    });
+    let waiter = call(&b, &src, 1);
     waiting(&b, 1).await;
     proxy.stall();
     assert_eq!(soon(waiter).await.unwrap(), Ok(801));
@@ -406,16 +370,10 @@ async fn a_waiter_polls_at_growing_intervals() {
     a.invalidate("item:1").await.unwrap();
     src.holds.store(1, SeqCst);
     let mgets = server.command_calls("mget");
-    let holder = tokio::spawn({
-        let (a, src) = (a.clone(), src.clone());
-        async move { item(&a, &src, 1).await }
-    });
+    let holder = call(&a, &src, 1);
     src.entered.notified().await;
     let started = std::time::Instant::now();
-    let waiter = tokio::spawn({
-        let (w, src) = (w.clone(), src.clone());
-        async move { item(&w, &src, 1).await }
-    });
+    let waiter = call(&w, &src, 1);
     waiting(&w, 1).await;
     // The holder's query takes 300 ms.
     tokio::time::sleep(Duration::from_millis(300)).await;
@@ -511,10 +469,7 @@ async fn a_holder_killed_mid_query_delays_waiters_at_most_the_lease_ttl() {
         .unwrap();
     let src = Source::new(1000, 0);
     let started = std::time::Instant::now();
-    let waiter = tokio::spawn({
-        let (cache, src) = (cache.clone(), src.clone());
-        async move { item(&cache, &src, 1).await }
-    });
+    let waiter = call(&cache, &src, 1);
     waiting(&cache, 1).await;
     child.kill().unwrap(); // SIGKILL
     child.wait().unwrap();
@@ -539,10 +494,7 @@ async fn lease_holder_process() {
         .await
         .unwrap();
     let src = Source::new(1000, 1);
-    let call = tokio::spawn({
-        let (cache, src) = (cache.clone(), src.clone());
-        async move { item(&cache, &src, 1).await }
-    });
+    let call = call(&cache, &src, 1);
     src.entered.notified().await;
     println!("holding");
     let _ = call.await;
@@ -584,10 +536,7 @@ async fn a_waiter_queries_at_its_own_lease_ttl() {
     let a = builder(Duration::from_secs(60)).build().await.unwrap();
     let b = builder(Duration::from_secs(1)).build().await.unwrap();
     let src = Source::new(1100, 1);
-    let holder = tokio::spawn({
-        let (a, src) = (a.clone(), src.clone());
-        async move { item(&a, &src, 1).await }
-    });
+    let holder = call(&a, &src, 1);
     src.entered.notified().await;
     let started = std::time::Instant::now();
     assert_eq!(soon(item(&b, &src, 1)).await, Ok(1101));

@@ -114,6 +114,12 @@ async fn a_hit_in_the_window_refreshes_the_entry_near_cache() {
 }
 
 #[tokio::test]
+async fn a_hit_in_the_window_refreshes_the_entry_cluster() {
+    let (cache, _cluster) = common::cache_on(common::Backend::Cluster, "refresh-cluster").await;
+    refreshes_before_expiry(cache).await;
+}
+
+#[tokio::test]
 async fn a_hit_in_the_window_refreshes_the_entry_memory() {
     let cache = Cache::builder().memory().build().await.unwrap();
     refreshes_before_expiry(cache).await;

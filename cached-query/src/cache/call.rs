@@ -215,6 +215,15 @@ impl Cache {
         if result_tags.is_some() {
             stamp_keys.push(self.sequence_stamp());
         }
+        // Where a result is stored (after a miss, or by a refresh).
+        let target = Target {
+            site,
+            entry: &entry,
+            own,
+            kept,
+            ttl,
+            result_tags,
+        };
         let epoch = inner.epoch.load(Ordering::SeqCst);
         // Before the read: a result stored after this point must be visible to it.
         let ticket = inner.flights.ticket();
@@ -259,14 +268,6 @@ impl Cache {
                     });
                     let Some(version) = version else {
                         return Ok(value);
-                    };
-                    let target = Target {
-                        site,
-                        entry: &entry,
-                        own,
-                        kept,
-                        ttl,
-                        result_tags,
                     };
                     return self
                         .refresh(store, &rec, &target, value, read.stamps, version, fut)
@@ -385,14 +386,6 @@ impl Cache {
         if let Some(leader) = &leader {
             leader.share(payload.clone());
         }
-        let target = Target {
-            site,
-            entry: &entry,
-            own,
-            kept,
-            ttl,
-            result_tags,
-        };
         let stored = match &stamps {
             Some(stamps) => {
                 self.store_result(store, &rec, &target, stamps, value, &payload, lease)
