@@ -380,6 +380,7 @@ async fn the_example_app_end_to_end(pool: PgPool) {
         health["pool"]["max"].as_u64().unwrap() >= 1 && health["cache"]["misses"].is_u64(),
         "{health}"
     );
+    assert_eq!(health["breaches"], serde_json::json!([]), "{health}");
     let (status, slow) = json_of(
         http.get(format!("{}/debug/slow", app.base))
             .send()

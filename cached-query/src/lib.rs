@@ -42,6 +42,7 @@
 mod backend;
 mod cache;
 mod error;
+mod health;
 mod keyspace;
 #[cfg(feature = "postgres")]
 mod outbox;
@@ -58,6 +59,7 @@ pub use cache::builder::CacheBuilder;
 pub use cache::global::{install, installed, invalidate};
 pub use cache::stats::{CacheStats, QueryStats};
 pub use error::{BoxError, Error};
+pub use health::{Breach, Health};
 pub use setup::db::{DbConfig, PoolStatus, pool_status};
 pub use setup::redis_config::RedisConfig;
 #[cfg(feature = "sessions")]

@@ -402,12 +402,15 @@ async fn me(State(s): State<AppState>, session: Session) -> ApiResult<Json<User>
 async fn health(State(s): State<AppState>) -> (StatusCode, Json<serde_json::Value>) {
     let database = sqlx::query("SELECT 1").execute(&s.pool).await.map(drop);
     let redis = s.cache.ping().await;
-    let status = if database.is_ok() && redis.is_ok() {
+    let pool = pool_status(&s.pool);
+    // The usual alert thresholds: pool > 80 % in use, a query's p95 > 500 ms, cache errors
+    // > 5 % of calls.
+    let breaches = cached_query::Health::default().check(&s.cache, &[("main", pool)]);
+    let status = if database.is_ok() && redis.is_ok() && breaches.is_empty() {
         StatusCode::OK
     } else {
         StatusCode::SERVICE_UNAVAILABLE
     };
-    let pool = pool_status(&s.pool);
     let stats = s.cache.stats();
     let show = |r: Result<(), String>| r.map_or_else(|e| e, |()| "ok".to_owned());
     (
@@ -417,6 +420,7 @@ async fn health(State(s): State<AppState>) -> (StatusCode, Json<serde_json::Valu
             "redis": show(redis.map_err(|e| e.to_string())),
             "pool": { "size": pool.size, "idle": pool.idle, "in_use": pool.in_use, "max": pool.max },
             "cache": stats,
+            "breaches": breaches.iter().map(ToString::to_string).collect::<Vec<_>>(),
         })),
     )
 }
