@@ -46,6 +46,7 @@ mod health;
 mod keyspace;
 #[cfg(feature = "postgres")]
 mod outbox;
+mod retry;
 mod setup;
 mod tag;
 mod timing;
@@ -60,6 +61,7 @@ pub use cache::global::{install, installed, invalidate};
 pub use cache::stats::{CacheStats, QueryStats};
 pub use error::{BoxError, Error};
 pub use health::{Breach, Health};
+pub use retry::is_transient;
 pub use setup::db::{DbConfig, PoolStatus, pool_status};
 pub use setup::redis_config::RedisConfig;
 #[cfg(feature = "sessions")]
