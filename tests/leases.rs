@@ -525,6 +525,15 @@ async fn a_zero_lease_ttl_is_refused_by_name() {
         err.contains("lease_ttl") && err.contains("response_timeout"),
         "{err}"
     );
+    // In memory leases do nothing: no such rule.
+    Cache::builder()
+        .memory()
+        .leases(true)
+        .lease_ttl(Duration::from_millis(200))
+        .response_timeout(Duration::from_millis(250))
+        .build()
+        .await
+        .unwrap();
 }
 
 /// A waiter gives up at its own `lease_ttl` (1 s) even when the holder's lease is longer

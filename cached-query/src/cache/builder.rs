@@ -290,8 +290,9 @@ impl CacheBuilder {
 
     /// How long a lease holds (default 5 s): no caller waits for another process's query
     /// longer than this; a holder that dies or hangs delays waiters at most this long. Give
-    /// it more than your slow queries take, or their waiters run them too. Zero is an error
-    /// at `build()`.
+    /// it more than your slow queries take, or their waiters run them too. Zero, more than an
+    /// hour, or (with leases on a Redis backend) no longer than the response timeout is an
+    /// error at `build()`.
     #[must_use]
     pub fn lease_ttl(mut self, ttl: Duration) -> Self {
         self.lease_ttl = ttl;
@@ -438,7 +439,8 @@ impl CacheBuilder {
         }
         // A waiter sends its last poll one response timeout before its lease_ttl, so that
         // none outlives it: a lease_ttl shorter than that would never be waited on.
-        if self.leases && self.lease_ttl <= self.response_timeout {
+        let remote = !matches!(self.backend, Backend::Memory | Backend::Disabled);
+        if self.leases && remote && self.lease_ttl <= self.response_timeout {
             return Err(Error::config(
                 "lease_ttl",
                 &format!("{:?}", self.lease_ttl),

@@ -196,13 +196,14 @@ impl Cache {
         if let Some(bytes) = near.and_then(|n| n.checked(&entry))
             && let Some(Ok(value)) = envelope::payload(&bytes).map(serde_json::from_slice::<T>)
         {
-            let chosen = !inner.breaker.is_open()
-                && refresh::due(self, (site, ttl), &rec, &entry, &bytes).is_some();
-            if !chosen {
+            let chosen = (!inner.breaker.is_open())
+                .then(|| refresh::due(self, (site, ttl), &rec, &entry, &bytes))
+                .flatten();
+            let Some(version) = chosen else {
                 record_hit(&rec, true);
                 return Ok(value);
-            }
-            near_hit = Some(value);
+            };
+            near_hit = Some((value, version));
         }
         // How long the entry is kept: its tags' tokens live at least as long, or an entry
         // kept for `stale_if_error` would lose them (and be a miss) before it is needed.
@@ -261,10 +262,11 @@ impl Cache {
                     self.fresh(store, &rec, &entry, &read, check, decode).await
                 {
                     record_hit(&rec, read.near.is_some() && !remote);
-                    // The version to refresh, if chosen (in step 1, or now).
-                    let version = read.entry.as_ref().and_then(|b| match near_hit {
-                        Some(_) => envelope::fresh_until(b),
-                        None => refresh::due(self, (site, ttl), &rec, &entry, b),
+                    // The version to refresh, if chosen: in step 1 if the read found that
+                    // version, else now (the read may find a newer one, just refreshed).
+                    let version = read.entry.as_ref().and_then(|b| match &near_hit {
+                        Some((_, v)) if envelope::fresh_until(b) == Some(*v) => Some(*v),
+                        _ => refresh::due(self, (site, ttl), &rec, &entry, b),
                     });
                     let Some(version) = version else {
                         return Ok(value);
@@ -282,7 +284,7 @@ impl Cache {
                 rec.error();
                 self.warn("Redis read failed", &e);
                 // A near-cache hit chosen to refresh: served as it would have been.
-                if let Some(value) = near_hit {
+                if let Some((value, _)) = near_hit {
                     record_hit(&rec, true);
                     return Ok(value);
                 }
@@ -399,12 +401,7 @@ impl Cache {
         // A newer result that was not stored (`None` with `cache_none = false`, oversized,
         // refused): the expired entry must not stand in for a later failure.
         if !stored && expired.is_some() {
-            let r = store.delete(&entry, store.until()).await;
-            self.observe(&r);
-            if let Err(e) = r {
-                rec.error();
-                self.warn("Redis delete failed", &e);
-            }
+            self.delete_entry(store, &rec, &entry).await;
         }
         result
     }
@@ -460,6 +457,19 @@ impl Cache {
             lease,
         )
         .await
+    }
+
+    /// Deletes `entry` (a newer result was not stored), while the breaker lets calls through.
+    pub(super) async fn delete_entry(&self, store: &Store, rec: &Recorder<'_>, entry: &str) {
+        if store.is_remote() && !self.inner.breaker.allow() {
+            return;
+        }
+        let r = store.delete(entry, store.until()).await;
+        self.observe(&r);
+        if let Err(e) = r {
+            rec.error();
+            self.warn("Redis delete failed", &e);
+        }
     }
 
     /// The near cache, unless invalidations are pending: then nothing is served from

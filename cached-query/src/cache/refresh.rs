@@ -37,29 +37,38 @@ use std::time::Duration;
 /// tried again before that version expires: a failing database is not hammered once per
 /// chosen hit).
 #[derive(Debug, Default)]
-pub(crate) struct Refreshing(Mutex<HashMap<String, u64>>);
+pub(crate) struct Refreshing(Mutex<Claims>);
 
-/// Versions kept before the expired ones are dropped.
+#[derive(Debug, Default)]
+struct Claims {
+    /// Each entry's latest version taken.
+    versions: HashMap<String, u64>,
+    /// The size at which expired versions are dropped next: twice what the last sweep kept,
+    /// at least `SWEEP_ABOVE` (so sweeps cost O(1) per claim, amortised).
+    sweep_at: usize,
+}
+
 const SWEEP_ABOVE: usize = 1024;
 
 impl Refreshing {
-    /// Whether this process already took `version` of `entry`.
+    /// Whether this process already took `version` of `entry`, or a newer one.
     fn taken(&self, entry: &str, version: u64) -> bool {
-        let map = self.0.lock().unwrap_or_else(|e| e.into_inner());
-        map.get(entry) == Some(&version)
+        let claims = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        claims.versions.get(entry).is_some_and(|v| *v >= version)
     }
 
-    /// Takes `version` of `entry`, unless taken.
+    /// Takes `version` of `entry`, unless it or a newer one is taken.
     fn claim(&self, entry: &str, version: u64) -> bool {
-        let mut map = self.0.lock().unwrap_or_else(|e| e.into_inner());
-        if map.get(entry) == Some(&version) {
+        let mut claims = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        if claims.versions.get(entry).is_some_and(|v| *v >= version) {
             return false;
         }
-        if map.len() >= SWEEP_ABOVE {
+        if claims.versions.len() >= claims.sweep_at.max(SWEEP_ABOVE) {
             let now = envelope::now_ms();
-            map.retain(|_, v| *v > now);
+            claims.versions.retain(|_, v| *v > now);
+            claims.sweep_at = 2 * claims.versions.len();
         }
-        map.insert(entry.to_owned(), version);
+        claims.versions.insert(entry.to_owned(), version);
         true
     }
 }
@@ -153,12 +162,7 @@ impl Cache {
         // A newer result that was not stored (`None` with `cache_none = false`, oversized,
         // refused): the older entry must not go on being served.
         if !stored {
-            let r = store.delete(target.entry, store.until()).await;
-            self.observe(&r);
-            if let Err(e) = r {
-                rec.error();
-                self.warn("Redis delete failed", &e);
-            }
+            self.delete_entry(store, rec, target.entry).await;
         }
         Ok(value)
     }
