@@ -63,6 +63,9 @@ pub use error::{BoxError, Error};
 pub use health::{Breach, Health};
 pub use retry::is_transient;
 pub use setup::db::{DbConfig, PoolStatus, pool_status};
+#[cfg(feature = "metrics")]
+#[cfg_attr(docsrs, doc(cfg(feature = "metrics")))]
+pub use setup::monitor::{POOL_SAMPLE_PERIOD, PoolMonitor, monitor_pool};
 pub use setup::redis_config::RedisConfig;
 #[cfg(feature = "sessions")]
 #[cfg_attr(docsrs, doc(cfg(feature = "sessions")))]

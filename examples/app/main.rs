@@ -18,6 +18,8 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         .init();
     let metrics = PrometheusBuilder::new().install_recorder()?;
     let pool = DbConfig::from_env()?.connect_postgres().await?;
+    // Pool gauges for /metrics (and the alert rules in the README), sampled until shutdown.
+    let _pool_monitor = cached_query::monitor_pool("main", &pool);
     server::migrate(&pool).await?;
     seed(&pool).await?;
     // Invalidation through PostgreSQL: recorded in each write's transaction, and writes by any

@@ -3,6 +3,8 @@
 
 pub(crate) mod db;
 pub(crate) mod env;
+#[cfg(feature = "metrics")]
+pub(crate) mod monitor;
 pub(crate) mod redis_config;
 #[cfg(feature = "sessions")]
 pub(crate) mod sessions;
