@@ -325,6 +325,7 @@ async fn the_example_app_end_to_end(pool: PgPool) {
         "sessions expire with SESSION_TTL_SECS (600 here): {ttl}"
     );
 
+    expired_messages_are_deleted_and_leave_the_cache(&pool, &app.base).await;
     app.task.abort();
     let _ = app.task.await;
     let app = start(&pool, &ns, &metrics).await; // a new process would see the same Redis
@@ -392,5 +393,86 @@ async fn the_example_app_end_to_end(pool: PgPool) {
         (status, slow["slow_count"].as_u64()),
         (StatusCode::OK, Some(1)),
         "{slow}"
+    );
+}
+
+/// The TTL cleanup: the latest message of user 1's first conversation expires; the app's
+/// periodic task deletes it through `idx_messages_expires`, and the cached page that showed it
+/// is invalidated when the deletion commits.
+async fn expired_messages_are_deleted_and_leave_the_cache(pool: &PgPool, base: &str) {
+    let http = reqwest::Client::new();
+    let page = || async {
+        let (status, page) = json_of(
+            http.get(format!("{base}/users/1/conversations?limit=1"))
+                .send()
+                .await
+                .unwrap(),
+        )
+        .await;
+        assert_eq!(status, StatusCode::OK);
+        (
+            page["items"][0]["id"].as_i64().unwrap(),
+            page["items"][0]["last_message"]
+                .as_str()
+                .unwrap()
+                .to_owned(),
+        )
+    };
+    let (id, shown) = page().await;
+    let bodies: Vec<String> = sqlx::query_scalar(
+        "SELECT body FROM messages WHERE conversation_id = $1 ORDER BY created_at DESC, id DESC",
+    )
+    .bind(id)
+    .fetch_all(pool)
+    .await
+    .unwrap();
+    assert_eq!(bodies[0], shown);
+    // The latest message expires; nothing the cache watches changed.
+    sqlx::query(
+        "UPDATE messages SET expires_at = now() - interval '1 second'
+          WHERE id = (SELECT id FROM messages WHERE conversation_id = $1
+                       ORDER BY created_at DESC, id DESC LIMIT 1)",
+    )
+    .bind(id)
+    .execute(pool)
+    .await
+    .unwrap();
+    assert_eq!(page().await.1, shown, "still cached");
+    // The app's periodic task (every 100 ms here) deletes it; the invalidation is delivered
+    // through the outbox (the documented bound of a commit's invalidation).
+    let cleanup = server::spawn_cleanup(pool.clone(), Duration::from_millis(100));
+    let previous = bodies[1].clone();
+    common::within(
+        Duration::from_secs(5),
+        "the page without the expired message",
+        || {
+            let page = page();
+            let previous = previous.clone();
+            async move { page.await.1 == previous }
+        },
+    )
+    .await;
+    cleanup.abort();
+    let left: i64 = sqlx::query_scalar("SELECT count(*) FROM messages WHERE conversation_id = $1")
+        .bind(id)
+        .fetch_one(pool)
+        .await
+        .unwrap();
+    assert_eq!(left as usize, bodies.len() - 1);
+    assert_eq!(server::delete_expired_messages(pool).await.unwrap(), 0);
+    // The partial index serves the cleanup's scan.
+    let mut conn = pool.acquire().await.unwrap();
+    sqlx::query("SET enable_seqscan = off")
+        .execute(&mut *conn)
+        .await
+        .unwrap();
+    let plan: Vec<String> =
+        sqlx::query_scalar("EXPLAIN DELETE FROM messages WHERE expires_at < now()")
+            .fetch_all(&mut *conn)
+            .await
+            .unwrap();
+    assert!(
+        plan.iter().any(|l| l.contains("idx_messages_expires")),
+        "{plan:?}"
     );
 }

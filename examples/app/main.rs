@@ -29,6 +29,8 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         .build()
         .await?;
     server::watch(&cache).await?;
+    // Expired messages are deleted every minute.
+    let _cleanup = server::spawn_cleanup(pool.clone(), Duration::from_secs(60));
     let sessions = RedisSessionStore::new(&RedisConfig::from_env()?, cache.namespace())?;
     let env = |name: &str| std::env::var(name).ok().filter(|v| !v.is_empty());
     let config = server::AppConfig {

@@ -221,6 +221,43 @@ async fn conversation_by_id(
     .await
 }
 
+/// Deletes the messages past their `expires_at` (served by `idx_messages_expires`). The same
+/// transaction touches each affected conversation, so its watch trigger invalidates the
+/// owner's cached pages (their last message may have gone) when the deletion commits.
+#[timed(name = "app.delete_expired_messages")]
+pub async fn delete_expired_messages(pool: &PgPool) -> Result<u64, sqlx::Error> {
+    let mut tx = pool.begin().await?;
+    let conversations: Vec<i64> = sqlx::query_scalar(
+        "DELETE FROM messages WHERE expires_at < now() RETURNING conversation_id",
+    )
+    .fetch_all(&mut *tx)
+    .await?;
+    if !conversations.is_empty() {
+        sqlx::query("UPDATE conversations SET updated_at = updated_at WHERE id = ANY($1)")
+            .bind(&conversations)
+            .execute(&mut *tx)
+            .await?;
+    }
+    tx.commit().await?;
+    Ok(conversations.len() as u64)
+}
+
+/// Runs [`delete_expired_messages`] every `period` until the task is dropped; a failure is
+/// logged and retried at the next period.
+pub fn spawn_cleanup(pool: PgPool, period: Duration) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(period);
+        loop {
+            tick.tick().await;
+            match delete_expired_messages(&pool).await {
+                Ok(0) => {}
+                Ok(n) => tracing::info!(deleted = n, "expired messages deleted"),
+                Err(e) => tracing::warn!(error = %e, "deleting expired messages failed"),
+            }
+        }
+    })
+}
+
 #[timed(name = "app.debug_slow", threshold_ms = 100)]
 async fn slow_report(pool: &PgPool) -> Result<i32, sqlx::Error> {
     sqlx::query_scalar("SELECT 1 FROM pg_sleep(0.15)")
