@@ -302,8 +302,7 @@ impl Cache {
                 if let Some(payload) = inner.flights.follow(rx).await
                     && let Ok(value) = serde_json::from_slice::<T>(&payload)
                 {
-                    rec.hit();
-                    calls::cache_hit();
+                    record_hit(&rec, false);
                     return Ok(value);
                 }
                 None
@@ -330,8 +329,7 @@ impl Cache {
             let decode = |p: &[u8]| serde_json::from_slice::<T>(p).ok();
             match self.lease_or_wait(store, &rec, miss, read, decode).await {
                 Leased::Hit(value, payload) => {
-                    rec.hit();
-                    calls::cache_hit();
+                    record_hit(&rec, false);
                     // Stored by the holder, possibly under stamps newer than this flight's
                     // key: still fresh for every caller that joins it.
                     if let Some(leader) = leader {
@@ -461,14 +459,12 @@ impl Cache {
 
     /// Deletes `entry` (a newer result was not stored), while the breaker lets calls through.
     pub(super) async fn delete_entry(&self, store: &Store, rec: &Recorder<'_>, entry: &str) {
-        if store.is_remote() && !self.inner.breaker.allow() {
-            return;
-        }
-        let r = store.delete(entry, store.until()).await;
-        self.observe(&r);
-        if let Err(e) = r {
-            rec.error();
-            self.warn("Redis delete failed", &e);
+        match self.guarded(store.delete(entry, store.until())).await {
+            Ok(()) | Err(StoreError::CircuitOpen) => {}
+            Err(e) => {
+                rec.error();
+                self.warn("Redis delete failed", &e);
+            }
         }
     }
 
@@ -649,8 +645,7 @@ impl Cache {
         if jitter <= 0.0 {
             return ttl;
         }
-        // A uniform draw in [0, 1) from 53 random bits.
-        let draw = (getrandom::u64().unwrap_or(0) >> 11) as f64 / (1u64 << 53) as f64;
+        let draw = super::uniform();
         Duration::try_from_secs_f64(ttl.as_secs_f64() * (1.0 - jitter * draw)).unwrap_or(ttl)
     }
 

@@ -214,19 +214,22 @@ impl Cache {
     /// `SET NX PX` of the lease `key` for `lease_ttl` by `until`, while the breaker lets
     /// calls through.
     pub(super) async fn take_lease(&self, store: &Store, key: String, until: Instant) -> Taken {
-        if !self.inner.breaker.allow() {
-            return Taken::Failed(StoreError::CircuitOpen, None);
-        }
         let ttl = self.inner.settings.lease_ttl;
         // Before the request: a caller dropped while it is under way releases it.
         let mut lease = Lease::new(self, key, new_token());
-        let r = store.lease(&lease.key, &lease.token, ttl, until).await;
-        self.observe(&r);
+        let r = self
+            .guarded(store.lease(&lease.key, &lease.token, ttl, until))
+            .await;
         match r {
             Ok(true) => Taken::Held(lease),
             Ok(false) => {
                 lease.held = false;
                 Taken::Busy
+            }
+            // Never sent.
+            Err(e @ StoreError::CircuitOpen) => {
+                lease.held = false;
+                Taken::Failed(e, None)
             }
             Err(e) => Taken::Failed(e, Some(lease)),
         }

@@ -242,6 +242,20 @@ impl Cache {
         }
     }
 
+    /// Runs `op` (a Redis operation) while the breaker lets calls through, and feeds the
+    /// breaker its outcome.
+    pub(super) async fn guarded<T>(
+        &self,
+        op: impl std::future::Future<Output = Result<T, StoreError>>,
+    ) -> Result<T, StoreError> {
+        if !self.inner.breaker.allow() {
+            return Err(StoreError::CircuitOpen);
+        }
+        let r = op.await;
+        self.observe(&r);
+        r
+    }
+
     /// Feeds the breaker the outcome of a real Redis round trip.
     fn observe<T>(&self, result: &Result<T, StoreError>) {
         match result {
@@ -264,10 +278,39 @@ impl Cache {
     }
 }
 
+/// A uniform draw in `[0, 1)` (TTL jitter, `refresh_ahead`'s choice): xorshift64* per thread,
+/// seeded once from the operating system, so that a hit in a refresh window costs no system
+/// call. Not for anything secret.
+pub(crate) fn uniform() -> f64 {
+    use std::cell::Cell;
+    thread_local! {
+        static STATE: Cell<u64> =
+            Cell::new(getrandom::u64().unwrap_or(0x9E37_79B9_7F4A_7C15) | 1);
+    }
+    STATE.with(|state| {
+        let mut x = state.get();
+        x ^= x >> 12;
+        x ^= x << 25;
+        x ^= x >> 27;
+        state.set(x);
+        (x.wrapping_mul(0x2545_F491_4F6C_DD1D) >> 11) as f64 / (1u64 << 53) as f64
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::backend::near::tests::{fill, key, offline};
+
+    #[test]
+    fn draws_are_uniform_in_zero_to_one() {
+        let draws: Vec<f64> = (0..20_000).map(|_| uniform()).collect();
+        assert!(draws.iter().all(|d| (0.0..1.0).contains(d)));
+        let mean = draws.iter().sum::<f64>() / draws.len() as f64;
+        assert!((0.48..0.52).contains(&mean), "{mean}");
+        let below_tenth = draws.iter().filter(|d| **d < 0.1).count();
+        assert!((1_700..2_300).contains(&below_tenth), "{below_tenth}");
+    }
 
     /// Read-your-own-invalidation must not depend on Redis's push message (which usually
     /// arrives first on loopback): this near cache has no tracking connection at all.

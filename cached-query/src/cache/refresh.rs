@@ -94,8 +94,7 @@ pub(super) fn due(
         return None;
     }
     let tau = rec.query_time().as_secs_f64() + window / 10.0;
-    // u in (0, 1] from 53 random bits; no random bits, no refresh.
-    let u = ((getrandom::u64().ok()? >> 11) + 1) as f64 / (1u64 << 53) as f64;
+    let u = 1.0 - super::uniform(); // in (0, 1]
     let chosen = tau * -u.ln() >= remaining;
     (chosen && !cache.inner.refreshing.taken(entry, version)).then_some(version)
 }
@@ -177,9 +176,6 @@ impl Cache {
         stamps: &[Bytes],
         version: u64,
     ) -> Result<bool, StoreError> {
-        if !self.inner.breaker.allow() {
-            return Err(StoreError::CircuitOpen);
-        }
         let version_bytes = version.to_be_bytes();
         let scope: Vec<&[u8]> = stamps[..target.own.min(stamps.len())]
             .iter()
@@ -188,8 +184,7 @@ impl Cache {
             .collect();
         let key = lease_key(&self.inner.settings.namespace, target.entry, &scope);
         let left = Duration::from_millis(version.saturating_sub(envelope::now_ms()).max(1));
-        let r = store.lease(&key, &new_token(), left, store.until()).await;
-        self.observe(&r);
-        r
+        self.guarded(store.lease(&key, &new_token(), left, store.until()))
+            .await
     }
 }
