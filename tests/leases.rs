@@ -7,64 +7,21 @@
 mod common;
 
 use cached_query::{Cache, CacheBuilder, cached_query};
+use common::source::Source;
 use common::{Backend, RedisServer, TcpProxy, redis_url, unique_ns, within};
 use sqlx::PgPool;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU32, Ordering::SeqCst};
+use std::sync::atomic::{AtomicU32, Ordering::SeqCst};
 use std::time::Duration;
-use tokio::sync::{Notify, Semaphore};
-
-/// A database stand-in shared by the "processes" of a test: the value it returns, how many
-/// queries ran, and the next `holds` queries stop after reading the value until `go`.
-struct Source {
-    value: AtomicI64,
-    calls: AtomicU32,
-    holds: AtomicU32,
-    entered: Notify,
-    go: Semaphore,
-    /// Whether a held query fails once released.
-    fail_held: AtomicBool,
-}
-
-impl Source {
-    fn new(value: i64, holds: u32) -> Arc<Source> {
-        Arc::new(Source {
-            value: AtomicI64::new(value),
-            calls: AtomicU32::new(0),
-            holds: AtomicU32::new(holds),
-            entered: Notify::new(),
-            go: Semaphore::new(0),
-            fail_held: AtomicBool::new(false),
-        })
-    }
-}
 
 #[cached_query(cache = cache, ttl = 60, invalidate = "item:<id>", skip(src))]
 async fn item(cache: &Cache, src: &Source, id: i64) -> Result<i64, String> {
-    item_body(src, id).await
+    src.query(id).await
 }
 
 #[cached_query(cache = cache, ttl = 60, invalidate = "item:<id>", skip(src), lease = false)]
 async fn item_unleased(cache: &Cache, src: &Source, id: i64) -> Result<i64, String> {
-    item_body(src, id).await
-}
-
-/// Reads the value, then holds if asked (and fails once released if `fail_held`).
-async fn item_body(src: &Source, id: i64) -> Result<i64, String> {
-    let value = src.value.load(SeqCst) + id;
-    src.calls.fetch_add(1, SeqCst);
-    if src
-        .holds
-        .fetch_update(SeqCst, SeqCst, |n| n.checked_sub(1))
-        .is_ok()
-    {
-        src.entered.notify_one();
-        src.go.acquire().await.unwrap().forget();
-        if src.fail_held.load(SeqCst) {
-            return Err(format!("query of item {id} failed"));
-        }
-    }
-    Ok(value)
+    src.query(id).await
 }
 
 /// `item(cache, src, id)` in a task of its own.
@@ -564,7 +521,7 @@ async fn a_waiter_queries_at_its_own_lease_ttl() {
 
 #[cached_query(cache = cache, ttl = 60, invalidate = "items", skip(src))]
 async fn listed(cache: &Cache, src: &Source, id: i64) -> Result<i64, String> {
-    item_body(src, id).await
+    src.query(id).await
 }
 
 /// Redis killed after a miss was decided from the near cache alone (entry and stamps held

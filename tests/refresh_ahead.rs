@@ -5,51 +5,16 @@
 mod common;
 
 use cached_query::{Cache, CacheBuilder, cached_query};
+use common::source::Source;
 use common::{RedisServer, redis_url, unique_ns};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicI64, AtomicU32, Ordering::SeqCst};
+use std::sync::atomic::Ordering::SeqCst;
 use std::time::Duration;
-use tokio::sync::{Notify, Semaphore};
-
-struct Source {
-    value: AtomicI64,
-    calls: AtomicU32,
-    holds: AtomicU32,
-    entered: Notify,
-    go: Semaphore,
-    fail: std::sync::atomic::AtomicBool,
-}
-
-impl Source {
-    fn new(value: i64) -> Arc<Source> {
-        Arc::new(Source {
-            value: AtomicI64::new(value),
-            calls: AtomicU32::new(0),
-            holds: AtomicU32::new(0),
-            entered: Notify::new(),
-            go: Semaphore::new(0),
-            fail: std::sync::atomic::AtomicBool::new(false),
-        })
-    }
-}
 
 /// Fresh for 3 s; hits in the last 2 s may refresh.
 #[cached_query(cache = cache, ttl = 3, refresh_ahead = 2, invalidate = "item:<id>", skip(src))]
 async fn item(cache: &Cache, src: &Source, id: i64) -> Result<i64, String> {
-    let value = src.value.load(SeqCst) + id;
-    src.calls.fetch_add(1, SeqCst);
-    if src
-        .holds
-        .fetch_update(SeqCst, SeqCst, |n| n.checked_sub(1))
-        .is_ok()
-    {
-        src.entered.notify_one();
-        src.go.acquire().await.unwrap().forget();
-    }
-    if src.fail.load(SeqCst) {
-        return Err(format!("query of item {id} failed"));
-    }
-    Ok(value)
+    src.query(id).await
 }
 
 const TTL: Duration = Duration::from_secs(3);
@@ -71,7 +36,7 @@ async fn read_until_refreshed(cache: &Cache, src: &Source, stored: std::time::In
 }
 
 async fn refreshes_before_expiry(cache: Cache) {
-    let src = Source::new(10);
+    let src = Source::new(10, 0);
     assert_eq!(item(&cache, &src, 1).await, Ok(11));
     let stored = std::time::Instant::now();
     src.value.store(20, SeqCst);
@@ -156,7 +121,7 @@ async fn a_refresh_never_serves_a_value_older_than_an_invalidation() {
         .build()
         .await
         .unwrap();
-    let src = Source::new(100);
+    let src = Source::new(100, 0);
     assert_eq!(item(&cache, &src, 1).await, Ok(101));
     let stored = std::time::Instant::now();
     tokio::time::sleep_until((stored + (TTL - WINDOW)).into()).await;
@@ -209,7 +174,7 @@ async fn with_leases_one_refresh_runs_per_entry_across_processes() {
         builder().build().await.unwrap(),
         builder().build().await.unwrap(),
     );
-    let src = Source::new(300);
+    let src = Source::new(300, 0);
     assert_eq!(item(&a, &src, 1).await, Ok(301));
     let stored = std::time::Instant::now();
     tokio::time::sleep_until((stored + (TTL - WINDOW)).into()).await;
@@ -239,7 +204,7 @@ async fn a_failed_refresh_returns_the_hit_and_is_not_retried() {
         .build()
         .await
         .unwrap();
-    let src = Source::new(40);
+    let src = Source::new(40, 0);
     assert_eq!(item(&cache, &src, 1).await, Ok(41));
     let stored = std::time::Instant::now();
     src.fail.store(true, SeqCst);

@@ -2,6 +2,7 @@
 //! private `redis-server` processes for tests that stop, stall or inspect a server.
 #![allow(dead_code)]
 
+pub mod source;
 pub mod users;
 
 use cached_query::Cache;
