@@ -1,7 +1,9 @@
-//! The `metrics` feature: latency histograms and hit/miss/error counters per query.
+//! The `metrics` feature: latency histograms, hit/miss/error counters and retries per query.
 //! One test: the recorder is global to this binary.
 
-use cached_query::{Cache, cached_query, timed};
+mod common;
+
+use cached_query::{Cache, cached_query, retry, timed};
 use metrics_exporter_prometheus::PrometheusBuilder;
 
 #[cached_query(cache = cache, name = "metrics.lookup")]
@@ -9,6 +11,15 @@ use metrics_exporter_prometheus::PrometheusBuilder;
 async fn lookup(cache: &Cache, id: i64) -> Result<i64, String> {
     tokio::task::yield_now().await;
     Ok(id)
+}
+
+/// Every attempt terminates its own backend (a real transient error).
+#[retry(attempts = 3, backoff_ms = 0, max_backoff_ms = 0)]
+async fn terminated(pool: &sqlx::PgPool) -> Result<(), sqlx::Error> {
+    sqlx::query("SELECT pg_terminate_backend(pg_backend_pid())")
+        .execute(pool)
+        .await
+        .map(drop)
 }
 
 #[tokio::test]
@@ -49,4 +60,14 @@ async fn latencies_and_cache_counters_are_exported() {
         value("cached_query_slow_total{query=\"metrics.lookup.query\"}"),
         2.0
     );
+
+    // Two retries of three attempts: counted once per retry.
+    let pool = sqlx::PgPool::connect(&common::database_url()).await.unwrap();
+    terminated(&pool).await.unwrap_err();
+    let text = handle.render();
+    let retries = text
+        .lines()
+        .find(|l| l.starts_with("cached_query_retries_total{query=\"metrics::terminated\"}"))
+        .unwrap_or_else(|| panic!("no retries in:\n{text}"));
+    assert!(retries.ends_with(" 2"), "{retries}");
 }

@@ -30,6 +30,9 @@ mod kw {
     syn::custom_keyword!(stale_if_error);
     syn::custom_keyword!(lease);
     syn::custom_keyword!(refresh_ahead);
+    syn::custom_keyword!(attempts);
+    syn::custom_keyword!(backoff_ms);
+    syn::custom_keyword!(max_backoff_ms);
 }
 
 /// `tables = auto` or `tables("users", …)`: `table:<name>` tags from the SQL.
@@ -290,6 +293,62 @@ impl Parse for TimedArgs {
     }
 }
 
+/// `#[retry(attempts = 3, backoff_ms = 50, max_backoff_ms = 2000, crate = path)]`.
+#[derive(Default)]
+pub(crate) struct RetryArgs {
+    pub(crate) attempts: Option<(u32, Span)>,
+    pub(crate) backoff_ms: Option<(u64, Span)>,
+    pub(crate) max_backoff_ms: Option<(u64, Span)>,
+    pub(crate) krate: Krate,
+}
+
+impl RetryArgs {
+    /// The defaults the documentation of `#[retry]` states.
+    pub(crate) const ATTEMPTS: u32 = 3;
+    pub(crate) const BACKOFF_MS: u64 = 50;
+    pub(crate) const MAX_BACKOFF_MS: u64 = 2000;
+
+    /// `(attempts, backoff_ms, max_backoff_ms)`, the defaults filled in.
+    pub(crate) fn policy(&self) -> (u32, u64, u64) {
+        (
+            self.attempts.map_or(Self::ATTEMPTS, |(n, _)| n),
+            self.backoff_ms.map_or(Self::BACKOFF_MS, |(n, _)| n),
+            self.max_backoff_ms.map_or(Self::MAX_BACKOFF_MS, |(n, _)| n),
+        )
+    }
+}
+
+impl Parse for RetryArgs {
+    fn parse(input: ParseStream<'_>) -> syn::Result<Self> {
+        let mut a = RetryArgs::default();
+        each(input, |arg| {
+            Ok(arg.value(kw::attempts, &mut a.attempts, attempts)?
+                || arg.value(kw::backoff_ms, &mut a.backoff_ms, |i| {
+                    millis(i, "backoff_ms")
+                })?
+                || arg.value(kw::max_backoff_ms, &mut a.max_backoff_ms, |i| {
+                    millis(i, "max_backoff_ms")
+                })?
+                || arg.value(Token![crate], &mut a.krate.0, crate_path)?)
+        })?;
+        let (_, backoff, max) = a.policy();
+        if backoff > max {
+            let span = a
+                .max_backoff_ms
+                .or(a.backoff_ms)
+                .map_or_else(Span::call_site, |(_, span)| span);
+            return Err(syn::Error::new(
+                span,
+                format!(
+                    "`backoff_ms` ({backoff}) is more than `max_backoff_ms` ({max}): the first \
+                     delay cannot exceed the cap"
+                ),
+            ));
+        }
+        Ok(a)
+    }
+}
+
 // --- Values --------------------------------------------------------------------------------
 
 /// An integer literal that fits `T`, or `msg` on it.
@@ -345,6 +404,31 @@ fn refresh_secs(input: ParseStream<'_>) -> syn::Result<(u64, Span)> {
         ));
     }
     Ok((secs, span))
+}
+
+fn attempts(input: ParseStream<'_>) -> syn::Result<(u32, Span)> {
+    let span = input.span();
+    let n = whole(
+        input,
+        "`attempts` must be a whole number (every execution, the first included)",
+    )?;
+    if n == 0 {
+        return Err(syn::Error::new(
+            span,
+            "`attempts = 0` would never run the function; `attempts` counts every execution, \
+             the first included (1 = no retries)",
+        ));
+    }
+    Ok((n, span))
+}
+
+fn millis(input: ParseStream<'_>, key: &str) -> syn::Result<(u64, Span)> {
+    let span = input.span();
+    let n = whole(
+        input,
+        &format!("`{key}` must be a whole number of milliseconds"),
+    )?;
+    Ok((n, span))
 }
 
 fn version(input: ParseStream<'_>) -> syn::Result<u32> {

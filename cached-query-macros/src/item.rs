@@ -110,15 +110,16 @@ pub(crate) fn query_name(name: Option<&LitStr>, item: &ItemFn) -> TokenStream {
 /// The position of the first attribute on `item` whose path satisfies `matches`, given the
 /// path's segments as strings.
 pub(crate) fn find_attr(item: &ItemFn, matches: impl Fn(&[String]) -> bool) -> Option<usize> {
-    item.attrs.iter().position(|attr| {
-        let segments: Vec<String> = attr
-            .path()
-            .segments
-            .iter()
-            .map(|s| s.ident.to_string())
-            .collect();
-        matches(&segments)
-    })
+    item.attrs.iter().position(|attr| matches(&path_of(attr)))
+}
+
+/// An attribute's path, its segments as strings.
+pub(crate) fn path_of(attr: &Attribute) -> Vec<String> {
+    attr.path()
+        .segments
+        .iter()
+        .map(|s| s.ident.to_string())
+        .collect()
 }
 
 /// An attribute's arguments: the tokens inside `#[x(…)]`, nothing for a bare `#[x]`.

@@ -2,14 +2,15 @@
 //! documentation; generated code names only `<crate>::__private` (`crate = path`, by default
 //! `::cached_query`), `::core` and `::std`.
 //!
-//! `stack` decides how `#[timed]` and `#[cached_query]` nest and calls `cached` or `timed`,
-//! which expand one attribute each with the helpers of `item`, `sig` and `template`, from the
+//! `stack` decides how `#[timed]`, `#[cached_query]` and `#[retry]` nest and calls `cached`,
+//! `timed` or `retry`, which expand one attribute each with the helpers of `item`, `sig` and `template`, from the
 //! arguments `args` parsed; `batch` expands `#[cached_query(batch = …)]`'s call.
 
 mod args;
 mod batch;
 mod cached;
 mod item;
+mod retry;
 mod sig;
 mod sql;
 mod stack;
@@ -35,4 +36,10 @@ pub fn invalidates(args: TokenStream, input: TokenStream) -> TokenStream {
 #[proc_macro_attribute]
 pub fn timed(args: TokenStream, input: TokenStream) -> TokenStream {
     stack::timed(args.into(), input.into()).into()
+}
+
+/// Runs an `async fn` again on transient database errors. Documented on `cached_query::retry`.
+#[proc_macro_attribute]
+pub fn retry(args: TokenStream, input: TokenStream) -> TokenStream {
+    stack::retry(args.into(), input.into()).into()
 }

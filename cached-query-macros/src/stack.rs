@@ -1,28 +1,34 @@
-//! The rule for stacking `#[timed]` and `#[cached_query]`, written once for both: the written
-//! order is the run-time order, whoever owns the attribute written below ours.
+//! The rule for stacking `#[timed]`, `#[cached_query]` and `#[retry]`, written once for all
+//! three: the written order is the run-time order, whoever owns the attributes written below
+//! ours.
 //!
 //! Attribute macros expand top down and each one wraps the body it is given, so left alone the
 //! attribute written lower would end up outermost. Hence:
 //!
-//! - An attribute of ours that finds, below it, one that may be the other of the pair by name
-//!   (`timed`, `cached_query::timed`, `x::cached_query`…) does not guess whose it is and does
-//!   not expand: it re-emits the item with itself as a *marker* right below that sibling, under
-//!   a path no other crate's attribute has: `#[<crate>::__private::timed(__marker, args…)]`.
-//! - If the sibling is ours, its expansion finds the marker (by that `__private` path, looked
-//!   for before any name) and builds both layers itself, the marker's on the outside.
-//! - If it is foreign, it expands on its own; the marker then expands as a plain attribute
-//!   around whatever body that attribute produced: again the written order.
+//! - An attribute of ours that finds, below it, one that may be ours by name (`timed`,
+//!   `cached_query::retry`, `x::cached_query`…) does not guess whose it is and does not
+//!   expand: it re-emits the item with itself as a *marker* right below that sibling, under a
+//!   path no other crate's attribute has: `#[<crate>::__private::timed(__marker, args…)]`.
+//!   Markers it found (those written above it) move down with it, in written order.
+//! - If the sibling is ours, it collects the markers (by that `__private` path, looked for
+//!   before any name) as its outer layers and builds them all around itself, or hands them on
+//!   again if another possible sibling is below it.
+//! - If it is foreign, it expands on its own; the first marker then expands as a plain
+//!   attribute and builds itself and the markers below it around whatever body that attribute
+//!   produced: again the written order.
 //!
-//! A marker never hands over again, so expansion always ends. Nothing is absorbed without the
+//! A marker never hands over, so expansion always ends. Nothing is absorbed without the
 //! compiler resolving it, so the user's `use cached_query::timed;` is never reported unused.
 //!
 //! Where the rule stops: another crate's attribute written *above* ours has expanded before
 //! ours runs, so ours cannot see it. What it does with the attribute below decides; one that
-//! wraps the body it is given (such as `#[tracing::instrument]`) ends up inside ours.
+//! wraps the body it is given (such as `#[tracing::instrument]`) ends up inside ours. A foreign
+//! attribute that has one of our names and sits *between* two of ours runs outside the lower
+//! one.
 
-use crate::args::{CachedArgs, Krate, TimedArgs};
+use crate::args::{CachedArgs, Krate, RetryArgs, TimedArgs};
 use crate::cached;
-use crate::item::{attr_args, body_future, expand_with, find_attr, replace_body};
+use crate::item::{attr_args, body_future, expand_with, find_attr, path_of, replace_body};
 use proc_macro2::{Ident, Span, TokenStream, TokenTree};
 use quote::quote;
 use syn::ItemFn;
@@ -37,26 +43,28 @@ pub(crate) fn timed(args: TokenStream, input: TokenStream) -> TokenStream {
     expand(Kind::Timed, args, input)
 }
 
-/// The two attributes that stack.
+/// The `#[retry]` entry point.
+pub(crate) fn retry(args: TokenStream, input: TokenStream) -> TokenStream {
+    expand(Kind::Retry, args, input)
+}
+
+/// The attributes that stack.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 enum Kind {
     Cached,
     Timed,
+    Retry,
 }
 
 impl Kind {
+    const ALL: [Kind; 3] = [Kind::Cached, Kind::Timed, Kind::Retry];
+
     /// The attribute's name, also the name of its re-export in `__private`.
     fn name(self) -> &'static str {
         match self {
             Kind::Cached => "cached_query",
             Kind::Timed => "timed",
-        }
-    }
-
-    fn other(self) -> Kind {
-        match self {
-            Kind::Cached => Kind::Timed,
-            Kind::Timed => Kind::Cached,
+            Kind::Retry => "retry",
         }
     }
 
@@ -76,6 +84,7 @@ impl Kind {
         Ok(match self {
             Kind::Cached => syn::parse2::<CachedArgs>(args)?.krate,
             Kind::Timed => syn::parse2::<TimedArgs>(args)?.krate,
+            Kind::Retry => syn::parse2::<RetryArgs>(args)?.krate,
         })
     }
 
@@ -84,58 +93,93 @@ impl Kind {
         match self {
             Kind::Cached => cached::expand(&syn::parse2(args)?, item),
             Kind::Timed => crate::timed::expand(&syn::parse2(args)?, item),
+            Kind::Retry => {
+                let fut = crate::retry::wrap_future(&syn::parse2(args)?, item, body_future(item))?;
+                Ok(replace_body(item, quote!(#fut.await)))
+            }
         }
+    }
+
+    /// A future expression that runs `fut` (a future expression) under this attribute.
+    fn wrap(self, args: TokenStream, item: &ItemFn, fut: TokenStream) -> syn::Result<TokenStream> {
+        Ok(match self {
+            Kind::Cached => {
+                let block = cached::block(&syn::parse2(args)?, item, fut)?;
+                quote!(async { #block })
+            }
+            Kind::Timed => crate::timed::wrap_future(&syn::parse2(args)?, item, fut),
+            Kind::Retry => crate::retry::wrap_future(&syn::parse2(args)?, item, fut)?,
+        })
     }
 }
 
 /// The flag that makes an attribute's arguments a marker's.
 const MARKER: &str = "__marker";
 
+/// One attribute of ours on the item: its kind and arguments.
+type Layer = (Kind, TokenStream);
+
 fn expand(kind: Kind, args: TokenStream, input: TokenStream) -> TokenStream {
     let (is_marker, args) = split_marker(args);
     expand_with(input, |item| {
+        // Removed for good: if building the layers fails, the error is reported once.
+        let markers = take_markers(item)?;
         if is_marker {
-            return kind.alone(args, item);
+            // Only markers handed over past a foreign attribute expand as attributes; those
+            // still below this one were written below it.
+            let layers: Vec<Layer> = std::iter::once((kind, args)).chain(markers).collect();
+            return build(&layers, item);
         }
-        if let Some(i) = find_attr(item, |path| kind.other().is_marker(path)) {
-            // Removed for good: if building both layers fails, the error is reported once.
-            let marker = item.attrs.remove(i);
-            let (_, outer_args) = split_marker(attr_args(&marker)?);
-            return both(kind.other(), outer_args, args, item);
-        }
-        if let Some(i) = find_attr(item, |path| kind.other().may_be(path)) {
-            let marker = marker(kind, &kind.krate(args.clone())?, &args);
-            item.attrs.insert(i + 1, marker);
+        // The markers were written above this attribute: they are the outer layers.
+        let mut layers = markers;
+        layers.push((kind, args));
+        if let Some(i) = find_attr(item, |path| Kind::ALL.iter().any(|k| k.may_be(path))) {
+            let mut handed = Vec::new();
+            for (kind, args) in &layers {
+                handed.push(marker(*kind, &kind.krate(args.clone())?, args));
+            }
+            item.attrs.splice(i + 1..i + 1, handed);
             return Ok(quote!(#item));
         }
-        kind.alone(args, item)
+        build(&layers, item)
     })
 }
 
-/// The function with both layers, the one of kind `outer` around the other.
-fn both(
-    outer: Kind,
-    outer_args: TokenStream,
-    inner_args: TokenStream,
-    item: &ItemFn,
-) -> syn::Result<TokenStream> {
-    let (cached_args, timed_args) = match outer {
-        Kind::Cached => (outer_args, inner_args),
-        Kind::Timed => (inner_args, outer_args),
-    };
-    let cached: CachedArgs = syn::parse2(cached_args)?;
-    let timed: TimedArgs = syn::parse2(timed_args)?;
-    let body = match outer {
-        // `#[timed]` written below: it measures executed queries only, not cache hits.
-        Kind::Cached => {
-            let query = crate::timed::wrap_future(&timed, item, body_future(item));
-            cached::block(&cached, item, query)?
+/// Removes the markers of ours from `item`, in written order.
+fn take_markers(item: &mut ItemFn) -> syn::Result<Vec<Layer>> {
+    let mut markers = Vec::new();
+    let mut kept = Vec::new();
+    for attr in std::mem::take(&mut item.attrs) {
+        let path = path_of(&attr);
+        match Kind::ALL.into_iter().find(|k| k.is_marker(&path)) {
+            Some(kind) => {
+                let (_, args) = split_marker(attr_args(&attr)?);
+                markers.push((kind, args));
+            }
+            None => kept.push(attr),
         }
-        // `#[timed]` written above: it measures what the caller waits, hits included.
-        Kind::Timed => {
-            let cached = cached::block(&cached, item, body_future(item))?;
-            let timed = crate::timed::wrap_future(&timed, item, quote!(async { #cached }));
-            quote!(#timed.await)
+    }
+    item.attrs = kept;
+    Ok(markers)
+}
+
+/// The function with `layers`, the first outermost; the written order is the run-time order.
+fn build(layers: &[Layer], item: &ItemFn) -> syn::Result<TokenStream> {
+    let Some(((outer, outer_args), inner)) = layers.split_first() else {
+        return Ok(quote!(#item));
+    };
+    if inner.is_empty() {
+        return outer.alone(outer_args.clone(), item);
+    }
+    let mut fut = body_future(item);
+    for (kind, args) in inner.iter().rev() {
+        fut = kind.wrap(args.clone(), item, fut)?;
+    }
+    let body = match outer {
+        Kind::Cached => cached::block(&syn::parse2(outer_args.clone())?, item, fut)?,
+        _ => {
+            let fut = outer.wrap(outer_args.clone(), item, fut)?;
+            quote!(#fut.await)
         }
     };
     Ok(replace_body(item, body))
@@ -232,6 +276,57 @@ mod tests {
         assert!(timer < site, "{out}");
     }
 
+    /// Expands the item's attributes the way the compiler does: the first one of ours (by
+    /// name, markers included) each time, until none is left.
+    fn expand_all(mut tokens: TokenStream) -> String {
+        loop {
+            let mut item: ItemFn = syn::parse2(tokens.clone()).unwrap();
+            let Some(i) = find_attr(&item, |path| {
+                Kind::ALL
+                    .iter()
+                    .any(|k| k.may_be(path) || k.is_marker(path))
+            }) else {
+                return tokens.to_string();
+            };
+            let attr = item.attrs.remove(i);
+            let args = attr_args(&attr).unwrap();
+            let name = path_of(&attr).pop().unwrap();
+            let rest = quote!(#item);
+            tokens = match name.as_str() {
+                "cached_query" => cached_query(args, rest),
+                "timed" => timed(args, rest),
+                "retry" => retry(args, rest),
+                other => panic!("{other}"),
+            };
+            assert!(!tokens.to_string().contains("compile_error"), "{tokens}");
+        }
+    }
+
+    #[test]
+    fn three_attributes_nest_in_the_written_order() {
+        let f = get();
+        let at = |out: &str, what: &str| out.find(what).unwrap_or_else(|| panic!("{what}: {out}"));
+        for (attrs, order) in [
+            (
+                quote!(#[timed] #[cached_query(ttl = 5)] #[retry]),
+                ["__CQ_TIMER", "__CQ_SITE", "Retry :: new"],
+            ),
+            (
+                quote!(#[retry] #[cached_query(ttl = 5)] #[timed]),
+                ["Retry :: new", "__CQ_SITE", "__CQ_TIMER"],
+            ),
+            (
+                quote!(#[cached_query(ttl = 5)] #[retry(attempts = 2)] #[timed]),
+                ["__CQ_SITE", "Retry :: new", "__CQ_TIMER"],
+            ),
+        ] {
+            let out = expand_all(quote!(#attrs #f));
+            assert!(!out.contains("__marker"), "{out}");
+            let positions = order.map(|what| at(&out, what));
+            assert!(positions.is_sorted(), "{attrs}: {order:?} at {positions:?} in {out}");
+        }
+    }
+
     #[test]
     fn a_marker_never_hands_over_again() {
         let out = text(cached_query(
@@ -320,6 +415,11 @@ mod tests {
             cached_query(
                 quote!(crate = my::cq),
                 quote!(#[my::cq::__private::timed(__marker, crate = my::cq)] #f),
+            ),
+            retry(quote!(crate = my::cq, attempts = 2), f.clone()),
+            retry(
+                quote!(crate = my::cq),
+                quote!(#[timed(crate = my::cq)] #[cached_query(crate = my::cq)] #f),
             ),
         ] {
             assert_through_my_cq(&out);

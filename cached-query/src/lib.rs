@@ -46,7 +46,7 @@ mod health;
 mod keyspace;
 #[cfg(feature = "postgres")]
 mod outbox;
-mod retry;
+pub(crate) mod retry;
 mod setup;
 mod tag;
 mod timing;
@@ -85,3 +85,7 @@ pub use cached_query_macros::invalidates;
 #[doc = include_str!("docs/timed.md")]
 #[doc(inline)]
 pub use cached_query_macros::timed;
+
+#[doc = include_str!("docs/retry.md")]
+#[doc(inline)]
+pub use cached_query_macros::retry;

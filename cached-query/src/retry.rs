@@ -34,3 +34,90 @@ fn transient_database_error(db: &dyn sqlx::error::DatabaseError) -> bool {
         None => false,
     }
 }
+
+/// The state of one `#[retry]` call: the attempt number and the backoff policy. Generated code
+/// awaits the body, then hands its result to [`Retry::after`] until that returns it.
+#[doc(hidden)]
+#[derive(Debug)]
+pub struct Retry {
+    query: &'static str,
+    attempt: u32,
+    attempts: u32,
+    backoff_ms: u64,
+    max_backoff_ms: u64,
+}
+
+impl Retry {
+    /// A call of `query` run at most `attempts` times, waiting a random time in
+    /// `0..=min(max_backoff_ms, backoff_ms · 2^(retry − 1))` before each retry.
+    pub fn new(query: &'static str, attempts: u32, backoff_ms: u64, max_backoff_ms: u64) -> Self {
+        Retry {
+            query,
+            attempt: 1,
+            attempts: attempts.max(1),
+            backoff_ms,
+            max_backoff_ms,
+        }
+    }
+
+    /// `Some(result)` when the call is over (success, an error that is not transient, or the
+    /// last attempt); otherwise logs and counts the retry, waits its backoff and returns
+    /// `None`.
+    pub async fn after<T>(
+        &mut self,
+        result: Result<T, sqlx::Error>,
+    ) -> Option<Result<T, sqlx::Error>> {
+        let error = match result {
+            Err(e) if self.attempt < self.attempts && is_transient(&e) => e,
+            done => return Some(done),
+        };
+        let delay = self.delay();
+        tracing::warn!(
+            query = self.query,
+            attempt = self.attempt,
+            attempts = self.attempts,
+            delay_ms = delay.as_millis() as u64,
+            error = %error,
+            "cached-query: transient database error, retrying"
+        );
+        #[cfg(feature = "metrics")]
+        metrics::counter!("cached_query_retries_total", "query" => self.query).increment(1);
+        self.attempt += 1;
+        tokio::time::sleep(delay).await;
+        None
+    }
+
+    /// Full jitter: uniform in `0..=cap`, `cap` doubling from `backoff_ms` per retry up to
+    /// `max_backoff_ms`.
+    fn delay(&self) -> std::time::Duration {
+        let doublings = (self.attempt - 1).min(63);
+        let cap = self
+            .backoff_ms
+            .saturating_mul(1u64 << doublings)
+            .min(self.max_backoff_ms);
+        let ms = (crate::cache::uniform() * (cap as f64 + 1.0)).floor() as u64;
+        std::time::Duration::from_millis(ms.min(cap))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Retry;
+    use std::time::Duration;
+
+    #[test]
+    fn delays_are_full_jitter_under_a_doubling_cap() {
+        let mut retry = Retry::new("q", 10, 50, 300);
+        for (attempt, cap) in [(1, 50), (2, 100), (3, 200), (4, 300), (9, 300)] {
+            retry.attempt = attempt;
+            let delays: Vec<Duration> = (0..2000).map(|_| retry.delay()).collect();
+            let max = delays.iter().max().unwrap();
+            let min = delays.iter().min().unwrap();
+            assert!(*max <= Duration::from_millis(cap), "{attempt}: {max:?}");
+            assert!(*max >= Duration::from_millis(cap * 9 / 10), "{attempt}: {max:?}");
+            assert!(*min <= Duration::from_millis(cap / 10), "{attempt}: {min:?}");
+        }
+        let none = Retry::new("q", 3, 0, 0);
+        assert_eq!(none.delay(), Duration::ZERO);
+    }
+}

@@ -1,0 +1,61 @@
+use cached_query::retry;
+use sqlx::{PgConnection, PgExecutor, PgPool, Postgres, Transaction};
+
+#[retry(attempts = 0)]
+async fn zero_attempts(pool: &PgPool) -> Result<i64, sqlx::Error> {
+    sqlx::query_scalar("SELECT 1").fetch_one(pool).await
+}
+
+#[retry(backoff_ms = 500, max_backoff_ms = 100)]
+async fn backoff_over_cap(pool: &PgPool) -> Result<i64, sqlx::Error> {
+    sqlx::query_scalar("SELECT 1").fetch_one(pool).await
+}
+
+#[retry(attempt = 3)]
+async fn unknown_key(pool: &PgPool) -> Result<i64, sqlx::Error> {
+    sqlx::query_scalar("SELECT 1").fetch_one(pool).await
+}
+
+#[retry]
+async fn on_a_connection(conn: &mut PgConnection) -> Result<i64, sqlx::Error> {
+    sqlx::query_scalar("SELECT 1").fetch_one(conn).await
+}
+
+#[retry]
+async fn in_a_transaction(tx: &mut Transaction<'_, Postgres>) -> Result<i64, sqlx::Error> {
+    sqlx::query_scalar("SELECT 1").fetch_one(&mut **tx).await
+}
+
+#[retry]
+async fn on_any_executor(db: impl PgExecutor<'_>) -> Result<i64, sqlx::Error> {
+    sqlx::query_scalar("SELECT 1").fetch_one(db).await
+}
+
+#[retry]
+fn not_async(pool: &PgPool) -> Result<i64, sqlx::Error> {
+    let _ = pool;
+    Ok(1)
+}
+
+#[retry]
+async fn not_a_result(pool: &PgPool) -> i64 {
+    let _ = pool;
+    1
+}
+
+#[derive(Debug)]
+struct MyError;
+
+#[retry]
+async fn not_an_sqlx_error(pool: &PgPool) -> Result<i64, MyError> {
+    let _ = pool;
+    Err(MyError)
+}
+
+#[retry]
+async fn moves_its_argument(pool: &PgPool, name: String) -> Result<i64, sqlx::Error> {
+    let owned: String = name;
+    sqlx::query_scalar("SELECT length($1)::bigint").bind(owned).fetch_one(pool).await
+}
+
+fn main() {}
