@@ -62,7 +62,9 @@ async fn latencies_and_cache_counters_are_exported() {
     );
 
     // Two retries of three attempts: counted once per retry.
-    let pool = sqlx::PgPool::connect(&common::database_url()).await.unwrap();
+    let pool = sqlx::PgPool::connect(&common::database_url())
+        .await
+        .unwrap();
     terminated(&pool).await.unwrap_err();
     let text = handle.render();
     let retries = text

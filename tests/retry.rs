@@ -69,7 +69,10 @@ async fn a_backend_terminated_mid_query_succeeds_on_retry(pool: PgPool) {
     assert_eq!(lines.len(), 1, "{lines:#?}");
     let line = &lines[0];
     assert!(line.contains("WARN"), "{line}");
-    assert!(line.contains("transient database error, retrying"), "{line}");
+    assert!(
+        line.contains("transient database error, retrying"),
+        "{line}"
+    );
     assert!(line.contains("attempt=1 "), "{line}");
     assert!(line.contains("error="), "{line}");
 }
@@ -120,7 +123,11 @@ async fn a_serialization_failure_is_retried(pool: PgPool) {
     assert_eq!(attempts.load(SeqCst), 2);
     let lines = logs.mine("retry::add_one");
     assert_eq!(lines.len(), 1, "{lines:#?}");
-    assert!(lines[0].contains("could not serialize access"), "{}", lines[0]);
+    assert!(
+        lines[0].contains("could not serialize access"),
+        "{}",
+        lines[0]
+    );
 }
 
 #[retry(attempts = 5, backoff_ms = 1, max_backoff_ms = 5)]
@@ -270,7 +277,11 @@ async fn stacked_with_timed_the_written_order_is_the_run_time_order(pool: PgPool
     let attempts = AtomicU32::new(0);
     timed_outside(&pool, &attempts).await.unwrap();
     assert_eq!(attempts.load(SeqCst), 2);
-    assert_eq!(count("retry.timed_outside"), Some(1), "the whole call, once");
+    assert_eq!(
+        count("retry.timed_outside"),
+        Some(1),
+        "the whole call, once"
+    );
 
     let attempts = AtomicU32::new(0);
     timed_inside(&pool, &attempts).await.unwrap();
@@ -284,5 +295,9 @@ async fn stacked_with_timed_the_written_order_is_the_run_time_order(pool: PgPool
     assert_eq!(attempts.load(SeqCst), 2);
     let stats = &cache.stats().queries["retry.all_three"];
     assert_eq!((stats.misses, stats.hits), (1, 1));
-    assert_eq!(count("retry.all_three.timed"), Some(2), "both calls, the hit too");
+    assert_eq!(
+        count("retry.all_three.timed"),
+        Some(2),
+        "both calls, the hit too"
+    );
 }

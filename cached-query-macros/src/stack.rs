@@ -323,7 +323,10 @@ mod tests {
             let out = expand_all(quote!(#attrs #f));
             assert!(!out.contains("__marker"), "{out}");
             let positions = order.map(|what| at(&out, what));
-            assert!(positions.is_sorted(), "{attrs}: {order:?} at {positions:?} in {out}");
+            assert!(
+                positions.is_sorted(),
+                "{attrs}: {order:?} at {positions:?} in {out}"
+            );
         }
     }
 

@@ -9,6 +9,8 @@ pub use crate::cache::call::{Site, cached, cached_by_result, in_transaction, key
 pub use crate::cache::digest::{KeyBuilder, skipped_handle};
 pub use crate::cache::global::{as_cache, default_cache};
 pub use crate::cache::invalidate::{When, invalidating, on_connection};
+/// For the benchmark of the per-call span's cost.
+pub use crate::cache::span::CallSpan;
 pub use crate::retry::Retry;
 pub use crate::tag::{
     Each, EachOfOne, EachOfOption, EachOfVec, TagArg, TagDisplay, TagOption, TagValue,

@@ -114,8 +114,14 @@ mod tests {
             let max = delays.iter().max().unwrap();
             let min = delays.iter().min().unwrap();
             assert!(*max <= Duration::from_millis(cap), "{attempt}: {max:?}");
-            assert!(*max >= Duration::from_millis(cap * 9 / 10), "{attempt}: {max:?}");
-            assert!(*min <= Duration::from_millis(cap / 10), "{attempt}: {min:?}");
+            assert!(
+                *max >= Duration::from_millis(cap * 9 / 10),
+                "{attempt}: {max:?}"
+            );
+            assert!(
+                *min <= Duration::from_millis(cap / 10),
+                "{attempt}: {min:?}"
+            );
         }
         let none = Retry::new("q", 3, 0, 0);
         assert_eq!(none.delay(), Duration::ZERO);

@@ -24,6 +24,7 @@ use super::call::{Site, flight_key};
 use super::digest::KeyBuilder;
 use super::envelope;
 use super::flights::{Leader, Role};
+use super::span::{CallSpan, Outcome};
 use super::stats::Recorder;
 use crate::backend::{Read, StampKey, Store};
 use crate::keyspace::entry_key;
@@ -172,25 +173,40 @@ where
     if requested.is_empty() {
         return Ok(M::default());
     }
-    match cache {
-        Some(cache) if !in_transaction => {
-            let call = Call {
-                site,
-                requested,
-                tags,
-                missing,
-            };
-            cache.get_or_run_batch(call, key, fut).await
+    let backend = cache.map_or("none", |c| {
+        c.inner.store.as_ref().map_or("none", Store::kind)
+    });
+    let span = CallSpan::new(site.name, backend);
+    let span = &span;
+    span.run(async move {
+        match cache {
+            Some(cache) if !in_transaction => {
+                let call = Call {
+                    site,
+                    requested,
+                    tags,
+                    missing,
+                    span,
+                };
+                cache.get_or_run_batch(call, key, fut).await
+            }
+            Some(cache) => {
+                cache
+                    .inner
+                    .stats
+                    .recorder(site.name)
+                    .reporting_to(span)
+                    .bypassed();
+                uncached(requested, key.element_digests(requested).ok(), missing, fut).await
+            }
+            None => {
+                span.report(Outcome::Bypassed);
+                super::global::warn_no_cache(site.name);
+                uncached(requested, key.element_digests(requested).ok(), missing, fut).await
+            }
         }
-        Some(cache) => {
-            cache.inner.stats.recorder(site.name).bypassed();
-            uncached(requested, key.element_digests(requested).ok(), missing, fut).await
-        }
-        None => {
-            super::global::warn_no_cache(site.name);
-            uncached(requested, key.element_digests(requested).ok(), missing, fut).await
-        }
-    }
+    })
+    .await
 }
 
 /// One batch call's inputs.
@@ -198,6 +214,8 @@ struct Call<'a, K> {
     site: &'static Site,
     requested: &'a [K],
     tags: Vec<Vec<String>>,
+    /// The call's span, which takes the outcome.
+    span: &'a CallSpan,
     missing: &'a BatchKeys<K>,
 }
 
@@ -281,8 +299,9 @@ impl Cache {
             requested,
             tags,
             missing,
+            span,
         } = call;
-        let rec = inner.stats.recorder(site.name);
+        let rec = inner.stats.recorder(site.name).reporting_to(span);
         let digests = match key.element_digests(requested) {
             Ok(d) => d,
             Err(e) => {

@@ -26,6 +26,7 @@ use super::envelope::{self, Decoded, ResultStamp};
 use super::flights::Role;
 use super::lease::{Lease, Leased, Miss};
 use super::refresh;
+use super::span::{CallSpan, Outcome};
 use super::stats::Recorder;
 use crate::backend::near::NearCache;
 use crate::backend::{Read, Settled, StampKey, Store, StoreError};
@@ -143,17 +144,35 @@ where
     T: Serialize + DeserializeOwned,
     F: Future<Output = Result<T, E>>,
 {
-    match cache {
-        Some(cache) if in_transaction => {
-            cache.inner.stats.recorder(site.name).bypassed();
-            calls::execute(fut).await
+    let backend = cache.map_or("none", |c| {
+        c.inner.store.as_ref().map_or("none", Store::kind)
+    });
+    let call = CallSpan::new(site.name, backend);
+    let call = &call;
+    call.run(async move {
+        match cache {
+            Some(cache) if in_transaction => {
+                cache
+                    .inner
+                    .stats
+                    .recorder(site.name)
+                    .reporting_to(call)
+                    .bypassed();
+                calls::execute(fut).await
+            }
+            Some(cache) => {
+                cache
+                    .get_or_run(site, key, tags, result_tags, call, fut)
+                    .await
+            }
+            None => {
+                call.report(Outcome::Bypassed);
+                super::global::warn_no_cache(site.name);
+                calls::execute(fut).await
+            }
         }
-        Some(cache) => cache.get_or_run(site, key, tags, result_tags, fut).await,
-        None => {
-            super::global::warn_no_cache(site.name);
-            calls::execute(fut).await
-        }
-    }
+    })
+    .await
 }
 
 impl Cache {
@@ -164,6 +183,7 @@ impl Cache {
         key: KeyBuilder,
         tags: Vec<String>,
         result_tags: Option<ResultTags<'_, T>>,
+        call: &CallSpan,
         fut: F,
     ) -> Result<T, E>
     where
@@ -171,7 +191,7 @@ impl Cache {
         F: Future<Output = Result<T, E>>,
     {
         let inner = &*self.inner;
-        let rec = inner.stats.recorder(site.name);
+        let rec = inner.stats.recorder(site.name).reporting_to(call);
         let Some(store) = &inner.store else {
             rec.miss();
             return calls::execute(fut).await;

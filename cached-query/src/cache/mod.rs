@@ -15,6 +15,7 @@ pub(crate) mod invalidate;
 pub(crate) mod lease;
 pub(crate) mod pending;
 pub(crate) mod refresh;
+pub(crate) mod span;
 pub(crate) mod stats;
 
 use crate::backend::near::NearCache;

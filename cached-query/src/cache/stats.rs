@@ -1,5 +1,6 @@
 //! Hit/miss/error counters, in total and per query name.
 
+use super::span::{CallSpan, Outcome};
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, RwLock};
@@ -130,34 +131,60 @@ pub(crate) struct Recorder<'a> {
     name: &'static str,
     total: &'a Counters,
     query: Arc<Counters>,
+    /// The span of the call these counts are for, which takes their outcome.
+    call: Option<&'a CallSpan>,
 }
 
 macro_rules! record {
-    ($($name:ident $(/ $many:ident)? => $field:ident, $metric:expr);* $(;)?) => {$(
+    ($($name:ident $(/ $many:ident)? => $field:ident, $metric:expr, $outcome:ident);* $(;)?) => {$(
         pub(crate) fn $name(&self) {
             self.add(|c| &c.$field, $metric, 1);
+            self.report(Outcome::$outcome);
         }
         $(
             /// Counts `n` at once (a batch's keys).
             pub(crate) fn $many(&self, n: u64) {
                 self.add(|c| &c.$field, $metric, n);
+                if n > 0 {
+                    self.report(Outcome::$outcome);
+                }
             }
         )?
     )*};
 }
 
-impl Recorder<'_> {
+impl<'a> Recorder<'a> {
     record! {
-        hit / hits => hits, Some("cached_query_cache_hits_total");
-        near_hit / near_hits => near_hits, Some("cached_query_near_hits_total");
-        miss / misses => misses, Some("cached_query_cache_misses_total");
-        error => errors, Some("cached_query_cache_errors_total");
-        decode_error => decode_errors, None;
-        oversized => oversized, None;
-        bypassed => bypassed, Some("cached_query_cache_bypassed_total");
-        stale_served => stale_served, Some("cached_query_stale_served_total");
-        lease_wait => lease_waits, Some("cached_query_lease_waits_total");
-        refresh => refreshes, Some("cached_query_refreshes_total");
+        hit / hits => hits, Some("cached_query_cache_hits_total"), Hit;
+        near_hit / near_hits => near_hits, Some("cached_query_near_hits_total"), None;
+        miss / misses => misses, Some("cached_query_cache_misses_total"), Miss;
+        error => errors, Some("cached_query_cache_errors_total"), Error;
+        decode_error => decode_errors, None, None;
+        oversized => oversized, None, None;
+        bypassed => bypassed, Some("cached_query_cache_bypassed_total"), Bypassed;
+        stale_served => stale_served, Some("cached_query_stale_served_total"), None;
+        lease_wait => lease_waits, Some("cached_query_lease_waits_total"), None;
+        refresh => refreshes, Some("cached_query_refreshes_total"), None;
+    }
+
+    /// These counts are for the call of `call`, which records their outcome.
+    pub(crate) fn reporting_to<'b>(self, call: &'b CallSpan) -> Recorder<'b>
+    where
+        'a: 'b,
+    {
+        Recorder {
+            call: Some(call),
+            ..self
+        }
+    }
+
+    #[inline]
+    fn report(&self, outcome: Outcome) {
+        if let Some(call) = self.call
+            && outcome != Outcome::None
+        {
+            call.report(outcome);
+        }
     }
 
     /// Folds one execution time of the query into its moving average (weight 1/8).
@@ -217,6 +244,7 @@ impl Stats {
             name,
             total: &self.total,
             query,
+            call: None,
         }
     }
 
