@@ -72,11 +72,11 @@ fn bad_values_name_the_variable_the_value_and_what_is_expected() {
     let cases: &[(&[(&str, &str)], &str)] = &[
         (
             &[],
-            "DATABASE_URL=\"\": expected a postgres://, postgresql:// or sqlite: URL (it is not set)",
+            "DATABASE_URL=\"\": expected a postgres://, postgresql://, mysql://, mariadb:// or sqlite: URL (it is not set)",
         ),
         (
-            &[("DATABASE_URL", "mysql://u:hunter2@h/db")],
-            "DATABASE_URL=\"mysql://u:***@h/db\": expected a postgres://, postgresql:// or sqlite: URL",
+            &[("DATABASE_URL", "oracle://u:hunter2@h/db")],
+            "DATABASE_URL=\"oracle://u:***@h/db\": expected a postgres://, postgresql://, mysql://, mariadb:// or sqlite: URL",
         ),
         (
             &[url, ("DB_POOL_SIZE", "abc")],

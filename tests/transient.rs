@@ -3,7 +3,10 @@
 //! error, a unique violation or `RowNotFound`) and MariaDB (a lock wait timeout, a deadlock;
 //! not a duplicate key or a syntax error).
 
+mod common;
+
 use cached_query::is_transient;
+use common::mysql_url;
 use sqlx::{AssertSqlSafe, Connection, MySqlConnection, PgPool};
 use std::time::Duration;
 
@@ -113,10 +116,6 @@ async fn common_wait_until_running(pool: &PgPool, pid: i32) {
         }
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
-}
-
-fn mysql_url() -> String {
-    std::env::var("MYSQL_URL").unwrap_or_else(|_| "mysql://root@127.0.0.1:3306/test".into())
 }
 
 #[tokio::test]

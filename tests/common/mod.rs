@@ -16,6 +16,10 @@ pub fn redis_url() -> String {
     std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".to_owned())
 }
 
+pub fn mysql_url() -> String {
+    std::env::var("MYSQL_URL").unwrap_or_else(|_| "mysql://root@127.0.0.1:3306/test".to_owned())
+}
+
 pub fn database_url() -> String {
     std::env::var("DATABASE_URL")
         .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".to_owned())
@@ -1087,26 +1091,48 @@ where
     F: Fn(sqlx::PgPool, Cache) -> Fut + Clone + Send + 'static,
     Fut: std::future::Future<Output = i64> + Send,
 {
+    let write = |pool: sqlx::PgPool, cache: Cache| async move {
+        let mut tx = pool.begin().await.unwrap();
+        let v: i64 = sqlx::query_scalar(
+            "UPDATE counters SET value = value + 1 WHERE id = 1 RETURNING value",
+        )
+        .fetch_one(&mut *tx)
+        .await
+        .unwrap();
+        cache
+            .commit_and_invalidate(tx, ["counter:1"])
+            .await
+            .unwrap();
+        v
+    };
+    stale_set_stress(pool, cache, write, read).await;
+}
+
+/// [`no_stale_reads`] on any database: `write` commits one increment of the counter (and
+/// invalidates `counter:1` after its commit), returning the value it committed.
+pub async fn stale_set_stress<P, W, WFut, F, Fut>(pool: P, cache: Cache, write: W, read: F)
+where
+    P: Clone + Send + 'static,
+    W: Fn(P, Cache) -> WFut + Clone + Send + 'static,
+    WFut: std::future::Future<Output = i64> + Send,
+    F: Fn(P, Cache) -> Fut + Clone + Send + 'static,
+    Fut: std::future::Future<Output = i64> + Send,
+{
     use std::sync::Arc;
     use std::sync::atomic::{AtomicBool, AtomicI64, Ordering::SeqCst};
     let completed = Arc::new(AtomicI64::new(0));
     let writing = Arc::new(AtomicBool::new(true));
     let writers: Vec<_> = (0..2)
         .map(|_| {
-            let (pool, cache, completed) = (pool.clone(), cache.clone(), completed.clone());
+            let (pool, cache, completed, write) = (
+                pool.clone(),
+                cache.clone(),
+                completed.clone(),
+                write.clone(),
+            );
             tokio::spawn(async move {
                 for _ in 0..60 {
-                    let mut tx = pool.begin().await.unwrap();
-                    let v: i64 = sqlx::query_scalar(
-                        "UPDATE counters SET value = value + 1 WHERE id = 1 RETURNING value",
-                    )
-                    .fetch_one(&mut *tx)
-                    .await
-                    .unwrap();
-                    cache
-                        .commit_and_invalidate(tx, ["counter:1"])
-                        .await
-                        .unwrap();
+                    let v = write(pool.clone(), cache.clone()).await;
                     completed.fetch_max(v, SeqCst);
                 }
             })

@@ -3,7 +3,7 @@
 
 use super::env::{non_empty, parse_bool, parse_millis, parse_secs, parse_u64};
 use super::url::redact_url;
-#[cfg(any(feature = "postgres", feature = "sqlite"))]
+#[cfg(any(feature = "postgres", feature = "sqlite", feature = "mysql"))]
 use super::url::scrub_password;
 use crate::Error;
 use std::time::Duration;
@@ -14,15 +14,16 @@ use std::time::Duration;
 /// max_overflow`, `acquire_timeout = pool_timeout`, `max_lifetime = pool_recycle`,
 /// `idle_timeout`, `test_before_acquire = pre_ping`, statements logged at `info` when `echo`,
 /// statements slower than `slow_statement_threshold` logged at `warn`; on PostgreSQL
-/// `application_name` and `statement_timeout` are set on every connection. The whole connect
-/// is bounded by `connect_timeout`.
+/// `application_name` and `statement_timeout` are set on every connection, on MySQL and
+/// MariaDB the statement timeout (see [`connect_mysql`](Self::connect_mysql)). The whole
+/// connect is bounded by `connect_timeout`.
 ///
 /// Build one with [`from_env`](Self::from_env) or [`new`](Self::new) (the defaults below),
 /// then adjust its fields.
 #[derive(Clone, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct DbConfig {
-    /// `DATABASE_URL`: `postgres://`, `postgresql://` or `sqlite:`.
+    /// `DATABASE_URL`: `postgres://`, `postgresql://`, `mysql://`, `mariadb://` or `sqlite:`.
     pub url: String,
     /// `DB_POOL_SIZE` (10): connections kept open.
     pub pool_size: u32,
@@ -44,7 +45,8 @@ pub struct DbConfig {
     pub connect_timeout: Duration,
     /// `DB_APPLICATION_NAME`: shown in `pg_stat_activity` (PostgreSQL).
     pub application_name: Option<String>,
-    /// `DB_STATEMENT_TIMEOUT_MS`: server-side statement timeout (PostgreSQL).
+    /// `DB_STATEMENT_TIMEOUT_MS`: server-side statement timeout (PostgreSQL
+    /// `statement_timeout`, MariaDB `max_statement_time`, MySQL `max_execution_time`).
     pub statement_timeout: Option<Duration>,
 }
 
@@ -97,6 +99,7 @@ pub fn pool_status<DB: sqlx::Database>(pool: &sqlx::Pool<DB>) -> PoolStatus {
 enum Scheme {
     Postgres,
     Sqlite,
+    MySql,
 }
 
 fn scheme(url: &str) -> Option<Scheme> {
@@ -105,10 +108,15 @@ fn scheme(url: &str) -> Option<Scheme> {
         Some(Scheme::Postgres)
     } else if lower.starts_with("sqlite:") {
         Some(Scheme::Sqlite)
+    } else if lower.starts_with("mysql://") || lower.starts_with("mariadb://") {
+        Some(Scheme::MySql)
     } else {
         None
     }
 }
+
+/// What `DATABASE_URL` may be.
+const URL_KINDS: &str = "a postgres://, postgresql://, mysql://, mariadb:// or sqlite: URL";
 
 impl DbConfig {
     /// The settings for `url` with every default of the configuration table: 10 + 20
@@ -140,19 +148,11 @@ impl DbConfig {
     pub fn from_lookup<F: Fn(&str) -> Option<String>>(lookup: F) -> Result<DbConfig, Error> {
         let get = |name: &str| non_empty(&lookup, name);
         let url = get("DATABASE_URL").ok_or_else(|| {
-            Error::config(
-                "DATABASE_URL",
-                "",
-                "a postgres://, postgresql:// or sqlite: URL (it is not set)",
-            )
+            Error::config("DATABASE_URL", "", &format!("{URL_KINDS} (it is not set)"))
         })?;
         let url = url.trim().to_owned();
         if scheme(&url).is_none() {
-            return Err(Error::config(
-                "DATABASE_URL",
-                &redact_url(&url),
-                "a postgres://, postgresql:// or sqlite: URL",
-            ));
+            return Err(Error::config("DATABASE_URL", &redact_url(&url), URL_KINDS));
         }
         let mut config = DbConfig::new(url);
         let u32_var = |name: &str, v: &str, min: u64| -> Result<u32, Error> {
@@ -207,7 +207,7 @@ impl DbConfig {
         Ok(config)
     }
 
-    #[cfg(any(feature = "postgres", feature = "sqlite"))]
+    #[cfg(any(feature = "postgres", feature = "sqlite", feature = "mysql"))]
     fn check_scheme(&self, wanted: Scheme) -> Result<(), Error> {
         if scheme(&self.url) == Some(wanted) {
             return Ok(());
@@ -215,6 +215,7 @@ impl DbConfig {
         let expected = match wanted {
             Scheme::Postgres => "a postgres:// or postgresql:// URL for connect_postgres",
             Scheme::Sqlite => "a sqlite: URL for connect_sqlite",
+            Scheme::MySql => "a mysql:// or mariadb:// URL for connect_mysql",
         };
         Err(Error::config(
             "DATABASE_URL",
@@ -223,7 +224,7 @@ impl DbConfig {
         ))
     }
 
-    #[cfg(any(feature = "postgres", feature = "sqlite"))]
+    #[cfg(any(feature = "postgres", feature = "sqlite", feature = "mysql"))]
     fn pool_options<DB: sqlx::Database>(&self) -> sqlx::pool::PoolOptions<DB> {
         sqlx::pool::PoolOptions::new()
             .min_connections(self.pool_size)
@@ -234,7 +235,7 @@ impl DbConfig {
             .test_before_acquire(self.pre_ping)
     }
 
-    #[cfg(any(feature = "postgres", feature = "sqlite"))]
+    #[cfg(any(feature = "postgres", feature = "sqlite", feature = "mysql"))]
     fn logging<O: sqlx::ConnectOptions>(&self, options: O) -> O {
         let echo = if self.echo {
             log::LevelFilter::Info
@@ -293,7 +294,36 @@ impl DbConfig {
             .await
     }
 
-    #[cfg(any(feature = "postgres", feature = "sqlite"))]
+    /// Opens a MySQL or MariaDB pool (`mysql://` or `mariadb://`), failing within
+    /// `connect_timeout` with an error that names the host and port.
+    ///
+    /// `statement_timeout` becomes MariaDB's `max_statement_time` (every statement) or, on
+    /// MySQL, `max_execution_time` (read-only `SELECT`s only: MySQL has no other), set on
+    /// every new connection; the server is told apart by the variable it knows.
+    /// `application_name` is not sent: sqlx's MySQL driver has no connection attributes.
+    #[cfg(feature = "mysql")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "mysql")))]
+    pub async fn connect_mysql(&self) -> Result<sqlx::MySqlPool, Error> {
+        use std::str::FromStr;
+        self.check_scheme(Scheme::MySql)?;
+        let options =
+            sqlx::mysql::MySqlConnectOptions::from_str(&self.url).map_err(|e| Error::Connect {
+                target: redact_url(&self.url),
+                source: Scrubbed::boxed(e, &self.url),
+            })?;
+        let target = format!("{}:{}", options.get_host(), options.get_port());
+        let options = self.logging(options);
+        let mut pool = self.pool_options::<sqlx::MySql>();
+        if let Some(timeout) = self.statement_timeout {
+            pool = pool.after_connect(move |conn, _| {
+                Box::pin(async move { mysql_statement_timeout(conn, timeout).await })
+            });
+        }
+        self.bounded_connect(target, pool.connect_with(options))
+            .await
+    }
+
+    #[cfg(any(feature = "postgres", feature = "sqlite", feature = "mysql"))]
     async fn bounded_connect<P>(
         &self,
         target: String,
@@ -317,16 +347,42 @@ impl DbConfig {
     }
 }
 
+/// Sets the statement timeout on a new MySQL or MariaDB connection: MariaDB's
+/// `max_statement_time` (seconds), else MySQL's `max_execution_time` (milliseconds), which
+/// MariaDB rejects as an unknown variable (error 1193) and MySQL the other way round.
+#[cfg(feature = "mysql")]
+async fn mysql_statement_timeout(
+    conn: &mut sqlx::MySqlConnection,
+    timeout: Duration,
+) -> Result<(), sqlx::Error> {
+    use sqlx::{AssertSqlSafe, Executor};
+    let mariadb = format!("SET SESSION max_statement_time = {}", timeout.as_secs_f64());
+    match conn.execute(AssertSqlSafe(mariadb)).await {
+        Ok(_) => Ok(()),
+        Err(sqlx::Error::Database(e))
+            if e.try_downcast_ref::<sqlx::mysql::MySqlDatabaseError>()
+                .is_some_and(|e| e.number() == 1193) =>
+        {
+            let mysql = format!(
+                "SET SESSION max_execution_time = {}",
+                timeout.as_millis().max(1)
+            );
+            conn.execute(AssertSqlSafe(mysql)).await.map(drop)
+        }
+        Err(e) => Err(e),
+    }
+}
+
 /// A database error whose message is shown with the URL's passwords removed (in `Display`
 /// and `Debug`); its I/O cause (connection refused, reset…) stays reachable as `source()`,
 /// other causes (which may quote the URL) do not.
-#[cfg(any(feature = "postgres", feature = "sqlite"))]
+#[cfg(any(feature = "postgres", feature = "sqlite", feature = "mysql"))]
 struct Scrubbed {
     message: String,
     error: sqlx::Error,
 }
 
-#[cfg(any(feature = "postgres", feature = "sqlite"))]
+#[cfg(any(feature = "postgres", feature = "sqlite", feature = "mysql"))]
 impl Scrubbed {
     fn boxed(error: sqlx::Error, url: &str) -> crate::error::BoxError {
         Box::new(Scrubbed {
@@ -336,21 +392,21 @@ impl Scrubbed {
     }
 }
 
-#[cfg(any(feature = "postgres", feature = "sqlite"))]
+#[cfg(any(feature = "postgres", feature = "sqlite", feature = "mysql"))]
 impl std::fmt::Display for Scrubbed {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(&self.message)
     }
 }
 
-#[cfg(any(feature = "postgres", feature = "sqlite"))]
+#[cfg(any(feature = "postgres", feature = "sqlite", feature = "mysql"))]
 impl std::fmt::Debug for Scrubbed {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_tuple("Scrubbed").field(&self.message).finish()
     }
 }
 
-#[cfg(any(feature = "postgres", feature = "sqlite"))]
+#[cfg(any(feature = "postgres", feature = "sqlite", feature = "mysql"))]
 impl std::error::Error for Scrubbed {
     fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
         match &self.error {

@@ -103,7 +103,7 @@ pub(crate) fn inject_password(url: &str, password: &str) -> String {
 }
 
 /// Replaces every password of `url` wherever it appears in `message`.
-#[cfg(any(feature = "postgres", feature = "sqlite"))]
+#[cfg(any(feature = "postgres", feature = "sqlite", feature = "mysql"))]
 pub(crate) fn scrub_password(message: &str, url: &str) -> String {
     let mut secrets: Vec<&str> = secret_values(url)
         .into_iter()
@@ -190,7 +190,7 @@ mod tests {
         assert_eq!(redact_url(&url), "unix:///run/redis.sock?pass=***");
     }
 
-    #[cfg(any(feature = "postgres", feature = "sqlite"))]
+    #[cfg(any(feature = "postgres", feature = "sqlite", feature = "mysql"))]
     #[test]
     fn scrubs_every_password_of_the_url() {
         let url = "postgres://u:one@h/db?password=two";
