@@ -396,3 +396,40 @@ async fn no_stale_reads_on_mariadb() {
     common::stale_set_stress(pool.clone(), cache, write, read).await;
     drop_table(&pool, t).await;
 }
+
+#[tokio::test(flavor = "current_thread")]
+async fn echo_and_slow_statement_logging_reach_tracing() {
+    let logs = common::Logs::capture();
+    let quiet = mysql_config(&[("DB_POOL_SIZE", "1")])
+        .connect_mysql()
+        .await
+        .unwrap();
+    sqlx::query("SELECT 4242 AS my_quiet_marker")
+        .execute(&quiet)
+        .await
+        .unwrap();
+    assert!(
+        logs.mine("my_quiet_marker").is_empty(),
+        "no echo by default"
+    );
+
+    let echo = mysql_config(&[
+        ("DB_POOL_SIZE", "1"),
+        ("DB_ECHO", "true"),
+        ("SLOW_QUERY_THRESHOLD_MS", "50"),
+    ])
+    .connect_mysql()
+    .await
+    .unwrap();
+    sqlx::query("SELECT 4242 AS my_echo_marker")
+        .execute(&echo)
+        .await
+        .unwrap();
+    sqlx::query("SELECT SLEEP(0.2), 1 AS my_slow_marker")
+        .execute(&echo)
+        .await
+        .unwrap();
+    let line = |marker: &str| logs.mine(marker).first().cloned().unwrap_or_default();
+    assert!(line("my_echo_marker").contains("INFO"), "{}", logs.all());
+    assert!(line("my_slow_marker").contains("WARN"), "{}", logs.all());
+}
