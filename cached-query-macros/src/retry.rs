@@ -32,8 +32,9 @@ pub(crate) fn wrap_future(
                 #krate::__private::Retry::new(#name, #attempts, #backoff, #max);
             loop {
                 let __cq_result = #fut.await;
-                if let ::core::option::Option::Some(__cq_done) = #after.await {
-                    break __cq_done;
+                match #after {
+                    ::core::ops::ControlFlow::Break(__cq_done) => break __cq_done,
+                    ::core::ops::ControlFlow::Continue(__cq_backoff) => __cq_backoff.await,
                 }
             }
         }

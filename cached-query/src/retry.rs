@@ -35,8 +35,29 @@ fn transient_database_error(db: &dyn sqlx::error::DatabaseError) -> bool {
     }
 }
 
+use std::ops::ControlFlow;
+
+/// The error type `#[retry]` accepts: `sqlx::Error`, whose kind tells what is transient.
+#[doc(hidden)]
+#[diagnostic::on_unimplemented(
+    message = "#[retry] needs the function to return `Result<T, sqlx::Error>`, not an error of type `{Self}`",
+    label = "the error type of this function",
+    note = "only sqlx errors tell whether running the statement again may succeed (`cached_query::is_transient`)"
+)]
+pub trait SqlxError {
+    /// The error itself.
+    fn as_sqlx(&self) -> &sqlx::Error;
+}
+
+impl SqlxError for sqlx::Error {
+    fn as_sqlx(&self) -> &sqlx::Error {
+        self
+    }
+}
+
 /// The state of one `#[retry]` call: the attempt number and the backoff policy. Generated code
-/// awaits the body, then hands its result to [`Retry::after`] until that returns it.
+/// awaits the body, then hands its result to [`Retry::after`] and awaits the backoff it returns,
+/// until it returns the result.
 #[doc(hidden)]
 #[derive(Debug)]
 pub struct Retry {
@@ -60,17 +81,17 @@ impl Retry {
         }
     }
 
-    /// `Some(result)` when the call is over (success, an error that is not transient, or the
-    /// last attempt); otherwise logs and counts the retry, waits its backoff and returns
-    /// `None`.
-    pub async fn after<T>(
+    /// `Break(result)` when the call is over (success, an error that is not transient, or the
+    /// last attempt); otherwise logs and counts the retry and returns its backoff to await.
+    pub fn after<T, E: SqlxError>(
         &mut self,
-        result: Result<T, sqlx::Error>,
-    ) -> Option<Result<T, sqlx::Error>> {
+        result: Result<T, E>,
+    ) -> ControlFlow<Result<T, E>, tokio::time::Sleep> {
         let error = match result {
-            Err(e) if self.attempt < self.attempts && is_transient(&e) => e,
-            done => return Some(done),
+            Err(e) if self.attempt < self.attempts && is_transient(e.as_sqlx()) => e,
+            done => return ControlFlow::Break(done),
         };
+        let error = error.as_sqlx();
         let delay = self.delay();
         tracing::warn!(
             query = self.query,
@@ -83,8 +104,7 @@ impl Retry {
         #[cfg(feature = "metrics")]
         metrics::counter!("cached_query_retries_total", "query" => self.query).increment(1);
         self.attempt += 1;
-        tokio::time::sleep(delay).await;
-        None
+        ControlFlow::Continue(tokio::time::sleep(delay))
     }
 
     /// Full jitter: uniform in `0..=cap`, `cap` doubling from `backoff_ms` per retry up to
