@@ -5,6 +5,7 @@
 
 mod common;
 
+use async_trait::async_trait;
 use cached_query::{Cache, cached_query, is_transient, retry, timed};
 use common::Logs;
 use sqlx::PgPool;
@@ -172,6 +173,12 @@ async fn attempts_count_every_execution_and_the_last_error_comes_back(pool: PgPo
     let attempts = AtomicU32::new(0);
     let err = always_terminated(&pool, &attempts).await.unwrap_err();
     assert!(is_transient(&err), "{err:?}");
+    // The error of the last attempt, as sqlx gave it: the backend's own termination.
+    let code = err.as_database_error().and_then(|e| e.code());
+    assert!(
+        code.as_deref() == Some("57P01") || matches!(err, sqlx::Error::Io(_)),
+        "{err:?}"
+    );
     assert_eq!(attempts.load(SeqCst), 4);
     let lines = logs.mine("retry::always_terminated");
     assert_eq!(lines.len(), 3, "one event per retry: {lines:#?}");
@@ -300,4 +307,50 @@ async fn stacked_with_timed_the_written_order_is_the_run_time_order(pool: PgPool
         Some(2),
         "both calls, the hit too"
     );
+}
+
+#[async_trait]
+trait Accounts {
+    async fn answer(&self, pool: &PgPool) -> Result<i64, sqlx::Error>;
+}
+
+struct Flaky(AtomicU32);
+
+#[async_trait]
+impl Accounts for Flaky {
+    #[retry(backoff_ms = 1, max_backoff_ms = 2, name = "retry.async_trait")]
+    async fn answer(&self, pool: &PgPool) -> Result<i64, sqlx::Error> {
+        flaky(pool, &self.0, 11).await
+    }
+}
+
+#[sqlx::test]
+async fn a_method_of_an_async_trait_is_retried(pool: PgPool) {
+    let logs = Logs::capture();
+    let accounts: Box<dyn Accounts + Send + Sync> = Box::new(Flaky(AtomicU32::new(0)));
+    assert_eq!(accounts.answer(&pool).await.unwrap(), 11);
+    let lines = logs.mine("query=\"retry.async_trait\"");
+    assert_eq!(lines.len(), 1, "{lines:#?}");
+}
+
+#[cached_query(cache = cache, ttl = 60, skip(attempts), name = "retry.named")]
+#[retry(backoff_ms = 1, max_backoff_ms = 2)]
+async fn named(cache: &Cache, pool: &PgPool, attempts: &AtomicU32) -> Result<i64, sqlx::Error> {
+    flaky(pool, attempts, 12).await
+}
+
+#[sqlx::test]
+async fn a_stacked_retry_is_logged_under_the_cached_query_name(pool: PgPool) {
+    let logs = Logs::capture();
+    let cache = Cache::builder().memory().build().await.unwrap();
+    let attempts = AtomicU32::new(0);
+    assert_eq!(named(&cache, &pool, &attempts).await.unwrap(), 12);
+    // Inside the call's span (whose fields also say `query="retry.named"`), the event's own
+    // `query` field is the cached query's name.
+    let lines: Vec<String> = logs
+        .mine("transient database error")
+        .into_iter()
+        .filter(|l| l.contains("retrying query=\"retry.named\""))
+        .collect();
+    assert_eq!(lines.len(), 1, "{lines:#?}");
 }

@@ -263,3 +263,26 @@ async fn a_batch_call_gets_one_span_hit_only_when_every_key_hit() {
     let events: Vec<usize> = spans.iter().map(|s| s.events.len()).collect();
     assert_eq!(events, [1, 0, 1], "{spans:#?}");
 }
+
+#[cached_query(cache = cache, name = "spans.disabled")]
+async fn on_disabled(cache: &Cache, id: i64) -> Result<i64, String> {
+    Ok(id)
+}
+
+#[tokio::test]
+async fn a_disabled_cache_and_an_empty_batch_get_their_span() {
+    let capture = Capture::install();
+    let cache = Cache::builder().disabled().build().await.unwrap();
+    assert_eq!(on_disabled(&cache, 3).await.unwrap(), 3);
+    let spans = capture.of("spans.disabled");
+    assert_eq!(spans.len(), 1, "{spans:#?}");
+    assert_eq!(spans[0].fields["cache.hit"], "\"bypassed\"");
+    assert_eq!(spans[0].fields["cache.backend"], "\"none\"");
+
+    let memory = Cache::builder().memory().build().await.unwrap();
+    let before = capture.of("spans.batch").len();
+    assert!(doubled(&memory, &[]).await.unwrap().is_empty());
+    let spans = capture.of("spans.batch");
+    assert_eq!(spans.len(), before + 1, "{spans:#?}");
+    assert_eq!(spans[before].fields["cache.hit"], "true");
+}

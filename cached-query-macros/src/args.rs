@@ -293,12 +293,15 @@ impl Parse for TimedArgs {
     }
 }
 
-/// `#[retry(attempts = 3, backoff_ms = 50, max_backoff_ms = 2000, crate = path)]`.
+/// `#[retry(attempts = 3, backoff_ms = 50, max_backoff_ms = 2000, name = "…", crate = path)]`.
 #[derive(Default)]
 pub(crate) struct RetryArgs {
     pub(crate) attempts: Option<(u32, Span)>,
     pub(crate) backoff_ms: Option<(u64, Span)>,
     pub(crate) max_backoff_ms: Option<(u64, Span)>,
+    /// The `query` of the warn event and the metric; stacked, `#[cached_query]`'s or
+    /// `#[timed]`'s `name` when this one has none.
+    pub(crate) name: Option<LitStr>,
     pub(crate) krate: Krate,
 }
 
@@ -329,6 +332,7 @@ impl Parse for RetryArgs {
                 || arg.value(kw::max_backoff_ms, &mut a.max_backoff_ms, |i| {
                     millis(i, "max_backoff_ms")
                 })?
+                || arg.value(kw::name, &mut a.name, name)?
                 || arg.value(Token![crate], &mut a.krate.0, crate_path)?)
         })?;
         let (_, backoff, max) = a.policy();
@@ -340,8 +344,18 @@ impl Parse for RetryArgs {
             return Err(syn::Error::new(
                 span,
                 format!(
-                    "`backoff_ms` ({backoff}) is more than `max_backoff_ms` ({max}): the first \
-                     delay cannot exceed the cap"
+                    "`backoff_ms` ({backoff}{}) is more than `max_backoff_ms` ({max}{}): the \
+                     first delay cannot exceed the cap",
+                    if a.backoff_ms.is_none() {
+                        ", the default"
+                    } else {
+                        ""
+                    },
+                    if a.max_backoff_ms.is_none() {
+                        ", the default"
+                    } else {
+                        ""
+                    },
                 ),
             ));
         }

@@ -170,6 +170,53 @@ impl<'a> FnInfo<'a> {
     }
 }
 
+/// Whether `ty` names a connection or a transaction anywhere inside it:
+/// `Option<&mut PgConnection>`, `(&PgPool, PoolConnection<…>)`, `DB::Connection`,
+/// `impl DerefMut<Target = PgConnection>`. Aliases cannot be seen.
+pub(crate) fn type_names_connection(ty: &Type) -> bool {
+    let mut found = Finder(false);
+    syn::visit::Visit::visit_type(&mut found, ty);
+    found.0
+}
+
+/// The first generic parameter or `where` predicate of `generics` that names a connection or
+/// a transaction (`C: DerefMut<Target = PgConnection>`).
+pub(crate) fn generic_naming_connection(generics: &Generics) -> Option<proc_macro2::TokenStream> {
+    use quote::ToTokens;
+    for param in &generics.params {
+        let mut found = Finder(false);
+        syn::visit::Visit::visit_generic_param(&mut found, param);
+        if found.0 {
+            return Some(param.to_token_stream());
+        }
+    }
+    for pred in generics.where_clause.iter().flat_map(|w| &w.predicates) {
+        let mut found = Finder(false);
+        syn::visit::Visit::visit_where_predicate(&mut found, pred);
+        if found.0 {
+            return Some(pred.to_token_stream());
+        }
+    }
+    None
+}
+
+/// Finds a path segment naming a connection or transaction type.
+struct Finder(bool);
+
+impl<'ast> syn::visit::Visit<'ast> for Finder {
+    fn visit_path_segment(&mut self, segment: &'ast PathSegment) {
+        let name = segment.ident.to_string();
+        if name == "Connection"
+            || name == "PoolConnection"
+            || CONNECTION_TYPES.contains(&name.as_str())
+            || TRANSACTION_TYPES.contains(&name.as_str())
+        {
+            self.0 = true;
+        }
+        syn::visit::visit_path_segment(self, segment);
+    }
+}
+
 /// Appends the identifiers `pat` binds (`mut x`, `x @ Some(y)`, `Path(slug)`, `(a, b)`,
 /// `Point { x, y: (a, _) }`, `[first, ..]`); an or-pattern binds the same names on each side.
 fn bindings<'a>(pat: &'a Pat, out: &mut Vec<&'a Ident>) {

@@ -15,23 +15,27 @@
 //!   again if another possible sibling is below it.
 //! - If it is foreign, it expands on its own; the first marker then expands as a plain
 //!   attribute and builds itself and the markers below it around whatever body that attribute
-//!   produced: again the written order.
+//!   produced (or hands them all on again past the next possible sibling): again the written
+//!   order.
 //!
-//! A marker never hands over, so expansion always ends. Nothing is absorbed without the
-//! compiler resolving it, so the user's `use cached_query::timed;` is never reported unused.
+//! Every hand-over moves the markers past an attribute that then expands, so expansion always
+//! ends. Nothing is absorbed without the compiler resolving it, so the user's
+//! `use cached_query::timed;` is never reported unused. The same attribute twice is an error.
 //!
 //! Where the rule stops: another crate's attribute written *above* ours has expanded before
 //! ours runs, so ours cannot see it. What it does with the attribute below decides; one that
 //! wraps the body it is given (such as `#[tracing::instrument]`) ends up inside ours. A foreign
-//! attribute that has one of our names and sits *between* two of ours runs outside the lower
-//! one.
+//! attribute that has one of our names and sits *between* two of ours has already wrapped the
+//! body when ours build their layers, so it runs inside both. One of ours imported under another
+//! name is not recognised; written below another of ours, it finds that one's code in the body
+//! and refuses to expand outside it (a compile error).
 
 use crate::args::{CachedArgs, Krate, RetryArgs, TimedArgs};
 use crate::cached;
 use crate::item::{attr_args, body_future, expand_with, find_attr, path_of, replace_body};
 use proc_macro2::{Ident, Span, TokenStream, TokenTree};
-use quote::quote;
-use syn::ItemFn;
+use quote::{ToTokens, quote};
+use syn::{ItemFn, LitStr};
 
 /// The `#[cached_query]` entry point.
 pub(crate) fn cached_query(args: TokenStream, input: TokenStream) -> TokenStream {
@@ -93,23 +97,43 @@ impl Kind {
         match self {
             Kind::Cached => cached::expand(&syn::parse2(args)?, item),
             Kind::Timed => crate::timed::expand(&syn::parse2(args)?, item),
-            Kind::Retry => {
-                let fut = crate::retry::wrap_future(&syn::parse2(args)?, item, body_future(item))?;
-                Ok(replace_body(item, quote!(#fut.await)))
-            }
+            Kind::Retry => crate::retry::expand(&syn::parse2(args)?, item),
         }
     }
 
-    /// A future expression that runs `fut` (a future expression) under this attribute.
-    fn wrap(self, args: TokenStream, item: &ItemFn, fut: TokenStream) -> syn::Result<TokenStream> {
+    /// A future expression that runs `fut` (a future expression) under this attribute;
+    /// `name` is the query name another layer gives, if any.
+    fn wrap(
+        self,
+        args: TokenStream,
+        item: &ItemFn,
+        fut: TokenStream,
+        name: Option<&LitStr>,
+    ) -> syn::Result<TokenStream> {
         Ok(match self {
             Kind::Cached => {
                 let block = cached::block(&syn::parse2(args)?, item, fut)?;
                 quote!(async { #block })
             }
             Kind::Timed => crate::timed::wrap_future(&syn::parse2(args)?, item, fut),
-            Kind::Retry => crate::retry::wrap_future(&syn::parse2(args)?, item, fut)?,
+            Kind::Retry => {
+                let mut args: RetryArgs = syn::parse2(args)?;
+                if args.name.is_none() {
+                    args.name = name.cloned();
+                }
+                crate::retry::check(item, false)?;
+                crate::retry::wrap_future(&args, item, fut)?
+            }
         })
+    }
+
+    /// The `name = "…"` this attribute gives its query, if any.
+    fn query_name(self, args: &TokenStream) -> Option<LitStr> {
+        match self {
+            Kind::Cached => syn::parse2::<CachedArgs>(args.clone()).ok()?.name,
+            Kind::Timed => syn::parse2::<TimedArgs>(args.clone()).ok()?.name,
+            Kind::Retry => syn::parse2::<RetryArgs>(args.clone()).ok()?.name,
+        }
     }
 }
 
@@ -124,16 +148,16 @@ fn expand(kind: Kind, args: TokenStream, input: TokenStream) -> TokenStream {
     expand_with(input, |item| {
         // Removed for good: if building the layers fails, the error is reported once.
         let markers = take_markers(item)?;
-        if is_marker {
-            // Only markers handed over past a foreign attribute expand as attributes; those
-            // still below this one were written below it.
-            let layers: Vec<Layer> = std::iter::once((kind, args)).chain(markers).collect();
-            return build(&layers, item);
-        }
-        // The markers were written above this attribute: they are the outer layers.
-        let mut layers = markers;
-        layers.push((kind, args));
+        let layers: Vec<Layer> = if is_marker {
+            // A marker expands as an attribute only after a foreign sibling did; the markers
+            // still on the item were written below it.
+            std::iter::once((kind, args)).chain(markers).collect()
+        } else {
+            // The markers were written above this attribute: they are the outer layers.
+            markers.into_iter().chain([(kind, args)]).collect()
+        };
         if let Some(i) = find_attr(item, |path| Kind::ALL.iter().any(|k| k.may_be(path))) {
+            // Each hand-over moves past an attribute that then expands: expansion ends.
             let mut handed = Vec::new();
             for (kind, args) in &layers {
                 handed.push(marker(*kind, &kind.krate(args.clone())?, args));
@@ -141,8 +165,35 @@ fn expand(kind: Kind, args: TokenStream, input: TokenStream) -> TokenStream {
             item.attrs.splice(i + 1..i + 1, handed);
             return Ok(quote!(#item));
         }
+        if !is_marker && already_expanded(item) {
+            return Err(syn::Error::new(
+                Span::call_site(),
+                format!(
+                    "#[{}] is written below another cached-query attribute that did not \
+                     recognise it and has already expanded, so it would run outside it: write \
+                     the attributes by their own names (`cached_query`, `timed`, `retry`), not \
+                     renamed imports, so that the written order is the run-time order",
+                    kind.name()
+                ),
+            ));
+        }
         build(&layers, item)
     })
+}
+
+/// Whether the body holds code one of our attributes generated (its `__cq_`/`__CQ_` names).
+fn already_expanded(item: &ItemFn) -> bool {
+    fn walk(tokens: TokenStream) -> bool {
+        tokens.into_iter().any(|t| match t {
+            TokenTree::Ident(i) => {
+                let name = i.to_string();
+                name.starts_with("__cq_") || name.starts_with("__CQ_")
+            }
+            TokenTree::Group(g) => walk(g.stream()),
+            _ => false,
+        })
+    }
+    walk(item.block.to_token_stream())
 }
 
 /// Removes the markers of ours from `item`, in written order.
@@ -165,20 +216,33 @@ fn take_markers(item: &mut ItemFn) -> syn::Result<Vec<Layer>> {
 
 /// The function with `layers`, the first outermost; the written order is the run-time order.
 fn build(layers: &[Layer], item: &ItemFn) -> syn::Result<TokenStream> {
+    for (i, (kind, _)) in layers.iter().enumerate() {
+        if layers[..i].iter().any(|(k, _)| k == kind) {
+            return Err(syn::Error::new(
+                Span::call_site(),
+                format!("#[{}] is written twice on this function", kind.name()),
+            ));
+        }
+    }
     let Some(((outer, outer_args), inner)) = layers.split_first() else {
         return Ok(quote!(#item));
     };
+    // `#[retry]` counts its retries under the name `#[cached_query]`, else `#[timed]`, gives.
+    let name = [Kind::Cached, Kind::Timed].into_iter().find_map(|want| {
+        let (kind, args) = layers.iter().find(|(kind, _)| *kind == want)?;
+        kind.query_name(args)
+    });
     if inner.is_empty() {
         return outer.alone(outer_args.clone(), item);
     }
     let mut fut = body_future(item);
     for (kind, args) in inner.iter().rev() {
-        fut = kind.wrap(args.clone(), item, fut)?;
+        fut = kind.wrap(args.clone(), item, fut, name.as_ref())?;
     }
     let body = match outer {
         Kind::Cached => cached::block(&syn::parse2(outer_args.clone())?, item, fut)?,
         _ => {
-            let fut = outer.wrap(outer_args.clone(), item, fut)?;
+            let fut = outer.wrap(outer_args.clone(), item, fut, name.as_ref())?;
             quote!(#fut.await)
         }
     };
@@ -290,7 +354,16 @@ mod tests {
             };
             let attr = item.attrs.remove(i);
             let args = attr_args(&attr).unwrap();
-            let name = path_of(&attr).pop().unwrap();
+            let path = path_of(&attr);
+            if path[0] == "foreign" {
+                // Another crate's attribute: wraps the body it is given.
+                let stmts = &item.block.stmts;
+                item.block =
+                    syn::parse_quote!({ foreign_wrapper(async move { #(#stmts)* }).await });
+                tokens = quote!(#item);
+                continue;
+            }
+            let name = path.last().unwrap().clone();
             let rest = quote!(#item);
             tokens = match name.as_str() {
                 "cached_query" => cached_query(args, rest),
@@ -331,7 +404,7 @@ mod tests {
     }
 
     #[test]
-    fn a_marker_never_hands_over_again() {
+    fn a_marker_hands_over_past_the_next_possible_sibling() {
         let out = text(cached_query(
             quote!(__marker, ttl = 5),
             quote!(
@@ -341,11 +414,49 @@ mod tests {
                 }
             ),
         ));
-        assert!(out.starts_with("# [timed] async fn get"), "{out}");
         assert!(
-            out.contains("__CQ_SITE") && !out.contains("__marker"),
+            out.starts_with(
+                "# [timed] # [:: cached_query :: __private :: cached_query (__marker , ttl = 5)] async fn get"
+            ),
             "{out}"
         );
+        assert!(!out.contains("__CQ_SITE"), "not expanded yet: {out}");
+    }
+
+    #[test]
+    fn a_foreign_namesake_between_two_of_ours_runs_inside_both() {
+        let f = get();
+        // `foreign::timed` stands for another crate's attribute: it wraps the body.
+        let out = expand_all(quote!(
+            #[cached_query(ttl = 5)]
+            #[foreign::timed]
+            #[retry]
+            #f
+        ));
+        let at = |what: &str| out.find(what).unwrap_or_else(|| panic!("{what}: {out}"));
+        assert!(at("__CQ_SITE") < at("Retry :: new"), "{out}");
+        assert!(at("Retry :: new") < at("foreign_wrapper"), "{out}");
+    }
+
+    #[test]
+    fn the_same_attribute_twice_is_an_error() {
+        let f = get();
+        let out = text(retry(
+            quote!(),
+            quote!(#[::cached_query::__private::retry(__marker, attempts = 2)] #f),
+        ));
+        assert!(out.contains("compile_error"), "{out}");
+        assert!(out.contains("written twice"), "{out}");
+    }
+
+    #[test]
+    fn an_attribute_below_an_expanded_one_refuses_to_run_outside_it() {
+        // `#[cached_query]` above a renamed `#[retry]` did not see it and expanded alone.
+        let expanded = text(cached_query(quote!(ttl = 5), get()));
+        let item: TokenStream = expanded.parse().unwrap();
+        let out = text(retry(quote!(), item));
+        assert!(out.contains("compile_error"), "{out}");
+        assert!(out.contains("renamed imports"), "{out}");
     }
 
     #[test]

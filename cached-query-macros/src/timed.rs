@@ -146,7 +146,7 @@ fn nameable(ty: &Type) -> bool {
 }
 
 /// Recognises a body ending in `Box::pin(async move { … })`.
-fn async_trait_body(item: &ItemFn) -> Option<(&[Stmt], &syn::ExprAsync)> {
+pub(crate) fn async_trait_body(item: &ItemFn) -> Option<(&[Stmt], &syn::ExprAsync)> {
     let (last, before) = item.block.stmts.split_last()?;
     let Stmt::Expr(Expr::Call(call), None) = last else {
         return None;

@@ -8,8 +8,9 @@
 /// - database errors whose SQLSTATE says so: `40001` serialization failure (also MySQL's
 ///   deadlock, 1213), `40P01` deadlock, `57P01`/`57P02`/`57P03` (the server is shutting down,
 ///   crashed, or not accepting connections yet), and class `08` (connection exceptions);
-/// - with the `mysql` feature, MySQL/MariaDB errors 1213 (deadlock) and 1205 (lock wait
-///   timeout), told by their error number.
+/// - with the `mysql` feature, MySQL/MariaDB errors 1213 (deadlock), 1205 (lock wait
+///   timeout) and 1927 (connection killed), told by their error number, and others by their
+///   SQLSTATE as above (class `08`: 1040 too many connections, 1053 server shutdown).
 ///
 /// Everything else is not: constraint violations (`23505`, MySQL 1062), syntax errors
 /// (`42601`, MySQL 1064), `RowNotFound`, decoding and configuration errors. A statement that
@@ -24,9 +25,13 @@ pub fn is_transient(error: &sqlx::Error) -> bool {
 }
 
 fn transient_database_error(db: &dyn sqlx::error::DatabaseError) -> bool {
+    // MySQL and MariaDB: lock wait timeout, deadlock, connection killed (`KILL`); then
+    // their SQLSTATE like any other (class 08: 1040 too many connections, 1053 shutdown…).
     #[cfg(feature = "mysql")]
-    if let Some(my) = db.try_downcast_ref::<sqlx::mysql::MySqlDatabaseError>() {
-        return matches!(my.number(), 1205 | 1213);
+    if let Some(my) = db.try_downcast_ref::<sqlx::mysql::MySqlDatabaseError>()
+        && matches!(my.number(), 1205 | 1213 | 1927)
+    {
+        return true;
     }
     match db.code().as_deref() {
         Some("40001" | "40P01" | "57P01" | "57P02" | "57P03") => true,

@@ -170,15 +170,17 @@ where
     M::Value: Serialize + DeserializeOwned,
     F: Future<Output = Result<M, E>>,
 {
-    if requested.is_empty() {
-        return Ok(M::default());
-    }
     let backend = cache.map_or("none", |c| {
         c.inner.store.as_ref().map_or("none", Store::kind)
     });
     let span = CallSpan::new(site.name, backend);
     let span = &span;
     span.run(async move {
+        if requested.is_empty() {
+            // Nothing to read: every (no) key was served without the database.
+            span.report(Outcome::Hit);
+            return Ok(M::default());
+        }
         match cache {
             Some(cache) if !in_transaction => {
                 let call = Call {
@@ -313,6 +315,8 @@ impl Cache {
         };
         let order = first_occurrences(requested.len(), Some(&digests));
         let Some(store) = &inner.store else {
+            // A disabled cache: skipped.
+            span.report(Outcome::Bypassed);
             rec.misses(order.len() as u64);
             return uncached(requested, Some(digests), missing, fut).await;
         };

@@ -193,6 +193,8 @@ impl Cache {
         let inner = &*self.inner;
         let rec = inner.stats.recorder(site.name).reporting_to(call);
         let Some(store) = &inner.store else {
+            // A disabled cache: skipped.
+            call.report(Outcome::Bypassed);
             rec.miss();
             return calls::execute(fut).await;
         };

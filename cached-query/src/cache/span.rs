@@ -2,8 +2,9 @@
 //! `cached_query`), with fields `query`, `cache.backend` and `cache.hit`. None is made when no
 //! subscriber is installed or none enables `INFO` (so no `log` fallback either). The call, its query
 //! included, runs inside it; `cache.hit` is recorded once, when the call ends (or is dropped),
-//! from the strongest outcome its steps reported: `"error"` over `"bypassed"` over `false`
-//! (the query ran) over `true`.
+//! from the strongest outcome its steps reported: `"error"` over `"bypassed"` (inside a
+//! transaction, no cache, a disabled cache) over `false` (the query ran: a miss, a refresh, a
+//! failure served by `stale_if_error`) over `true`.
 
 use futures_util::future::Either;
 use std::sync::atomic::{AtomicU8, Ordering::Relaxed};
@@ -54,7 +55,8 @@ impl CallSpan {
     /// Runs `fut` inside the span (as is when there is none: no enter and exit per poll).
     #[inline]
     pub fn run<F: Future>(&self, fut: F) -> impl Future<Output = F::Output> {
-        if self.span.is_none() {
+        // Disabled: no subscriber wants it (a filter on the target), though it has metadata.
+        if self.span.is_disabled() {
             Either::Right(fut)
         } else {
             Either::Left(fut.instrument(self.span.clone()))

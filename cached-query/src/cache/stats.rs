@@ -164,7 +164,8 @@ impl<'a> Recorder<'a> {
         bypassed => bypassed, Some("cached_query_cache_bypassed_total"), Bypassed;
         stale_served => stale_served, Some("cached_query_stale_served_total"), None;
         lease_wait => lease_waits, Some("cached_query_lease_waits_total"), None;
-        refresh => refreshes, Some("cached_query_refreshes_total"), None;
+        // The caller runs the query for its refresh.
+        refresh => refreshes, Some("cached_query_refreshes_total"), Miss;
     }
 
     /// These counts are for the call of `call`, which records their outcome.

@@ -300,7 +300,8 @@ impl DbConfig {
     /// `statement_timeout` becomes MariaDB's `max_statement_time` (every statement) or, on
     /// MySQL, `max_execution_time` (read-only `SELECT`s only: MySQL has no other), set on
     /// every new connection; the server is told apart by the variable it knows.
-    /// `application_name` is not sent: sqlx's MySQL driver has no connection attributes.
+    /// `application_name` is not sent: sqlx's MySQL driver has no connection attributes. A
+    /// `?socket=` URL's errors name the socket instead of a host and port.
     #[cfg(feature = "mysql")]
     #[cfg_attr(docsrs, doc(cfg(feature = "mysql")))]
     pub async fn connect_mysql(&self) -> Result<sqlx::MySqlPool, Error> {
@@ -311,10 +312,14 @@ impl DbConfig {
                 target: redact_url(&self.url),
                 source: Scrubbed::boxed(e, &self.url),
             })?;
-        let target = format!("{}:{}", options.get_host(), options.get_port());
+        let target = match options.get_socket() {
+            Some(socket) => socket.display().to_string(),
+            None => format!("{}:{}", options.get_host(), options.get_port()),
+        };
         let options = self.logging(options);
         let mut pool = self.pool_options::<sqlx::MySql>();
-        if let Some(timeout) = self.statement_timeout {
+        // Zero means none, as on the servers.
+        if let Some(timeout) = self.statement_timeout.filter(|t| !t.is_zero()) {
             pool = pool.after_connect(move |conn, _| {
                 Box::pin(async move { mysql_statement_timeout(conn, timeout).await })
             });
@@ -363,10 +368,8 @@ async fn mysql_statement_timeout(
             if e.try_downcast_ref::<sqlx::mysql::MySqlDatabaseError>()
                 .is_some_and(|e| e.number() == 1193) =>
         {
-            let mysql = format!(
-                "SET SESSION max_execution_time = {}",
-                timeout.as_millis().max(1)
-            );
+            let millis = timeout.as_millis().clamp(1, u128::from(u32::MAX));
+            let mysql = format!("SET SESSION max_execution_time = {millis}");
             conn.execute(AssertSqlSafe(mysql)).await.map(drop)
         }
         Err(e) => Err(e),

@@ -32,6 +32,40 @@ async fn on_any_executor(db: impl PgExecutor<'_>) -> Result<i64, sqlx::Error> {
 }
 
 #[retry]
+async fn maybe_on_a_connection(conn: Option<&mut PgConnection>) -> Result<i64, sqlx::Error> {
+    let _ = conn;
+    Ok(1)
+}
+
+#[retry]
+async fn a_connection_in_a_tuple(
+    (pool, conn): (&PgPool, &mut PgConnection),
+) -> Result<i64, sqlx::Error> {
+    let _ = (pool, conn);
+    Ok(1)
+}
+
+#[retry]
+async fn on_a_generic_connection<C>(conn: &mut C) -> Result<i64, sqlx::Error>
+where
+    C: std::ops::DerefMut<Target = PgConnection> + Send,
+{
+    let _ = conn;
+    Ok(1)
+}
+
+#[retry(max_backoff_ms = 10)]
+async fn cap_under_the_default_backoff(pool: &PgPool) -> Result<i64, sqlx::Error> {
+    sqlx::query_scalar("SELECT 1").fetch_one(pool).await
+}
+
+#[retry]
+#[retry(attempts = 2)]
+async fn twice(pool: &PgPool) -> Result<i64, sqlx::Error> {
+    sqlx::query_scalar("SELECT 1").fetch_one(pool).await
+}
+
+#[retry]
 fn not_async(pool: &PgPool) -> Result<i64, sqlx::Error> {
     let _ = pool;
     Ok(1)
