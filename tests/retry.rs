@@ -10,7 +10,6 @@ use cached_query::{Cache, cached_query, is_transient, retry, timed};
 use common::Logs;
 use sqlx::PgPool;
 use std::sync::atomic::{AtomicU32, Ordering::SeqCst};
-use std::time::Duration;
 use tokio::sync::mpsc;
 
 /// Sends its backend's pid, then sleeps 30 s on its first attempt and not at all afterwards.
@@ -32,21 +31,6 @@ async fn slow_answer(
         .await
 }
 
-async fn wait_until_running(pool: &PgPool, pid: i32) {
-    loop {
-        let state: Option<String> =
-            sqlx::query_scalar("SELECT state FROM pg_stat_activity WHERE pid = $1")
-                .bind(pid)
-                .fetch_optional(pool)
-                .await
-                .unwrap();
-        if state.as_deref() == Some("active") {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
-}
-
 #[sqlx::test]
 async fn a_backend_terminated_mid_query_succeeds_on_retry(pool: PgPool) {
     let logs = Logs::capture();
@@ -54,7 +38,7 @@ async fn a_backend_terminated_mid_query_succeeds_on_retry(pool: PgPool) {
     let (pids, mut sent) = mpsc::unbounded_channel();
     let kill = async {
         let pid = sent.recv().await.unwrap();
-        wait_until_running(&pool, pid).await;
+        common::wait_until_running(&pool, pid).await;
         let killed: bool = sqlx::query_scalar("SELECT pg_terminate_backend($1)")
             .bind(pid)
             .fetch_one(&pool)

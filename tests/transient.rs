@@ -32,7 +32,7 @@ async fn postgres_errors_are_told_apart(pool: PgPool) {
             .await
             .map(drop)
     });
-    common_wait_until_running(&pool, pid).await;
+    common::wait_until_running(&pool, pid).await;
     sqlx::query("SELECT pg_terminate_backend($1)")
         .bind(pid)
         .execute(&pool)
@@ -103,21 +103,6 @@ fn code(e: &sqlx::Error) -> Option<String> {
 }
 
 /// Waits until backend `pid` runs its query (an event PostgreSQL reports).
-async fn common_wait_until_running(pool: &PgPool, pid: i32) {
-    loop {
-        let state: Option<String> =
-            sqlx::query_scalar("SELECT state FROM pg_stat_activity WHERE pid = $1")
-                .bind(pid)
-                .fetch_optional(pool)
-                .await
-                .unwrap();
-        if state.as_deref() == Some("active") {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
-}
-
 #[tokio::test]
 async fn mariadb_errors_are_told_apart() {
     let table = format!("cq_transient_{}", std::process::id());

@@ -20,6 +20,22 @@ pub fn mysql_url() -> String {
     std::env::var("MYSQL_URL").unwrap_or_else(|_| "mysql://root@127.0.0.1:3306/test".to_owned())
 }
 
+/// Waits until PostgreSQL backend `pid` is running a statement (`pg_stat_activity`).
+pub async fn wait_until_running(pool: &sqlx::PgPool, pid: i32) {
+    loop {
+        let state: Option<String> =
+            sqlx::query_scalar("SELECT state FROM pg_stat_activity WHERE pid = $1")
+                .bind(pid)
+                .fetch_optional(pool)
+                .await
+                .unwrap();
+        if state.as_deref() == Some("active") {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
 pub fn database_url() -> String {
     std::env::var("DATABASE_URL")
         .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".to_owned())
