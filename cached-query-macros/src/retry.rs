@@ -77,14 +77,16 @@ pub(crate) fn check(item: &ItemFn, boxed: bool) -> syn::Result<()> {
         be gone. Take the pool (`&PgPool`, `&MySqlPool`) and begin, run and commit the whole \
         transaction inside the body, so each attempt retries all of it";
     let info = FnInfo::new(&item.sig);
+    let generics = &item.sig.generics;
     if let Some(p) = info
         .params
         .iter()
-        .find(|p| sig::type_names_connection(p.ty))
+        .find(|p| sig::type_names_connection(p.ty, generics))
     {
         return Err(syn::Error::new_spanned(p.ty, ABORTED));
     }
-    if let Some(generic) = sig::generic_naming_connection(&item.sig.generics) {
+    let used: Vec<&syn::Type> = info.params.iter().map(|p| p.ty).collect();
+    if let Some(generic) = sig::generic_naming_connection(generics, &used) {
         return Err(syn::Error::new_spanned(generic, ABORTED));
     }
     if let Some(p) = info.unchecked_param() {

@@ -171,49 +171,107 @@ impl<'a> FnInfo<'a> {
 }
 
 /// Whether `ty` names a connection or a transaction anywhere inside it:
-/// `Option<&mut PgConnection>`, `(&PgPool, PoolConnection<…>)`, `DB::Connection`,
-/// `impl DerefMut<Target = PgConnection>`. Aliases cannot be seen.
-pub(crate) fn type_names_connection(ty: &Type) -> bool {
-    let mut found = Finder(false);
+/// `Option<&mut PgConnection>`, `(&PgPool, PoolConnection<…>)`, `Transaction<'_, Postgres>`,
+/// `DB::Connection` (for a type parameter `DB` of `generics`), `<Postgres as
+/// Database>::Connection`, `impl DerefMut<Target = PgConnection>`. A type of the user's own
+/// that is merely named `Transaction` or `Connection` (no generic arguments, not a type
+/// parameter's associated type) is not one. Aliases cannot be seen.
+pub(crate) fn type_names_connection(ty: &Type, generics: &Generics) -> bool {
+    let mut found = Finder::new(generics);
     syn::visit::Visit::visit_type(&mut found, ty);
-    found.0
+    found.found
 }
 
-/// The first generic parameter or `where` predicate of `generics` that names a connection or
-/// a transaction (`C: DerefMut<Target = PgConnection>`).
-pub(crate) fn generic_naming_connection(generics: &Generics) -> Option<proc_macro2::TokenStream> {
+/// The first bound on a type parameter used by the parameter types `used` that names a
+/// connection or a transaction (`C: DerefMut<Target = PgConnection>` for `conn: &mut C`).
+/// Bounds on other types, such as `for<'c> &'c mut DB::Connection: Executor<'c>` (how a
+/// function generic over the database says its pool can run statements), are not looked at.
+pub(crate) fn generic_naming_connection(
+    generics: &Generics,
+    used: &[&Type],
+) -> Option<proc_macro2::TokenStream> {
     use quote::ToTokens;
-    for param in &generics.params {
-        let mut found = Finder(false);
-        syn::visit::Visit::visit_generic_param(&mut found, param);
-        if found.0 {
+    let uses = |ident: &Ident| {
+        used.iter()
+            .any(|ty| contains_ident(&ty.to_token_stream(), ident))
+    };
+    let names = |bounds: &syn::punctuated::Punctuated<TypeParamBound, syn::Token![+]>| {
+        let mut found = Finder::new(generics);
+        for bound in bounds {
+            syn::visit::Visit::visit_type_param_bound(&mut found, bound);
+        }
+        found.found
+    };
+    for param in generics.type_params() {
+        if uses(&param.ident) && names(&param.bounds) {
             return Some(param.to_token_stream());
         }
     }
     for pred in generics.where_clause.iter().flat_map(|w| &w.predicates) {
-        let mut found = Finder(false);
-        syn::visit::Visit::visit_where_predicate(&mut found, pred);
-        if found.0 {
+        let WherePredicate::Type(pt) = pred else {
+            continue;
+        };
+        let Type::Path(tp) = &pt.bounded_ty else {
+            continue;
+        };
+        if let Some(ident) = tp.path.get_ident()
+            && uses(ident)
+            && names(&pt.bounds)
+        {
             return Some(pred.to_token_stream());
         }
     }
     None
 }
 
-/// Finds a path segment naming a connection or transaction type.
-struct Finder(bool);
+/// Whether `tokens` hold the identifier `ident` at any depth.
+fn contains_ident(tokens: &proc_macro2::TokenStream, ident: &Ident) -> bool {
+    tokens.clone().into_iter().any(|t| match t {
+        proc_macro2::TokenTree::Ident(i) => i == *ident,
+        proc_macro2::TokenTree::Group(g) => contains_ident(&g.stream(), ident),
+        _ => false,
+    })
+}
+
+/// Finds a path naming a connection or transaction type.
+struct Finder {
+    found: bool,
+    /// The function's type parameters: `DB::Connection` is a connection for these.
+    params: Vec<String>,
+}
+
+impl Finder {
+    fn new(generics: &Generics) -> Self {
+        Finder {
+            found: false,
+            params: generics
+                .type_params()
+                .map(|p| p.ident.to_string())
+                .collect(),
+        }
+    }
+}
 
 impl<'ast> syn::visit::Visit<'ast> for Finder {
-    fn visit_path_segment(&mut self, segment: &'ast PathSegment) {
-        let name = segment.ident.to_string();
-        if name == "Connection"
-            || name == "PoolConnection"
-            || CONNECTION_TYPES.contains(&name.as_str())
-            || TRANSACTION_TYPES.contains(&name.as_str())
-        {
-            self.0 = true;
+    fn visit_type_path(&mut self, tp: &'ast syn::TypePath) {
+        let segments: Vec<(String, bool)> = tp
+            .path
+            .segments
+            .iter()
+            .map(|s| (s.ident.to_string(), !s.arguments.is_none()))
+            .collect();
+        let named = segments.iter().enumerate().any(|(i, (name, has_args))| {
+            CONNECTION_TYPES.contains(&name.as_str())
+                || name == "PoolConnection"
+                || (TRANSACTION_TYPES.contains(&name.as_str())
+                    && (name != "Transaction" || *has_args))
+                || (name == "Connection"
+                    && (tp.qself.is_some() || (i > 0 && self.params.contains(&segments[i - 1].0))))
+        });
+        if named {
+            self.found = true;
         }
-        syn::visit::visit_path_segment(self, segment);
+        syn::visit::visit_type_path(self, tp);
     }
 }
 

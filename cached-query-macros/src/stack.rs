@@ -181,14 +181,13 @@ fn expand(kind: Kind, args: TokenStream, input: TokenStream) -> TokenStream {
     })
 }
 
-/// Whether the body holds code one of our attributes generated (its `__cq_`/`__CQ_` names).
+/// Whether the body holds code one of the stacking attributes generated: the names only their
+/// expansions declare (`#[invalidates]`, which does not stack, may wrap any of them).
 fn already_expanded(item: &ItemFn) -> bool {
+    const SENTINELS: [&str; 3] = ["__CQ_SITE", "__CQ_TIMER", "__cq_retry"];
     fn walk(tokens: TokenStream) -> bool {
         tokens.into_iter().any(|t| match t {
-            TokenTree::Ident(i) => {
-                let name = i.to_string();
-                name.starts_with("__cq_") || name.starts_with("__CQ_")
-            }
+            TokenTree::Ident(i) => SENTINELS.iter().any(|s| i == s),
             TokenTree::Group(g) => walk(g.stream()),
             _ => false,
         })
@@ -234,6 +233,14 @@ fn build(layers: &[Layer], item: &ItemFn) -> syn::Result<TokenStream> {
     });
     if inner.is_empty() {
         return outer.alone(outer_args.clone(), item);
+    }
+    if item.sig.asyncness.is_none() && crate::timed::async_trait_body(item).is_some() {
+        return Err(syn::Error::new_spanned(
+            item.sig.fn_token,
+            "stacked cached-query attributes are not supported inside `#[async_trait]` (only \
+             `#[timed]` or `#[retry]` alone): move the work into an inherent `async fn` and \
+             stack them there",
+        ));
     }
     let mut fut = body_future(item);
     for (kind, args) in inner.iter().rev() {
@@ -538,5 +545,20 @@ mod tests {
         ] {
             assert_through_my_cq(&out);
         }
+    }
+
+    #[test]
+    fn the_output_of_invalidates_parses_again_for_the_attribute_below() {
+        let out = crate::cached::invalidates(
+            quote!("account:<id>", cache = cache),
+            quote!(
+                #[retry]
+                async fn rename(cache: &Cache, id: i64) -> Result<(), E> {
+                    Ok(())
+                }
+            ),
+        );
+        let item: syn::Result<ItemFn> = syn::parse2(out.clone());
+        assert!(item.is_ok(), "{:?}: {out}", item.err());
     }
 }

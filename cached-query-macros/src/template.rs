@@ -257,7 +257,9 @@ fn compile(
         lets.push(quote! {
             let #var = match #value {
                 ::core::option::Option::Some(v) => v,
-                ::core::option::Option::None => break #label ::core::option::Option::None,
+                // Not `break 'label ::core…`: syn (which an attribute below `#[invalidates]`
+                // parses the function with) reads `'label ::` as a label.
+                ::core::option::Option::None => break #label <::core::option::Option<_>>::None,
             };
         });
         fmt.push_str("{}");

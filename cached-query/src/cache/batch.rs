@@ -177,8 +177,14 @@ where
     let span = &span;
     span.run(async move {
         if requested.is_empty() {
-            // Nothing to read: every (no) key was served without the database.
-            span.report(Outcome::Hit);
+            // Nothing to read: every (no) key was served without the database, unless the
+            // cache would have been skipped anyway.
+            let skipped = cache.is_none() || in_transaction;
+            span.report(if skipped {
+                Outcome::Bypassed
+            } else {
+                Outcome::Hit
+            });
             return Ok(M::default());
         }
         match cache {

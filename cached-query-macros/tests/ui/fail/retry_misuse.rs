@@ -1,4 +1,4 @@
-use cached_query::retry;
+use cached_query::{retry, timed};
 use sqlx::{PgConnection, PgExecutor, PgPool, Postgres, Transaction};
 
 #[retry(attempts = 0)]
@@ -52,6 +52,28 @@ where
 {
     let _ = conn;
     Ok(1)
+}
+
+#[retry]
+async fn on_an_associated_connection(
+    conn: &mut <sqlx::Postgres as sqlx::Database>::Connection,
+) -> Result<i64, sqlx::Error> {
+    let _ = conn;
+    Ok(1)
+}
+
+struct Repo;
+
+impl Repo {
+    // The shape `#[async_trait]` gives a method: stacking is refused there.
+    #[timed]
+    #[retry]
+    fn boxed(
+        &self,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<i64, sqlx::Error>> + Send + '_>>
+    {
+        Box::pin(async move { Ok(1) })
+    }
 }
 
 #[retry(max_backoff_ms = 10)]
