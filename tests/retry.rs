@@ -6,7 +6,7 @@
 mod common;
 
 use async_trait::async_trait;
-use cached_query::{Cache, cached_query, is_transient, retry, timed};
+use cached_query::{Cache, cached_query, invalidates, is_transient, retry, timed};
 use common::Logs;
 use sqlx::PgPool;
 use std::sync::atomic::{AtomicU32, Ordering::SeqCst};
@@ -337,4 +337,61 @@ async fn a_stacked_retry_is_logged_under_the_cached_query_name(pool: PgPool) {
         .filter(|l| l.contains("retrying query=\"retry.named\""))
         .collect();
     assert_eq!(lines.len(), 1, "{lines:#?}");
+}
+
+#[invalidates("account:<id>", cache = cache)]
+#[retry(backoff_ms = 1, max_backoff_ms = 2)]
+async fn retried_write(
+    cache: &Cache,
+    pool: &PgPool,
+    attempts: &AtomicU32,
+    id: i64,
+) -> Result<i64, sqlx::Error> {
+    flaky(pool, attempts, id).await
+}
+
+#[retry(backoff_ms = 1, max_backoff_ms = 2)]
+#[invalidates("account:<id>", cache = cache)]
+async fn write_retried_with_its_invalidation(
+    cache: &Cache,
+    pool: &PgPool,
+    attempts: &AtomicU32,
+    id: i64,
+) -> Result<i64, sqlx::Error> {
+    flaky(pool, attempts, id).await
+}
+
+#[sqlx::test]
+async fn stacked_with_invalidates_the_written_order_is_the_run_time_order(pool: PgPool) {
+    let server = common::RedisServer::start();
+    let cache = Cache::builder()
+        .redis(&server.url())
+        .namespace("retry-invalidates")
+        .build()
+        .await
+        .unwrap();
+    // One invalidation is one `EVAL` (the bump script) on a single node.
+    let evals = || server.command_calls("eval");
+    let before = evals();
+    cache.invalidate("account:1").await.unwrap();
+    assert_eq!(evals() - before, 1);
+
+    // `#[invalidates]` above: one invalidation after the retried call.
+    let attempts = AtomicU32::new(0);
+    let before = evals();
+    assert_eq!(retried_write(&cache, &pool, &attempts, 1).await.unwrap(), 1);
+    assert_eq!(attempts.load(SeqCst), 2);
+    assert_eq!(evals() - before, 1);
+
+    // `#[retry]` above: each attempt invalidates (a failed one too: its write may have landed).
+    let attempts = AtomicU32::new(0);
+    let before = evals();
+    assert_eq!(
+        write_retried_with_its_invalidation(&cache, &pool, &attempts, 1)
+            .await
+            .unwrap(),
+        1
+    );
+    assert_eq!(attempts.load(SeqCst), 2);
+    assert_eq!(evals() - before, 2);
 }

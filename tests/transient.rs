@@ -102,7 +102,6 @@ fn code(e: &sqlx::Error) -> Option<String> {
     e.as_database_error()?.code().map(|c| c.into_owned())
 }
 
-/// Waits until backend `pid` runs its query (an event PostgreSQL reports).
 #[tokio::test]
 async fn mariadb_errors_are_told_apart() {
     let table = format!("cq_transient_{}", std::process::id());
@@ -166,15 +165,22 @@ async fn mariadb_errors_are_told_apart() {
     let a_waits = async {
         // Once b is waiting for row 1 (InnoDB reports the wait), a asks for row 2: one of them
         // is chosen as the victim.
+        // Bounded: if the wait is never reported, fail instead of hanging.
+        let started = std::time::Instant::now();
         loop {
-            let waits: i64 =
-                sqlx::query_scalar("SELECT COUNT(*) FROM information_schema.INNODB_LOCK_WAITS")
-                    .fetch_one(&mut watcher)
-                    .await
-                    .unwrap();
+            let waits: i64 = sqlx::query_scalar(
+                "SELECT COUNT(*) FROM information_schema.INNODB_TRX WHERE trx_state = 'LOCK WAIT'",
+            )
+            .fetch_one(&mut watcher)
+            .await
+            .unwrap();
             if waits > 0 {
                 break;
             }
+            assert!(
+                started.elapsed() < Duration::from_secs(15),
+                "InnoDB never reported b's lock wait"
+            );
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
         sqlx::query(AssertSqlSafe(format!(

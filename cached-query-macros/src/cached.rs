@@ -3,9 +3,7 @@
 
 use crate::args::{CachedArgs, InvalidatesArgs, Krate, TablesArg};
 use crate::batch::Batch;
-use crate::item::{
-    body_future, expand_with, query_name, replace_body, require_async, resolve_cache,
-};
+use crate::item::{body_future, query_name, replace_body, require_async, resolve_cache};
 use crate::sig::{self, FnInfo};
 use crate::sql;
 use crate::template::{self, Rendered, Scope, TagSpec};
@@ -234,14 +232,22 @@ pub(crate) fn block(
 }
 
 /// The `#[invalidates]` entry point.
-pub(crate) fn invalidates(args: TokenStream, input: TokenStream) -> TokenStream {
-    expand_with(input, |item| {
-        let args: InvalidatesArgs = syn::parse2(args)?;
-        expand_invalidates(&args, item)
-    })
+/// `#[invalidates]` on its own.
+pub(crate) fn expand_invalidates(
+    args: &InvalidatesArgs,
+    item: &ItemFn,
+) -> syn::Result<TokenStream> {
+    let block = invalidates_block(args, item, body_future(item))?;
+    Ok(replace_body(item, block))
 }
 
-fn expand_invalidates(args: &InvalidatesArgs, item: &ItemFn) -> syn::Result<TokenStream> {
+/// The body of an `#[invalidates]` function whose work is `body`: the original body as a
+/// future, possibly inside an inner layer.
+pub(crate) fn invalidates_block(
+    args: &InvalidatesArgs,
+    item: &ItemFn,
+    body: TokenStream,
+) -> syn::Result<TokenStream> {
     require_async(item, "invalidates")?;
     let info = FnInfo::new(&item.sig);
     if let Some(p) = info.transaction_param()
@@ -280,16 +286,12 @@ fn expand_invalidates(args: &InvalidatesArgs, item: &ItemFn) -> syn::Result<Toke
         }
         None => quote!(#krate::__private::When::AfterBody),
     };
-    let body = body_future(item);
-    Ok(replace_body(
-        item,
-        quote! {
-            #cache
-            #tags
-            let __cq_when = #when;
-            #krate::__private::invalidating(__cq_cache, __cq_tags, __cq_when, #body).await
-        },
-    ))
+    Ok(quote! {
+        #cache
+        #tags
+        let __cq_when = #when;
+        #krate::__private::invalidating(__cq_cache, __cq_tags, __cq_when, #body).await
+    })
 }
 
 /// An executor known only by a trait bound may be a transaction: refused unless the attribute

@@ -2,7 +2,8 @@
 //! documentation; generated code names only `<crate>::__private` (`crate = path`, by default
 //! `::cached_query`), `::core` and `::std`.
 //!
-//! `stack` decides how `#[timed]`, `#[cached_query]` and `#[retry]` nest and calls `cached`,
+//! `stack` decides how `#[timed]`, `#[cached_query]`, `#[retry]` and `#[invalidates]` nest and
+//! calls `cached`,
 //! `timed` or `retry`, which expand one attribute each with the helpers of `item`, `sig` and `template`, from the
 //! arguments `args` parsed; `batch` expands `#[cached_query(batch = …)]`'s call.
 
@@ -29,7 +30,7 @@ pub fn cached_query(args: TokenStream, input: TokenStream) -> TokenStream {
 /// `cached_query::invalidates`.
 #[proc_macro_attribute]
 pub fn invalidates(args: TokenStream, input: TokenStream) -> TokenStream {
-    cached::invalidates(args.into(), input.into()).into()
+    stack::invalidates(args.into(), input.into()).into()
 }
 
 /// Times a function and logs it when slow. Documented on `cached_query::timed`.

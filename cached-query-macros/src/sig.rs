@@ -195,9 +195,19 @@ pub(crate) fn generic_naming_connection(
         used.iter()
             .any(|ty| contains_ident(&ty.to_token_stream(), ident))
     };
+    // A connection or transaction, or an executor known only by its trait (`&mut C:
+    // Executor<'c>`): either may be a transaction.
     let names = |bounds: &syn::punctuated::Punctuated<TypeParamBound, syn::Token![+]>| {
         let mut found = Finder::new(generics);
         for bound in bounds {
+            if let TypeParamBound::Trait(t) = bound
+                && t.path
+                    .segments
+                    .last()
+                    .is_some_and(|s| EXECUTOR_TRAITS.contains(&s.ident.to_string().as_str()))
+            {
+                return true;
+            }
             syn::visit::Visit::visit_type_param_bound(&mut found, bound);
         }
         found.found
@@ -211,7 +221,8 @@ pub(crate) fn generic_naming_connection(
         let WherePredicate::Type(pt) = pred else {
             continue;
         };
-        let Type::Path(tp) = &pt.bounded_ty else {
+        // `C: …` and `&mut C: …` alike.
+        let Type::Path(tp) = strip_refs(&pt.bounded_ty) else {
             continue;
         };
         if let Some(ident) = tp.path.get_ident()
@@ -254,24 +265,50 @@ impl Finder {
 
 impl<'ast> syn::visit::Visit<'ast> for Finder {
     fn visit_type_path(&mut self, tp: &'ast syn::TypePath) {
-        let segments: Vec<(String, bool)> = tp
-            .path
-            .segments
-            .iter()
-            .map(|s| (s.ident.to_string(), !s.arguments.is_none()))
-            .collect();
-        let named = segments.iter().enumerate().any(|(i, (name, has_args))| {
-            CONNECTION_TYPES.contains(&name.as_str())
-                || name == "PoolConnection"
-                || (TRANSACTION_TYPES.contains(&name.as_str())
-                    && (name != "Transaction" || *has_args))
-                || (name == "Connection"
-                    && (tp.qself.is_some() || (i > 0 && self.params.contains(&segments[i - 1].0))))
-        });
-        if named {
+        if self.names_connection(&tp.path, tp.qself.is_some()) {
             self.found = true;
         }
         syn::visit::visit_type_path(self, tp);
+    }
+
+    /// `impl sqlx::Connection<…>`, `C: Connection`: the trait names a connection.
+    fn visit_trait_bound(&mut self, bound: &'ast syn::TraitBound) {
+        if bound
+            .path
+            .segments
+            .last()
+            .is_some_and(|s| s.ident == "Connection")
+            || self.names_connection(&bound.path, false)
+        {
+            self.found = true;
+        }
+        syn::visit::visit_trait_bound(self, bound);
+    }
+}
+
+impl Finder {
+    /// Whether `path` (after a `<T as Trait>::` when `qself`) is sqlx's connection or
+    /// transaction: a connection type's name; `Transaction<'c, DB>` with its type argument
+    /// (a bare `Transaction` is a domain type); `X::Connection` for a type `X` (a type
+    /// parameter, `Self`, or any capitalised name: not a module's `Connection` type).
+    fn names_connection(&self, path: &syn::Path, qself: bool) -> bool {
+        let segments: Vec<&PathSegment> = path.segments.iter().collect();
+        segments.iter().enumerate().any(|(i, segment)| {
+            let name = segment.ident.to_string();
+            let has_type_arg = matches!(&segment.arguments, PathArguments::AngleBracketed(a)
+                if a.args.iter().any(|arg| matches!(arg, GenericArgument::Type(_))));
+            CONNECTION_TYPES.contains(&name.as_str())
+                || name == "PoolConnection"
+                || (TRANSACTION_TYPES.contains(&name.as_str())
+                    && (name != "Transaction" || has_type_arg))
+                || (name == "Connection"
+                    && (qself
+                        || i.checked_sub(1).is_some_and(|prev| {
+                            let prev = segments[prev].ident.to_string();
+                            self.params.contains(&prev)
+                                || prev.starts_with(|c: char| c.is_ascii_uppercase())
+                        })))
+        })
     }
 }
 

@@ -1,6 +1,6 @@
-//! The rule for stacking `#[timed]`, `#[cached_query]` and `#[retry]`, written once for all
-//! three: the written order is the run-time order, whoever owns the attributes written below
-//! ours.
+//! The rule for stacking `#[timed]`, `#[cached_query]`, `#[retry]` and `#[invalidates]`,
+//! written once for all four: the written order is the run-time order, whoever owns the
+//! attributes written below ours.
 //!
 //! Attribute macros expand top down and each one wraps the body it is given, so left alone the
 //! attribute written lower would end up outermost. Hence:
@@ -30,7 +30,7 @@
 //! name is not recognised; written below another of ours, it finds that one's code in the body
 //! and refuses to expand outside it (a compile error).
 
-use crate::args::{CachedArgs, Krate, RetryArgs, TimedArgs};
+use crate::args::{CachedArgs, InvalidatesArgs, Krate, RetryArgs, TimedArgs};
 use crate::cached;
 use crate::item::{attr_args, body_future, expand_with, find_attr, path_of, replace_body};
 use proc_macro2::{Ident, Span, TokenStream, TokenTree};
@@ -52,16 +52,22 @@ pub(crate) fn retry(args: TokenStream, input: TokenStream) -> TokenStream {
     expand(Kind::Retry, args, input)
 }
 
+/// The `#[invalidates]` entry point.
+pub(crate) fn invalidates(args: TokenStream, input: TokenStream) -> TokenStream {
+    expand(Kind::Invalidates, args, input)
+}
+
 /// The attributes that stack.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 enum Kind {
     Cached,
     Timed,
     Retry,
+    Invalidates,
 }
 
 impl Kind {
-    const ALL: [Kind; 3] = [Kind::Cached, Kind::Timed, Kind::Retry];
+    const ALL: [Kind; 4] = [Kind::Cached, Kind::Timed, Kind::Retry, Kind::Invalidates];
 
     /// The attribute's name, also the name of its re-export in `__private`.
     fn name(self) -> &'static str {
@@ -69,6 +75,7 @@ impl Kind {
             Kind::Cached => "cached_query",
             Kind::Timed => "timed",
             Kind::Retry => "retry",
+            Kind::Invalidates => "invalidates",
         }
     }
 
@@ -89,6 +96,7 @@ impl Kind {
             Kind::Cached => syn::parse2::<CachedArgs>(args)?.krate,
             Kind::Timed => syn::parse2::<TimedArgs>(args)?.krate,
             Kind::Retry => syn::parse2::<RetryArgs>(args)?.krate,
+            Kind::Invalidates => syn::parse2::<InvalidatesArgs>(args)?.krate,
         })
     }
 
@@ -98,6 +106,7 @@ impl Kind {
             Kind::Cached => cached::expand(&syn::parse2(args)?, item),
             Kind::Timed => crate::timed::expand(&syn::parse2(args)?, item),
             Kind::Retry => crate::retry::expand(&syn::parse2(args)?, item),
+            Kind::Invalidates => cached::expand_invalidates(&syn::parse2(args)?, item),
         }
     }
 
@@ -124,6 +133,10 @@ impl Kind {
                 crate::retry::check(item, false)?;
                 crate::retry::wrap_future(&args, item, fut)?
             }
+            Kind::Invalidates => {
+                let block = cached::invalidates_block(&syn::parse2(args)?, item, fut)?;
+                quote!(async { #block })
+            }
         })
     }
 
@@ -133,6 +146,7 @@ impl Kind {
             Kind::Cached => syn::parse2::<CachedArgs>(args.clone()).ok()?.name,
             Kind::Timed => syn::parse2::<TimedArgs>(args.clone()).ok()?.name,
             Kind::Retry => syn::parse2::<RetryArgs>(args.clone()).ok()?.name,
+            Kind::Invalidates => None,
         }
     }
 }
@@ -182,9 +196,9 @@ fn expand(kind: Kind, args: TokenStream, input: TokenStream) -> TokenStream {
 }
 
 /// Whether the body holds code one of the stacking attributes generated: the names only their
-/// expansions declare (`#[invalidates]`, which does not stack, may wrap any of them).
+/// expansions declare.
 fn already_expanded(item: &ItemFn) -> bool {
-    const SENTINELS: [&str; 3] = ["__CQ_SITE", "__CQ_TIMER", "__cq_retry"];
+    const SENTINELS: [&str; 4] = ["__CQ_SITE", "__CQ_TIMER", "__cq_retry", "__cq_when"];
     fn walk(tokens: TokenStream) -> bool {
         tokens.into_iter().any(|t| match t {
             TokenTree::Ident(i) => SENTINELS.iter().any(|s| i == s),
@@ -248,6 +262,9 @@ fn build(layers: &[Layer], item: &ItemFn) -> syn::Result<TokenStream> {
     }
     let body = match outer {
         Kind::Cached => cached::block(&syn::parse2(outer_args.clone())?, item, fut)?,
+        Kind::Invalidates => {
+            cached::invalidates_block(&syn::parse2(outer_args.clone())?, item, fut)?
+        }
         _ => {
             let fut = outer.wrap(outer_args.clone(), item, fut, name.as_ref())?;
             quote!(#fut.await)
@@ -505,7 +522,7 @@ mod tests {
                 f.clone(),
             ),
             cached_query(quote!(crate = my::cq, cache = c), f.clone()),
-            crate::cached::invalidates(quote!("t:<id>", crate = my::cq), f.clone()),
+            invalidates(quote!("t:<id>", crate = my::cq), f.clone()),
             timed(quote!(crate = my::cq), f.clone()),
             timed(
                 quote!(crate = my::cq),
@@ -549,7 +566,7 @@ mod tests {
 
     #[test]
     fn the_output_of_invalidates_parses_again_for_the_attribute_below() {
-        let out = crate::cached::invalidates(
+        let out = invalidates(
             quote!("account:<id>", cache = cache),
             quote!(
                 #[retry]

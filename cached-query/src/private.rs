@@ -18,7 +18,7 @@ pub use crate::tag::{
 pub use crate::timing::{SlowLevel, Timer, timed_body, timed_body_sync};
 pub use std::time::Instant;
 
-// A stacked `#[cached_query]`, `#[timed]` or `#[retry]` hands itself over to the attribute written below it
+// A stacked `#[cached_query]`, `#[timed]`, `#[retry]` or `#[invalidates]` hands itself over to the attribute written below it
 // as `#[<crate>::__private::cached_query(__marker, …)]` or `…::timed(…)`: a path no other crate's
 // attribute has, so that attribute, if it is ours, recognises it without guessing by name.
-pub use cached_query_macros::{cached_query, retry, timed};
+pub use cached_query_macros::{cached_query, invalidates, retry, timed};

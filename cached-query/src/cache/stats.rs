@@ -159,7 +159,8 @@ impl<'a> Recorder<'a> {
         near_hit / near_hits => near_hits, Some("cached_query_near_hits_total"), None;
         miss / misses => misses, Some("cached_query_cache_misses_total"), Miss;
         error => errors, Some("cached_query_cache_errors_total"), Error;
-        decode_error => decode_errors, None, Error;
+        // Also a stamp evicted mid-read or an entry of another format: treated as a miss.
+        decode_error => decode_errors, None, None;
         oversized => oversized, None, None;
         bypassed => bypassed, Some("cached_query_cache_bypassed_total"), Bypassed;
         stale_served => stale_served, Some("cached_query_stale_served_total"), None;

@@ -76,6 +76,31 @@ impl Repo {
     }
 }
 
+#[retry]
+async fn on_any_connection(conn: &mut impl sqlx::Connection<Database = Postgres>) -> Result<i64, sqlx::Error> {
+    let _ = conn;
+    Ok(1)
+}
+
+#[retry]
+async fn on_a_generic_executor<C>(conn: &mut C) -> Result<i64, sqlx::Error>
+where
+    for<'c> &'c mut C: sqlx::Executor<'c, Database = Postgres>,
+{
+    let _ = conn;
+    Ok(1)
+}
+
+struct Repo2<DB>(std::marker::PhantomData<DB>);
+
+impl<DB: sqlx::Database> Repo2<DB> {
+    #[retry]
+    async fn on_the_impl_database_connection(&self, conn: &mut DB::Connection) -> Result<i64, sqlx::Error> {
+        let _ = conn;
+        Ok(1)
+    }
+}
+
 #[retry(max_backoff_ms = 10)]
 async fn cap_under_the_default_backoff(pool: &PgPool) -> Result<i64, sqlx::Error> {
     sqlx::query_scalar("SELECT 1").fetch_one(pool).await

@@ -27,6 +27,18 @@ pub async fn record(pool: &PgPool, rows: &[Transaction]) -> Result<i64, sqlx::Er
     Ok(rows.iter().map(|t| t.amount).sum())
 }
 
+/// A domain type with a lifetime, also named `Transaction`.
+pub struct Ledger<'a> {
+    pub entries: &'a [Transaction],
+}
+
+#[retry]
+pub async fn post(pool: &PgPool, ledger: &Ledger<'_>) -> Result<i64, sqlx::Error> {
+    let _ = pool;
+    Ok(ledger.entries.len() as i64)
+}
+
+/// `#[invalidates]` stacks like the others: one invalidation after the retried call.
 #[invalidates("account:<id>", cache = cache)]
 #[retry]
 pub async fn rename(cache: &Cache, pool: &PgPool, id: i64) -> Result<(), sqlx::Error> {
