@@ -286,3 +286,30 @@ async fn a_disabled_cache_and_an_empty_batch_get_their_span() {
     assert_eq!(spans.len(), before + 1, "{spans:#?}");
     assert_eq!(spans[before].fields["cache.hit"], "true");
 }
+
+#[cached_query(cache = cache, name = "spans.dropped")]
+async fn never_answers(cache: &Cache, id: i64) -> Result<i64, String> {
+    tracing::info!("dropped query started");
+    std::future::pending::<()>().await;
+    Ok(id)
+}
+
+#[tokio::test]
+async fn a_call_dropped_during_its_query_closes_its_one_span_as_a_miss() {
+    let capture = Capture::install();
+    let cache = Cache::builder().memory().build().await.unwrap();
+    let mut call = Box::pin(never_answers(&cache, 1));
+    // Polled until the query has started (its event is in the span), then dropped.
+    while capture
+        .of("spans.dropped")
+        .first()
+        .is_none_or(|s| s.events.is_empty())
+    {
+        assert!(futures_util::poll!(call.as_mut()).is_pending());
+    }
+    drop(call);
+    let spans = capture.of("spans.dropped");
+    assert_eq!(spans.len(), 1, "{spans:#?}");
+    assert!(spans[0].closed, "{spans:#?}");
+    assert_eq!(spans[0].fields["cache.hit"], "false", "{spans:#?}");
+}

@@ -369,6 +369,7 @@ impl Cache {
 
         // 5. Query (timed for `refresh_ahead`, which weighs by it).
         let started = (site.refresh_secs > 0).then(std::time::Instant::now);
+        rec.querying();
         let result = calls::execute(fut).await;
         if let Some(started) = started {
             rec.query_took(started.elapsed());

@@ -180,6 +180,12 @@ impl<'a> Recorder<'a> {
         }
     }
 
+    /// The query is about to run: the span says so even if the call is dropped during it (the
+    /// miss itself is counted when the query returns).
+    pub(crate) fn querying(&self) {
+        self.report(Outcome::Miss);
+    }
+
     #[inline]
     fn report(&self, outcome: Outcome) {
         if let Some(call) = self.call
