@@ -20,6 +20,42 @@ pub fn mysql_url() -> String {
     std::env::var("MYSQL_URL").unwrap_or_else(|_| "mysql://root@127.0.0.1:3306/test".to_owned())
 }
 
+/// `connect` (a `DbConfig::connect_*`) against a server that accepts TCP connections but never
+/// answers (a hung server: the kernel's backlog accepts), then against the same port closed:
+/// both fail with `Error::Connect` naming `127.0.0.1:<port>`, the first citing
+/// `DB_CONNECT_TIMEOUT`, neither showing the URL's password.
+pub async fn hung_and_refused_servers_are_named<F, Fut, P>(scheme: &str, connect: F)
+where
+    F: Fn(cached_query::DbConfig) -> Fut,
+    Fut: std::future::Future<Output = Result<P, cached_query::Error>>,
+    P: std::fmt::Debug,
+{
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = silent.local_addr().unwrap().port();
+    let url = format!("{scheme}://app:hunter2@127.0.0.1:{port}/app");
+    let config = cached_query::DbConfig::from_lookup(lookup(&[
+        ("DATABASE_URL", &url),
+        ("DB_CONNECT_TIMEOUT", "1"),
+    ]))
+    .unwrap();
+    let target = format!("127.0.0.1:{port}");
+    let err = connect(config.clone()).await.unwrap_err();
+    let shown = format!("{err} {err:?}");
+    assert!(
+        matches!(&err, cached_query::Error::Connect { target: t, .. } if *t == target),
+        "{shown}"
+    );
+    assert!(shown.contains("DB_CONNECT_TIMEOUT"), "{shown}");
+    assert!(!shown.contains("hunter2"), "{shown}");
+
+    // Refused outright: the same kind of error, at once.
+    drop(silent);
+    let err = connect(config).await.unwrap_err();
+    let shown = format!("{err} {err:?}");
+    assert!(shown.contains(&target), "{shown}");
+    assert!(!shown.contains("hunter2"), "{shown}");
+}
+
 /// Waits until PostgreSQL backend `pid` is running a statement (`pg_stat_activity`).
 pub async fn wait_until_running(pool: &sqlx::PgPool, pid: i32) {
     loop {

@@ -24,7 +24,7 @@ use super::call::{Site, flight_key};
 use super::digest::KeyBuilder;
 use super::envelope;
 use super::flights::{Leader, Role};
-use super::span::{CallSpan, Outcome};
+use super::span::{CallSpan, Outcome, backend_of};
 use super::stats::Recorder;
 use crate::backend::{Read, StampKey, Store};
 use crate::keyspace::entry_key;
@@ -170,9 +170,7 @@ where
     M::Value: Serialize + DeserializeOwned,
     F: Future<Output = Result<M, E>>,
 {
-    let backend = cache.map_or("none", |c| {
-        c.inner.store.as_ref().map_or("none", Store::kind)
-    });
+    let backend = backend_of(cache);
     let span = CallSpan::new(site.name, backend);
     let span = &span;
     span.run(async move {

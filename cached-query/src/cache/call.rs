@@ -26,7 +26,7 @@ use super::envelope::{self, Decoded, ResultStamp};
 use super::flights::Role;
 use super::lease::{Lease, Leased, Miss};
 use super::refresh;
-use super::span::{CallSpan, Outcome};
+use super::span::{CallSpan, Outcome, backend_of};
 use super::stats::Recorder;
 use crate::backend::near::NearCache;
 use crate::backend::{Read, Settled, StampKey, Store, StoreError};
@@ -144,10 +144,7 @@ where
     T: Serialize + DeserializeOwned,
     F: Future<Output = Result<T, E>>,
 {
-    let backend = cache.map_or("none", |c| {
-        c.inner.store.as_ref().map_or("none", Store::kind)
-    });
-    let call = CallSpan::new(site.name, backend);
+    let call = CallSpan::new(site.name, backend_of(cache));
     let call = &call;
     call.run(async move {
         match cache {

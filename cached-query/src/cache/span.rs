@@ -11,6 +11,13 @@ use std::sync::atomic::{AtomicU8, Ordering::Relaxed};
 use tracing::level_filters::{LevelFilter, STATIC_MAX_LEVEL};
 use tracing::{Instrument, Level, Span};
 
+/// The `cache.backend` of a call on `cache`: its store's kind, `"none"` without one.
+pub(crate) fn backend_of(cache: Option<&super::Cache>) -> &'static str {
+    cache
+        .and_then(|c| c.inner.store.as_ref())
+        .map_or("none", crate::backend::Store::kind)
+}
+
 /// What a call's steps reported, strongest last.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 #[repr(u8)]
